@@ -1,0 +1,208 @@
+"""`engines` command line: make synthetic data, train, export, inspect, score and time engines.
+
+Errors about files or settings print one line to stderr and exit with status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from engines.base import EngineError
+
+app = typer.Typer(
+    help="U-Net engines: synthetic data, training, ONNX export, engine info, Dice and throughput.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _errors_exit_2(fn):
+    """Turn EngineError/ValueError/OSError into `error: ...` on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (EngineError, ValueError, OSError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _command_line() -> str:
+    return shlex.join(["engines", *sys.argv[1:]])
+
+
+@app.command()
+@_errors_exit_2
+def synth(
+    out: Annotated[Path, typer.Argument(help="Output directory; gets images/ and masks/ (PNG).")],
+    n: Annotated[int, typer.Option("--n", help="Number of image/mask pairs.")] = 100,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same images.")] = 0,
+) -> None:
+    """Write synthetic microscopy-like images and exact masks (mask PNGs are 0/255; threshold 128)."""
+    from engines.synth import write_dataset
+
+    write_dataset(out, n, size, seed)
+    typer.echo(f"wrote {n} images to {out / 'images'} and masks to {out / 'masks'}")
+
+
+@app.command()
+@_errors_exit_2
+def train(
+    out: Annotated[Path, typer.Option(help="Checkpoint file to write (.pt).")] = Path("unet.pt"),
+    width: Annotated[int, typer.Option(help="U-Net base width (16 for CPU demos, 64 as in the study).")] = 16,
+    size: Annotated[int, typer.Option(help="Synthetic image side in pixels; also the spec's input size.")] = 512,
+    crop: Annotated[int, typer.Option(help="Training crop side in pixels (multiple of 16).")] = 128,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1500,
+    batch: Annotated[int, typer.Option(help="Crops per step.")] = 12,
+    lr: Annotated[float, typer.Option(help="Peak Adam learning rate (warm-up, then cosine decay).")] = 3e-3,
+    dice_weight: Annotated[float, typer.Option(help="Weight of the soft-Dice term added to cross-entropy.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed for data, crops and weights.")] = 0,
+    pool: Annotated[int, typer.Option(help="Synthetic images kept in memory (one is replaced per step).")] = 48,
+    data_dir: Annotated[
+        Optional[Path], typer.Option(help="Train on an `engines synth` directory instead of fresh images.")
+    ] = None,
+    eval_n: Annotated[int, typer.Option(help="Held-out images scored (Dice) at the end.")] = 32,
+    eval_seed: Annotated[Optional[int], typer.Option(help="Held-out seed (default: seed + 1000003).")] = None,
+    max_batch: Annotated[int, typer.Option(help="Largest batch recorded in the checkpoint's spec.")] = 8,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+) -> None:
+    """Train a U-Net on synthetic images; stores held-out Dice and this command in the checkpoint."""
+    from engines.train import TrainConfig
+    from engines.train import train as run_training
+
+    cfg = TrainConfig(
+        out=out, width=width, size=size, crop=crop, steps=steps, batch=batch, lr=lr, dice_weight=dice_weight,
+        seed=seed, pool=pool, data_dir=data_dir, eval_n=eval_n, eval_seed=eval_seed, max_batch=max_batch,
+        threads=threads, command=_command_line(),
+    )
+    result = run_training(cfg)
+    typer.echo(
+        f"wrote {result.checkpoint}: held-out Dice {result.heldout_dice:.4f} on {eval_n} images, "
+        f"wall {result.wall_s:.0f} s"
+    )
+
+
+@app.command()
+@_errors_exit_2
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (.pt) written by `engines train`.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="ONNX file to write; metadata goes beside it.")],
+    size: Annotated[int, typer.Option(help="Input side in pixels (multiple of 16).")] = 512,
+    max_batch: Annotated[int, typer.Option(help="Largest batch; the graph accepts 1..max-batch.")] = 8,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+) -> None:
+    """Export a checkpoint to FP32 ONNX (dynamic batch), checked against torch."""
+    from engines.export import export_onnx
+
+    result = export_onnx(checkpoint, output, size, size, max_batch=max_batch, opset=opset)
+    typer.echo(f"wrote {result.path} and {result.metadata}: max |onnx - torch| = {result.max_abs_diff:.2e}")
+
+
+@app.command()
+@_errors_exit_2
+def info(file: Annotated[Path, typer.Argument(help="Engine file (.onnx with its .json, or .pt).")]) -> None:
+    """Print an engine file's spec and what built it."""
+    from engines.loader import read_spec
+
+    spec = read_spec(file)
+    typer.echo(f"{file}")
+    typer.echo(f"  input      {spec.input_name}: N x {spec.channels} x {spec.height} x {spec.width}, "
+               f"N in {spec.min_batch}..{spec.max_batch}")
+    typer.echo(f"  output     {spec.classes} classes (uint8 masks)")
+    typer.echo(f"  precision  {spec.precision}")
+    n = spec.normalization
+    typer.echo(f"  normalize  (pixel * {n.scale:.6g} - {n.mean:g}) / {n.std:g}")
+    typer.echo("  built with " + ", ".join(f"{k}={v}" for k, v in sorted(spec.built_with.items())))
+    if file.suffix.lower() in (".pt", ".pth"):
+        from engines.checkpoint import load_checkpoint
+
+        training = load_checkpoint(file).training
+        if training:
+            typer.echo(f"  trained    {training.get('command', '?')}")
+            typer.echo(f"  held-out   Dice {training.get('heldout_dice', float('nan')):.4f} "
+                       f"on {training.get('heldout_n', '?')} images (seed {training.get('eval_seed', '?')})")
+
+
+@app.command()
+@_errors_exit_2
+def evaluate(
+    file: Annotated[Path, typer.Argument(help="Engine file (.onnx or .pt).")],
+    n: Annotated[int, typer.Option("--n", help="Synthetic images to score.")] = 32,
+    seed: Annotated[int, typer.Option(help="Synthetic seed (pick one the model was not trained on).")] = 1_000_003,
+    batch: Annotated[int, typer.Option(help="Batch size (at most the engine's max batch).")] = 8,
+    device: Annotated[str, typer.Option(help="cpu or cuda[:i].")] = "cpu",
+) -> None:
+    """Mean Dice of an engine on synthetic images of its input size."""
+    import numpy as np
+
+    from engines.base import infer
+    from engines.loader import load_engine
+    from engines.metrics import dice
+    from engines.synth import generate
+
+    engine = load_engine(file, device=device)
+    try:
+        pairs = list(generate(n, engine.spec.height, seed))
+        step = min(batch, engine.spec.max_batch)
+        scores = []
+        for i in range(0, n, step):
+            chunk = pairs[i : i + step]
+            masks = infer(engine, np.stack([p[0] for p in chunk]))
+            scores += [dice(m, p[1]) for m, p in zip(masks, chunk)]
+    finally:
+        engine.close()
+    typer.echo(f"{engine.name}: mean Dice {np.mean(scores):.4f} on {n} images (seed {seed})")
+
+
+@app.command()
+@_errors_exit_2
+def bench(
+    file: Annotated[Path, typer.Argument(help="Engine file (.onnx or .pt).")],
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 8,
+    iters: Annotated[int, typer.Option(help="Timed batches.")] = 10,
+    warmup: Annotated[int, typer.Option(help="Untimed batches first.")] = 2,
+    device: Annotated[str, typer.Option(help="cpu or cuda[:i].")] = "cpu",
+) -> None:
+    """Engine-only throughput: images per second at a fixed batch, keeping `slots` batches in flight."""
+    import numpy as np
+
+    from engines.loader import load_engine
+    from engines.synth import generate
+
+    engine = load_engine(file, device=device)
+    try:
+        images = np.stack([img for img, _ in generate(batch, engine.spec.height, 0)])
+        for _ in range(warmup):
+            engine.submit(images).result()
+        start = time.perf_counter()
+        flights = []
+        for _ in range(iters):
+            flights.append(engine.submit(images))
+            if len(flights) >= engine.slots:
+                flights.pop(0).result()
+        for f in flights:
+            f.result()
+        elapsed = time.perf_counter() - start
+    finally:
+        engine.close()
+    typer.echo(f"{engine.name}: batch {batch}: {iters * batch / elapsed:.2f} img/s ({elapsed / iters * 1000:.0f} ms/batch)")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,141 @@
+"""`producer enqueue | collect | status`: the user's side of the queue."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import redis
+import typer
+from tqdm import tqdm
+
+from broker.connection import BrokerSettings, connect
+from broker.errors import SegqueueError
+from broker.store import QueueKeys
+from producer.collect import CollectReport, collect_masks
+from producer.enqueue import Enqueuer, enqueue_paths, segmentation_queue
+from producer.images import ImageError, ImageSource
+from producer.status import queue_status
+
+app = typer.Typer(help="Push images into the segmentation queue, get masks back, see where things stand.",
+                  no_args_is_help=True, add_completion=False)
+
+RedisUrl = Annotated[Optional[str], typer.Option(help="Redis URL; default $REDIS_URL, else the embedded server.")]
+QueueName = Annotated[Optional[str], typer.Option(help="Queue name (default: segment).")]
+
+
+def _connect(redis_url: str | None, queue: str | None) -> tuple[BrokerSettings, redis.Redis]:
+    settings = BrokerSettings.resolve(redis_url, queue)
+    try:
+        return settings, connect(settings)
+    except SegqueueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def enqueue(
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (PNG, JPEG, TIFF, BMP; searched recursively).")],
+    job_size: Annotated[int, typer.Option(min=1, help="Images per rq job.")] = 8,
+    size: Annotated[int, typer.Option(min=16, help="The engine's input size: images are resized to size x size.")] = 512,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the masks, then write them to --out.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="With --wait: where the masks go.")] = None,
+    timeout: Annotated[float, typer.Option(help="With --wait: give up after this many seconds.")] = 3600.0,
+    redis_url: RedisUrl = None,
+    queue: QueueName = None,
+) -> None:
+    """Validate, decode and store images, and enqueue jobs of --job-size images.
+
+    Each image becomes uint8 grayscale at --size x --size; its original size is kept so that its
+    mask comes back at that size. A bad file is reported with its problem and skipped; the exit
+    status is 1 if any file was rejected.
+    """
+    if wait and out is None:
+        typer.echo("error: --wait needs --out DIR", err=True)
+        raise typer.Exit(2)
+    settings, client = _connect(redis_url, queue)
+    rq_queue = segmentation_queue(client, settings.queue)
+    enqueuer = Enqueuer(client, rq_queue, job_size)
+    with tqdm(desc="enqueue", unit="img") as bar:
+
+        def progress(source: ImageSource | None, error: ImageError | None) -> None:
+            if error is not None:
+                bar.write(f"rejected: {error}")
+            if source is not None:
+                bar.update(1)
+
+        report = enqueue_paths(enqueuer, paths, size, size, progress)
+    typer.echo(f"enqueued {len(report.image_ids)} images in {len(report.job_ids)} jobs on queue "
+               f"'{settings.queue}' ({settings.describe()}); rejected {len(report.rejected)}")
+    exit_code = 1 if report.rejected else 0
+    if wait and report.image_ids:
+        if not _wait_for(client, settings.queue, report.image_ids, timeout):
+            typer.echo(f"error: timed out after {timeout:.0f} s; masks so far are collected", err=True)
+            exit_code = 1
+        exit_code = max(exit_code, _print_collect(collect_masks(client, QueueKeys(settings.queue), out, report.image_ids)))
+    raise typer.Exit(exit_code)
+
+
+def _wait_for(client: redis.Redis, queue: str, image_ids: list[str], timeout_s: float) -> bool:
+    """Block (polling, bounded by timeout_s) until every image has a mask or a failure; True if all did."""
+    keys = QueueKeys(queue)
+    deadline = time.monotonic() + timeout_s
+    with tqdm(total=len(image_ids), desc="waiting", unit="img") as bar:
+        while True:
+            pipe = client.pipeline(transaction=False)
+            for image_id in image_ids:
+                pipe.sismember(keys.done, image_id)
+                pipe.hexists(keys.failed, image_id)
+            flags = pipe.execute()
+            resolved = sum(1 for i in range(0, len(flags), 2) if flags[i] or flags[i + 1])
+            bar.update(resolved - bar.n)
+            if resolved == len(image_ids):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+
+
+def _print_collect(report: CollectReport) -> int:
+    for name, reason in sorted(report.failed.items()):
+        typer.echo(f"failed: {name}: {reason}", err=True)
+    typer.echo(f"wrote {len(report.written)} masks; {len(report.failed)} failed; {len(report.pending)} not done yet")
+    return 1 if report.failed else 0
+
+
+@app.command()
+def collect(
+    out: Annotated[Path, typer.Option(help="Folder for the masks (same relative names, .png).")],
+    redis_url: RedisUrl = None,
+    queue: QueueName = None,
+) -> None:
+    """Write every finished mask as a PNG at its image's original size (0 background, 255 foreground).
+
+    Exit status 1 if some image failed (each is listed with its reason).
+    """
+    settings, client = _connect(redis_url, queue)
+    keys = QueueKeys(settings.queue)
+    total = client.hlen(keys.manifest)
+    with tqdm(total=total, desc="collect", unit="img") as bar:
+        report = collect_masks(client, keys, out, on_progress=lambda: bar.update(1))
+    raise typer.Exit(_print_collect(report))
+
+
+@app.command()
+def status(
+    redis_url: RedisUrl = None,
+    queue: QueueName = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Queued / started / finished / failed, in jobs and in images, and the number of live workers."""
+    settings, client = _connect(redis_url, queue)
+    snapshot = queue_status(client, segmentation_queue(client, settings.queue))
+    if as_json:
+        typer.echo(json.dumps(snapshot.as_dict()))
+        return
+    typer.echo(f"queue '{snapshot.queue}' on {settings.describe()}: {snapshot.workers} workers")
+    typer.echo(f"{'':8}{'queued':>10}{'started':>10}{'finished':>10}{'failed':>10}")
+    for label, counts in (("jobs", snapshot.jobs), ("images", snapshot.images)):
+        typer.echo(f"{label:8}{counts.queued:>10}{counts.started:>10}{counts.finished:>10}{counts.failed:>10}")

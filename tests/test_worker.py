@@ -1,0 +1,161 @@
+"""The batching worker against a real redis-server and a real ONNX Runtime engine, run in-process."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from broker.connection import BrokerSettings
+from broker.store import QueueKeys, StoredImage, load_mask, new_image_id, now, save_image
+from engines.base import infer
+from engines.onnx_engine import OnnxEngine
+from producer.enqueue import Enqueuer, enqueue_paths, segmentation_queue
+from producer.images import decode_image
+from tests.conftest import SMALL_SIZE, write_synthetic_images
+from worker.cli import serve
+from worker.settings import WorkerSettings
+
+
+def run_worker(redis_url: str, queue: str, engine: Path, log_file: Path, **overrides) -> list[dict]:
+    """Run `worker run --burst` in this process; return its `batch` log records."""
+    settings = WorkerSettings(
+        broker=BrokerSettings(redis_url=redis_url, queue=queue),
+        engine_path=engine,
+        burst=True,
+        log_file=log_file,
+        **overrides,
+    )
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        assert serve(settings) == 0
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    return batch_records(log_file)
+
+
+def batch_records(log_file: Path) -> list[dict]:
+    records = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["event"] == "batch"]
+
+
+def enqueue_folder(client: redis.Redis, queue: str, folder: Path, job_size: int):
+    enqueuer = Enqueuer(client, segmentation_queue(client, queue), job_size)
+    return enqueue_paths(enqueuer, [folder], SMALL_SIZE, SMALL_SIZE)
+
+
+def test_jobs_are_batched_across_job_boundaries(tmp_path, client, redis_url, queue_name, small_engine):
+    write_synthetic_images(tmp_path / "images", 15)
+    report = enqueue_folder(client, queue_name, tmp_path / "images", job_size=3)
+    assert len(report.job_ids) == 5 and not report.rejected
+
+    batches = run_worker(redis_url, queue_name, small_engine, tmp_path / "worker.log", max_wait_ms=300)
+
+    assert [b["batch_size"] for b in batches] == [8, 7]
+    assert batches[0]["jobs"] == 3  # 3 + 3 + the first 2 images of the third job
+    assert batches[1]["jobs"] == 3  # the third job's last image + 3 + 3
+    assert set(batches[0]["job_ids"]) & set(batches[1]["job_ids"])  # one job spans both batches
+    for key in ("queue_wait_ms", "fetch_ms", "compute_ms", "write_ms", "total_ms", "img_per_s", "worker", "engine"):
+        assert key in batches[0]
+    queue = segmentation_queue(client, queue_name)
+    assert queue.finished_job_registry.count == 5
+    for job_id in report.job_ids:
+        job = Job.fetch(job_id, connection=client, serializer=JSONSerializer)
+        assert job.get_status() == JobStatus.FINISHED
+        assert [r["ok"] for r in job.return_value()["images"]] == [True] * 3
+
+
+def test_worker_masks_equal_direct_engine_masks_bit_exact(tmp_path, client, redis_url, queue_name, small_engine):
+    paths = write_synthetic_images(tmp_path / "images", 11, seed=3)
+    report = enqueue_folder(client, queue_name, tmp_path / "images", job_size=4)
+    run_worker(redis_url, queue_name, small_engine, tmp_path / "worker.log")
+
+    keys = QueueKeys(queue_name)
+    with OnnxEngine(small_engine) as engine:
+        for image_id, path in zip(report.image_ids, paths):
+            pixels = decode_image(path, SMALL_SIZE, SMALL_SIZE).pixels
+            direct = infer(engine, pixels[None])[0]
+            stored = load_mask(client, keys, image_id)
+            assert stored is not None, path
+            np.testing.assert_array_equal(stored, direct)
+
+
+def test_a_bad_image_fails_alone(tmp_path, client, redis_url, queue_name, small_engine):
+    write_synthetic_images(tmp_path / "images", 6)
+    keys = QueueKeys(queue_name)
+    good = enqueue_folder(client, queue_name, tmp_path / "images", job_size=6)
+    # A job whose middle image is corrupt in Redis and whose last has the wrong size, among good ones.
+    ids = [new_image_id() for _ in range(4)]
+    pipe = client.pipeline()
+    pixels = np.zeros((SMALL_SIZE, SMALL_SIZE), np.uint8)
+    for image_id, shape in zip(ids, [(SMALL_SIZE, SMALL_SIZE)] * 3 + [(32, 32)]):
+        save_image(pipe, keys, StoredImage(image_id, f"{image_id}.png", np.zeros(shape, np.uint8), 64, 64, now()))
+    pipe.execute()
+    client.hset(keys.image(ids[1]), "pixels", b"truncated")
+    queue = segmentation_queue(client, queue_name)
+    mixed = queue.enqueue_call("worker.jobs.segment_images", args=[ids], meta={"images": 4})
+
+    run_worker(redis_url, queue_name, small_engine, tmp_path / "worker.log")
+
+    assert all(load_mask(client, keys, i) is not None for i in good.image_ids)
+    assert load_mask(client, keys, ids[0]) is not None and load_mask(client, keys, ids[2]) is not None
+    assert load_mask(client, keys, ids[1]) is None and load_mask(client, keys, ids[3]) is None
+    failures = {k.decode(): v.decode() for k, v in client.hgetall(keys.failed).items()}
+    assert set(failures) == {ids[1], ids[3]}
+    assert "malformed" in failures[ids[1]]
+    assert "32x32" in failures[ids[3]] and "--size 64" in failures[ids[3]]
+    job = Job.fetch(mixed.id, connection=client, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.FINISHED
+    assert [r["ok"] for r in job.return_value()["images"]] == [True, False, True, False]
+    np.testing.assert_array_equal(load_mask(client, keys, ids[0]).shape, pixels.shape)
+
+
+def test_a_job_with_unreadable_arguments_fails_without_retry(tmp_path, client, redis_url, queue_name, small_engine):
+    write_synthetic_images(tmp_path / "images", 2)
+    queue = segmentation_queue(client, queue_name)
+    from rq import Retry
+
+    bad = queue.enqueue_call("worker.jobs.segment_images", args=["not-a-list"], retry=Retry(max=3))
+    good = enqueue_folder(client, queue_name, tmp_path / "images", job_size=2)
+
+    run_worker(redis_url, queue_name, small_engine, tmp_path / "worker.log")
+
+    bad_job = Job.fetch(bad.id, connection=client, serializer=JSONSerializer)
+    assert bad_job.get_status() == JobStatus.FAILED
+    assert "BadJob" in bad_job.latest_result().exc_string
+    assert queue.failed_job_registry.count == 1
+    assert Job.fetch(good.job_ids[0], connection=client, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
+
+
+def test_processing_an_image_twice_leaves_exactly_one_mask(tmp_path, client, redis_url, queue_name, small_engine):
+    write_synthetic_images(tmp_path / "images", 3)
+    report = enqueue_folder(client, queue_name, tmp_path / "images", job_size=3)
+    run_worker(redis_url, queue_name, small_engine, tmp_path / "first.log")
+    keys = QueueKeys(queue_name)
+    first = {i: load_mask(client, keys, i).copy() for i in report.image_ids}
+
+    # The same images again, as a redelivered job would bring them.
+    segmentation_queue(client, queue_name).enqueue_call("worker.jobs.segment_images", args=[report.image_ids])
+    batches = run_worker(redis_url, queue_name, small_engine, tmp_path / "second.log")
+
+    assert sum(b["batch_size"] for b in batches) == 3
+    assert client.scard(keys.done) == 3
+    assert len(client.keys(keys.mask("*"))) == 3
+    for image_id, mask in first.items():
+        np.testing.assert_array_equal(load_mask(client, keys, image_id), mask)
+
+
+def test_max_batch_larger_than_the_engine_allows_is_refused(tmp_path, redis_url, queue_name, small_engine, capsys):
+    import typer
+
+    with pytest.raises(typer.Exit) as stopped:
+        run_worker(redis_url, queue_name, small_engine, tmp_path / "w.log", max_batch=16)
+    assert stopped.value.exit_code == 2
+    assert "--max-batch 16" in capsys.readouterr().err

@@ -1,0 +1,179 @@
+"""rq's side of the worker: claiming jobs, keeping them alive, and completing them through rq itself.
+
+`BatchingRqWorker` is a non-forking rq `SimpleWorker` that never runs a job function. It claims
+jobs one by one (reliably: LMOVE into rq's intermediate list, then into the started registry),
+lets the pipeline pack their images into batches across jobs, and completes each job with rq's
+own success/failure handling, so job status, results, `Retry`, the failed registry, `rq info` and
+rq-dashboard all behave as for any rq job. The rq internals used here are pinned by
+tests/test_rq_internals.py.
+"""
+
+from __future__ import annotations
+
+import signal
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.exceptions import DeserializationError
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.registry import clean_registries
+from rq.serializers import JSONSerializer
+from rq.utils import now
+from rq.worker import SimpleWorker
+from rq.worker_registration import clean_worker_registry
+
+from broker.errors import BadJob
+from broker.store import parse_job_arguments
+
+
+@dataclass(eq=False)
+class ClaimedJob:
+    """A job this worker has started: its images, and what became of each (image id -> outcome)."""
+
+    job: Job
+    execution: Execution
+    image_ids: list[str]
+    outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    closed: bool = False  # completed or failed in rq; later outcomes are ignored
+
+    @property
+    def complete(self) -> bool:
+        """True once every image has an outcome."""
+        return len(self.outcomes) == len(self.image_ids)
+
+
+class BatchingRqWorker(SimpleWorker):
+    """An rq worker whose jobs are completed by the batching pipeline, not by calling their function."""
+
+    def __init__(self, queue: Queue, *, name: str, job_heartbeat_ttl_s: int, maintenance_interval_s: int) -> None:
+        super().__init__(
+            [queue],
+            name=name,
+            connection=queue.connection,
+            serializer=JSONSerializer,
+            maintenance_interval=maintenance_interval_s,
+            worker_ttl=max(30, job_heartbeat_ttl_s),
+        )
+        self.queue = queue
+        self.job_heartbeat_ttl_s = job_heartbeat_ttl_s
+        self.signals_received = 0
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Register with rq (birth, pubsub commands) and install warm-shutdown signal handlers."""
+        self.bootstrap(logging_level="WARNING")
+        self._install_signal_handlers()
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: finish what is claimed, then stop. A second signal stops at once."""
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        self.signals_received += 1
+        self._stop_requested = True
+        if self.signals_received > 1:
+            raise SystemExit(1)
+
+    @property
+    def stop_requested(self) -> bool:
+        return bool(self._stop_requested)
+
+    def stop(self) -> None:
+        """Deregister from rq (death, pubsub)."""
+        self.teardown()
+
+    # --- maintenance -----------------------------------------------------------------------
+
+    def get_heartbeat_ttl(self, job: Job) -> int:
+        """Seconds a started job stays in the started registry without a heartbeat."""
+        return self.job_heartbeat_ttl_s
+
+    def clean_registries(self) -> None:
+        """rq's registry maintenance, with a lock that lapses after our interval, not rq's 15 minutes.
+
+        This is what re-enqueues jobs abandoned by a dead worker (their heartbeat lapsed and they
+        have retries left), so it must run about every `maintenance_interval` on some live worker.
+        """
+        lock_ttl = max(1, int(self.maintenance_interval) - 1)
+        if self.connection.set(self.queue.registry_cleaning_key, 1, nx=True, ex=lock_ttl):
+            clean_registries(self.queue, self._exc_handlers)
+            clean_worker_registry(self.queue)
+        self.last_cleaned_at = now()
+
+    def maintain(self) -> None:
+        """Run maintenance if it is due (rq's own schedule: `maintenance_interval`)."""
+        if self.should_run_maintenance_tasks:
+            self.run_maintenance_tasks()
+
+    # --- claiming --------------------------------------------------------------------------
+
+    def claim(self, timeout_s: float | None) -> ClaimedJob | None:
+        """Take the next job off the queue and start it; None if the queue stayed empty.
+
+        timeout_s None: do not block; otherwise block at most that long. A job whose arguments
+        cannot be read is failed at once (no retry) and the next one is tried.
+        """
+        queue_key, intermediate_key = self.queue.key, self.queue.intermediate_queue_key
+        while True:
+            if timeout_s is None:
+                job_id = self.connection.lmove(queue_key, intermediate_key)
+            else:
+                job_id = self.connection.blmove(queue_key, intermediate_key, max(0.001, timeout_s))
+            if job_id is None:
+                return None
+            timeout_s = None
+            try:
+                job = Job.fetch(job_id.decode(), connection=self.connection, serializer=JSONSerializer)
+            except Exception:  # NoSuchJobError, or job data rq cannot read: nothing to complete
+                self.connection.lrem(intermediate_key, 1, job_id)
+                continue
+            execution = self.prepare_execution(job)
+            self.prepare_job_execution(job, remove_from_intermediate_queue=True)
+            job.started_at = now()
+            try:
+                return ClaimedJob(job=job, execution=execution, image_ids=parse_job_arguments(job.args))
+            except (BadJob, DeserializationError) as exc:
+                self.fail(ClaimedJob(job, execution, []), f"{type(exc).__name__}: {exc}", retry=False)
+
+    def keep_alive(self, claims: list[ClaimedJob]) -> None:
+        """Extend the worker's and every open claim's heartbeat (one round trip)."""
+        ttl = self.job_heartbeat_ttl_s
+        with self.connection.pipeline() as pipe:
+            self.heartbeat(self.worker_ttl + 60, pipeline=pipe)
+            for claim in claims:
+                if not claim.closed:
+                    claim.execution.heartbeat(claim.job.started_job_registry, ttl, pipeline=pipe)
+                    claim.job.heartbeat(now(), ttl, pipeline=pipe, xx=True)
+            pipe.execute()
+
+    # --- completing ------------------------------------------------------------------------
+
+    def finish(self, claim: ClaimedJob) -> None:
+        """Complete a job as finished; its result is the per-image outcomes (JSON)."""
+        job = claim.job
+        self.execution = claim.execution
+        job.ended_at = now()
+        job._result = {"images": [claim.outcomes[i] for i in claim.image_ids]}
+        job._status = JobStatus.FINISHED
+        self.handle_job_success(job=job, queue=self.queue, started_job_registry=self.queue.started_job_registry)
+        claim.closed = True
+
+    def fail(self, claim: ClaimedJob, reason: str, retry: bool = True) -> None:
+        """Complete a job as failed with `reason`; rq re-enqueues it if `retry` and retries are left."""
+        job = claim.job
+        if not retry:
+            job.retries_left = 0
+        self.execution = claim.execution
+        job.ended_at = now()
+        job._status = JobStatus.FAILED
+        try:
+            self.handle_job_failure(job=job, queue=self.queue, exc_string=reason)
+        except redis.RedisError:
+            self.log.error("could not record failure of job %s:\n%s", job.id, traceback.format_exc())
+        claim.closed = True
