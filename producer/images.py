@@ -450,6 +450,7 @@ def _read_pillow(path: Path, fmt: str, max_pixels: int) -> np.ndarray:
 
 
 def _tiff_decodable(page: tifffile.TiffPage) -> bool:
+    """Whether tifffile can decompress this page with the installed codecs."""
     try:
         return page.compression in tifffile.TIFF.DECOMPRESSORS
     except Exception:  # tifffile may raise ImportError for optional codecs
@@ -459,15 +460,8 @@ def _tiff_decodable(page: tifffile.TiffPage) -> bool:
 def _tiff_pixels(path: Path, page: tifffile.TiffPage, data: np.ndarray) -> np.ndarray:
     """TIFF page array -> uint8 (h, w) using the page's photometric tag."""
     photometric = tifffile.PHOTOMETRIC
-    axes = page.axes
-    if axes == "SYX":  # planar configuration: move samples last
+    if page.axes == "SYX":  # planar configuration: move samples last
         data = np.moveaxis(data, 0, -1)
-    elif axes not in ("YX", "YXS"):
-        raise ImageError(
-            path,
-            f"too many dimensions: TIFF page has shape {page.shape} (axes {axes}); "
-            "only 2-D images are supported (volumes are not)",
-        )
     bits = int(page.bitspersample)
     max_value = (
         2**bits - 1 if data.dtype.kind in "ui" and bits < data.dtype.itemsize * 8 else None
@@ -515,13 +509,18 @@ def _read_tiff(path: Path, max_pixels: int) -> np.ndarray:
             )
         if page.imagelength == 0 or page.imagewidth == 0:
             raise ImageError(path, f"zero-size image ({page.imagewidth}x{page.imagelength})")
+        if page.axes not in ("YX", "YXS", "SYX"):
+            raise ImageError(
+                path,
+                f"too many dimensions: TIFF page has shape {page.shape} (axes "
+                f"{page.axes}); only 2-D images are supported (volumes are not)",
+            )
         _check_pixels(path, page.imagelength, page.imagewidth, max_pixels)
         if not _tiff_decodable(page):
             raise ImageError(
                 path,
                 f"TIFF compression {getattr(page.compression, 'name', page.compression)} "
-                "cannot be decoded "
-                "(needs the optional 'imagecodecs' package)",
+                "cannot be decoded (needs the optional 'imagecodecs' package)",
             )
         try:
             data = page.asarray()

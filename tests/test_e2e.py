@@ -1,0 +1,197 @@
+"""The commands end to end, as a user runs them: separate processes, a real redis-server, real engines and images."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from broker.store import QueueKeys
+from engines import DEMO_ONNX
+from engines.metrics import dice
+from producer.enqueue import segmentation_queue
+from tests.conftest import SMALL_SIZE, free_port, write_synthetic_images
+
+BIN = Path(sys.executable).parent
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run one of the console scripts (producer, worker, engines) to completion."""
+    return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def start(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """Start a console script in the background (stdout/stderr to a pipe)."""
+    return subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+
+
+def wait_until(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def log_events(log_file: Path, event: str) -> list[dict]:
+    if not log_file.exists():
+        return []
+    lines = [line for line in log_file.read_text().splitlines() if line.strip()]
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def test_enqueue_work_status_collect_with_mixed_inputs(tmp_path, redis_url, queue_name, small_engine, client):
+    images = tmp_path / "in"
+    write_synthetic_images(tmp_path / "a", 5)
+    (images / "plates").mkdir(parents=True)
+    (tmp_path / "a").rename(images / "plates" / "a")
+    Image.fromarray(np.full((50, 70, 3), 120, np.uint8)).save(images / "rgb.jpg")
+    tifffile.imwrite(images / "plates" / "deep.tif", (np.arange(90 * 40, dtype=np.uint16) * 17).reshape(90, 40))
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    common = ["--redis-url", redis_url, "--queue", queue_name]
+
+    enq = cli("producer", "enqueue", str(images), "--job-size", "3", "--size", str(SMALL_SIZE), *common)
+    assert enq.returncode == 1, enq.stderr  # one file rejected
+    assert "broken.png" in enq.stdout + enq.stderr
+    assert "enqueued 7 images in 3 jobs" in enq.stdout
+
+    status = json.loads(cli("producer", "status", "--json", *common).stdout)
+    assert status["images"] == {"queued": 7, "started": 0, "finished": 0, "failed": 0}
+    assert status["jobs"]["queued"] == 3
+
+    log_file = tmp_path / "worker.log"
+    work = cli("worker", "run", "--engine", str(small_engine), "--burst", "--log-file", str(log_file), *common)
+    assert work.returncode == 0, work.stderr + work.stdout
+    assert sum(b["batch_size"] for b in log_events(log_file, "batch")) == 7
+    assert log_events(log_file, "worker_started") and log_events(log_file, "worker_stopped")
+
+    status = json.loads(cli("producer", "status", "--json", *common).stdout)
+    assert status["images"] == {"queued": 0, "started": 0, "finished": 7, "failed": 0}
+    assert status["jobs"] == {"queued": 0, "started": 0, "finished": 3, "failed": 0}
+
+    out = tmp_path / "masks"
+    got = cli("producer", "collect", "--out", str(out), *common)
+    assert got.returncode == 0, got.stderr
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert written == ["plates/a/img_000.png", "plates/a/img_001.png", "plates/a/img_002.png", "plates/a/img_003.png",
+                       "plates/a/img_004.png", "plates/deep.png", "rgb.png"]
+    assert Image.open(out / "rgb.png").size == (70, 50)  # original size, (width, height)
+    assert Image.open(out / "plates" / "deep.png").size == (40, 90)
+    assert set(np.unique(np.asarray(Image.open(out / "plates/a/img_000.png")))) <= {0, 255}
+
+
+def test_embedded_redis_full_size_demo_engine(tmp_path):
+    """No --redis-url, no REDIS_URL: the embedded server is started and shared; the demo engine at 512 px."""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["SEGQUEUE_STATE_DIR"] = str(tmp_path / "state")
+    paths = write_synthetic_images(tmp_path / "in", 8, size=512, seed=123)
+    try:
+        enq = cli("producer", "enqueue", str(tmp_path / "in"), env=env)
+        assert enq.returncode == 0, enq.stderr
+        work = cli("worker", "run", "--engine", str(DEMO_ONNX), "--burst", env=env)
+        assert work.returncode == 0, work.stderr
+        got = cli("producer", "collect", "--out", str(tmp_path / "out"), env=env)
+        assert got.returncode == 0, got.stderr
+    finally:
+        pid_file = tmp_path / "state" / "redis.pid"
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+    assert (tmp_path / "state" / "appendonlydir").exists() or (tmp_path / "state" / "appendonly.aof").exists()
+    scores = []
+    for path in paths:
+        predicted = np.asarray(Image.open(tmp_path / "out" / path.name)) > 127
+        truth = np.asarray(Image.open(tmp_path / "in_truth" / path.name)) > 127
+        scores.append(dice(predicted, truth))
+    assert np.mean(scores) >= 0.85, scores
+
+
+def test_unreachable_redis_gives_a_clear_message_without_the_password(tmp_path):
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    for args in (["producer", "status"], ["producer", "enqueue", str(tmp_path)], ["worker", "run", "--engine", str(DEMO_ONNX)]):
+        result = cli(*args, "--redis-url", url)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert "cannot reach Redis" in result.stderr
+        assert "hunter2" not in result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def backlog(tmp_path, client, queue_name):
+    """120 jobs of 2 images (128 px) on the queue: enough work to stop or kill a worker in the middle."""
+    from producer.enqueue import Enqueuer, enqueue_paths
+
+    write_synthetic_images(tmp_path / "in", 12, size=128)
+    enqueuer = Enqueuer(client, segmentation_queue(client, queue_name), job_size=2)
+    for _ in range(20):
+        enqueue_paths(enqueuer, [tmp_path / "in"], 128, 128)
+    return enqueuer.report
+
+
+@pytest.fixture(scope="session")
+def engine_128(tmp_path_factory):
+    import torch
+
+    from engines.export import export_onnx
+    from engines.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("engine128") / "unet_w16_128.onnx"
+    export_onnx(UNet(UNetConfig(width=16)).eval(), path, height=128, width=128, max_batch=8)
+    return path
+
+
+def test_sigterm_finishes_claimed_work_and_exits_zero(tmp_path, redis_url, queue_name, client, backlog, engine_128):
+    log_file = tmp_path / "worker.log"
+    proc = start("worker", "run", "--engine", str(engine_128), "--log-file", str(log_file),
+                 "--redis-url", redis_url, "--queue", queue_name)
+    wait_until(lambda: len(log_events(log_file, "batch")) >= 2, 120, "two batches")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, proc.stdout.read()
+
+    queue = segmentation_queue(client, queue_name)
+    assert queue.started_job_registry.count == 0  # nothing left half-done
+    assert queue.count > 0  # it stopped early: the rest is still queued
+    finished = queue.finished_job_registry.get_job_ids()
+    keys = QueueKeys(queue_name)
+    for job in Job.fetch_many(finished, connection=client, serializer=JSONSerializer):
+        assert all(client.sismember(keys.done, i) for i in job.args[0])
+    assert log_events(log_file, "worker_stopped")
+
+
+def test_sigkill_mid_batch_loses_nothing(tmp_path, redis_url, queue_name, client, backlog, engine_128):
+    common = ["--engine", str(engine_128), "--redis-url", redis_url, "--queue", queue_name,
+              "--job-heartbeat-ttl", "5", "--maintenance-interval", "2"]
+    first_log = tmp_path / "first.log"
+    victim = start("worker", "run", *common, "--log-file", str(first_log))
+    wait_until(lambda: len(log_events(first_log, "batch")) >= 2, 120, "two batches")
+    victim.kill()
+    victim.wait(timeout=30)
+    queue = segmentation_queue(client, queue_name)
+    assert queue.started_job_registry.count > 0  # the kill left claimed, unfinished jobs behind
+
+    rescuer = start("worker", "run", *common, "--log-file", str(tmp_path / "second.log"))
+    keys = QueueKeys(queue_name)
+    total = len(backlog.image_ids)
+    try:
+        wait_until(lambda: client.scard(keys.done) == total and queue.count == 0
+                   and queue.started_job_registry.count == 0, 150, "every image to get a mask")
+    finally:
+        rescuer.send_signal(signal.SIGTERM)
+        assert rescuer.wait(timeout=60) == 0
+    assert queue.finished_job_registry.count == len(backlog.job_ids)
+    assert queue.failed_job_registry.count == 0
+    assert len(client.keys(keys.mask("*"))) == total
+    for job_id in backlog.job_ids:
+        assert Job.fetch(job_id, connection=client, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
