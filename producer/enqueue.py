@@ -53,7 +53,7 @@ class Enqueuer:
 
     def add(self, source: ImageSource, decoded: DecodedImage) -> None:
         """Keep one decoded image; a job is enqueued once `job_size` images are kept."""
-        self._pending.append(
+        self.add_stored(
             StoredImage(
                 image_id=new_image_id(),
                 name=source.name,
@@ -63,6 +63,10 @@ class Enqueuer:
                 enqueued_at=now(),
             )
         )
+
+    def add_stored(self, image: StoredImage) -> None:
+        """Keep one image already at the engine's size; enqueue a job once `job_size` are kept."""
+        self._pending.append(image)
         if len(self._pending) >= self.job_size:
             self.flush()
 

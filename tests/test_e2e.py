@@ -195,3 +195,27 @@ def test_sigkill_mid_batch_loses_nothing(tmp_path, redis_url, queue_name, client
     assert len(client.keys(keys.mask("*"))) == total
     for job_id in backlog.job_ids:
         assert Job.fetch(job_id, connection=client, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
+
+
+def test_enqueue_wait_writes_masks_as_collect_does(tmp_path, redis_url, queue_name, small_engine):
+    write_synthetic_images(tmp_path / "in", 5, seed=9)
+    common = ["--redis-url", redis_url, "--queue", queue_name]
+    worker = start("worker", "run", "--engine", str(small_engine), *common)
+    try:
+        enq = cli("producer", "enqueue", str(tmp_path / "in"), "--size", str(SMALL_SIZE), "--job-size", "2",
+                  "--wait", "--out", str(tmp_path / "waited"), "--timeout", "120", *common)
+        assert enq.returncode == 0, enq.stderr
+        assert "wrote 5 masks; 0 failed" in enq.stdout
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0
+    got = cli("producer", "collect", "--out", str(tmp_path / "collected"), *common)
+    assert got.returncode == 0, got.stderr
+    for name in (f"img_{i:03d}.png" for i in range(5)):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "waited" / name)),
+                                      np.asarray(Image.open(tmp_path / "collected" / name)))
+
+
+def test_enqueue_wait_needs_out(tmp_path, redis_url):
+    result = cli("producer", "enqueue", str(tmp_path), "--wait", "--redis-url", redis_url)
+    assert result.returncode == 2 and "--wait needs --out" in result.stderr
