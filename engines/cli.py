@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -143,6 +142,9 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Synthetic seed (pick one the model was not trained on).")] = 1_000_003,
     batch: Annotated[int, typer.Option(help="Batch size (at most the engine's max batch).")] = 8,
     device: Annotated[str, typer.Option(help="cpu or cuda[:i].")] = "cpu",
+    precision: Annotated[
+        Optional[str], typer.Option(help="Torch checkpoints: fp32 or fp16 (CUDA); default: the file's own.")
+    ] = None,
 ) -> None:
     """Mean Dice of an engine on synthetic images of its input size."""
     import numpy as np
@@ -152,7 +154,7 @@ def evaluate(
     from engines.metrics import dice
     from engines.synth import generate
 
-    engine = load_engine(file, device=device)
+    engine = load_engine(file, device=device, precision=precision)
     try:
         pairs = list(generate(n, engine.spec.height, seed))
         step = min(batch, engine.spec.max_batch)
@@ -174,30 +176,24 @@ def bench(
     iters: Annotated[int, typer.Option(help="Timed batches.")] = 10,
     warmup: Annotated[int, typer.Option(help="Untimed batches first.")] = 2,
     device: Annotated[str, typer.Option(help="cpu or cuda[:i].")] = "cpu",
+    precision: Annotated[
+        Optional[str], typer.Option(help="Torch checkpoints: fp32 or fp16 (CUDA); default: the file's own.")
+    ] = None,
 ) -> None:
     """Engine-only throughput: images per second at a fixed batch, keeping `slots` batches in flight."""
     import numpy as np
 
+    from engines.bench import throughput
     from engines.loader import load_engine
     from engines.synth import generate
 
-    engine = load_engine(file, device=device)
+    engine = load_engine(file, device=device, precision=precision)
     try:
         images = np.stack([img for img, _ in generate(batch, engine.spec.height, 0)])
-        for _ in range(warmup):
-            engine.submit(images).result()
-        start = time.perf_counter()
-        flights = []
-        for _ in range(iters):
-            flights.append(engine.submit(images))
-            if len(flights) >= engine.slots:
-                flights.pop(0).result()
-        for f in flights:
-            f.result()
-        elapsed = time.perf_counter() - start
+        rate = throughput(engine, images, iters=iters, warmup=warmup)
     finally:
         engine.close()
-    typer.echo(f"{engine.name}: batch {batch}: {iters * batch / elapsed:.2f} img/s ({elapsed / iters * 1000:.0f} ms/batch)")
+    typer.echo(f"{engine.name}: batch {batch}: {rate:.2f} img/s ({batch / rate * 1000:.0f} ms/batch)")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -48,9 +48,14 @@ class TorchEngine:
         model, ckpt = load_model(self.path)
         self.device = torch.device(device)
         self.precision = precision
-        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        extra = {}
+        if self.device.type == "cuda":  # fp32 convolutions use TF32 unless torch is told otherwise
+            extra = {
+                "gpu": torch.cuda.get_device_name(self.device),
+                "cudnn_tf32": str(torch.backends.cudnn.allow_tf32),
+            }
         self.spec: EngineSpec = replace(
-            ckpt.spec, precision=precision, built_with={**ckpt.spec.built_with, **built_with(device, gpu=gpu)}
+            ckpt.spec, precision=precision, built_with={**ckpt.spec.built_with, **built_with(device, **extra)}
         )
         self.name = f"torch:{device} {precision} {self.path.name}"
         norm = self.spec.normalization

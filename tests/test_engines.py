@@ -179,6 +179,7 @@ class _Payload:  # an arbitrary object: weights_only loading must refuse to unpi
     pass
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_checkpoint_refuses_arbitrary_pickles(tmp_path: Path) -> None:
     evil = tmp_path / "evil.pt"
     torch.save({"format": FORMAT, "config": {}, "state_dict": {}, "spec": {}, "x": _Payload()}, evil)
