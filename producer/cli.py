@@ -139,3 +139,32 @@ def status(
     typer.echo(f"{'':8}{'queued':>10}{'started':>10}{'finished':>10}{'failed':>10}")
     for label, counts in (("jobs", snapshot.jobs), ("images", snapshot.images)):
         typer.echo(f"{label:8}{counts.queued:>10}{counts.started:>10}{counts.finished:>10}{counts.failed:>10}")
+
+
+@app.command()
+def report(
+    logs: Annotated[list[Path], typer.Argument(help="Worker JSON-line logs (worker run --log-file), one or more.")],
+    out: Annotated[Path, typer.Option(help="Folder for report.md and the PNG plots.")],
+    masks: Annotated[Optional[Path], typer.Option(help="Masks to score (producer collect output).")] = None,
+    truth: Annotated[Optional[Path], typer.Option(help="Ground-truth masks with the same relative names.")] = None,
+    reference: Annotated[Optional[Path], typer.Option(help="A reference run's masks (e.g. FP32) for the Deviation column.")] = None,
+) -> None:
+    """Offline analysis: FPS, latency split, batch sizes, latency percentiles, and Dice against ground truth.
+
+    Several workers' logs merge: total FPS is images over the union of their busy time. Malformed
+    or truncated lines are counted, reported and skipped.
+    """
+    from producer.report import dice_against, read_logs
+    from producer.report_writer import write_report
+
+    for path in [*logs, *(p for p in (masks, truth, reference) if p is not None)]:
+        if not path.exists():
+            typer.echo(f"error: {path}: not found", err=True)
+            raise typer.Exit(2)
+    if (masks is None) != (truth is None):
+        typer.echo("error: --masks and --truth go together", err=True)
+        raise typer.Exit(2)
+    data = read_logs(logs)
+    scores = dice_against(masks, truth, reference) if masks is not None and truth is not None else None
+    path = write_report(out, data, scores)
+    typer.echo(f"wrote {path} ({len(data.batches)} batches, {data.malformed_total} malformed lines skipped)")

@@ -42,7 +42,7 @@ class SubmittedBatch:
     inflight: InFlight | None
     taken_at: float
     fetch_ms: float
-    queue_wait_ms: float
+    image_wait_ms: list[float]
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -162,7 +162,7 @@ class BatchPipeline:
                 images.append(image)
         batch = np.stack([image.pixels for image in images]) if images else None
         fetch_ms = (time.perf_counter() - fetch_start) * 1000
-        oldest = min((image.enqueued_at for image in images), default=now())
+        taken_wall = now()
         submitted = SubmittedBatch(
             items=good_items,
             images=images,
@@ -170,7 +170,7 @@ class BatchPipeline:
             inflight=None,
             taken_at=taken_at,
             fetch_ms=fetch_ms,
-            queue_wait_ms=max(0.0, (now() - oldest) * 1000),
+            image_wait_ms=[round(max(0.0, taken_wall - image.enqueued_at) * 1000, 1) for image in images],
         )
         submitted.timings["submitted"] = time.perf_counter()
         if batch is not None:
@@ -264,7 +264,8 @@ class BatchPipeline:
             jobs=len(job_ids),
             job_ids=job_ids,
             jobs_completed=jobs_completed,
-            queue_wait_ms=round(submitted.queue_wait_ms, 3),
+            queue_wait_ms=max(submitted.image_wait_ms, default=0.0),
+            image_wait_ms=submitted.image_wait_ms,
             fetch_ms=round(submitted.fetch_ms, 3),
             compute_ms=round(compute_ms, 3),
             write_ms=round(write_ms, 3),

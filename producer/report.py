@@ -1,0 +1,221 @@
+"""Offline analysis of worker logs and collected masks: throughput, latency, batch sizes and Dice.
+
+Input: the JSON lines that `worker run --log-file` writes (one `batch` event per batch) from any
+number of workers, and optionally mask folders (`producer collect` output, ground truth, a reference
+run). Lines that are not JSON, or `batch` events missing a field, are counted and skipped.
+
+Merging workers: total throughput is all images over the union of the workers' busy intervals
+(each worker's first batch start to its last batch end), not a sum of per-worker rates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from engines.metrics import dice
+
+BATCH_FIELDS = ("worker", "batch_size", "images_ok", "fetch_ms", "compute_ms", "write_ms", "total_ms", "time")
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One `batch` log event. end_s: completion time (unix s); start_s = end_s - total_ms / 1000."""
+
+    source: str
+    worker: str
+    engine: str
+    batch_size: int
+    images_ok: int
+    fetch_ms: float
+    compute_ms: float
+    write_ms: float
+    total_ms: float
+    end_s: float
+    image_wait_ms: tuple[float, ...]
+
+    @property
+    def start_s(self) -> float:
+        return self.end_s - self.total_ms / 1000.0
+
+    def image_latencies_ms(self) -> list[float]:
+        """Enqueue-to-mask latency of each image of the batch (wait before the batch + the batch's total)."""
+        return [wait + self.total_ms for wait in self.image_wait_ms]
+
+
+@dataclass
+class LogData:
+    """Every batch read from the logs, and how many lines were skipped per file (malformed or truncated)."""
+
+    batches: list[BatchRecord] = field(default_factory=list)
+    malformed: dict[str, int] = field(default_factory=dict)
+    lines: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def malformed_total(self) -> int:
+        return sum(self.malformed.values())
+
+
+def _parse_batch(source: str, event: dict) -> BatchRecord:
+    """A BatchRecord from a decoded `batch` event; KeyError/ValueError/TypeError if a field is bad."""
+    for name in BATCH_FIELDS:
+        if name not in event:
+            raise KeyError(name)
+    end = datetime.fromisoformat(str(event["time"]).replace("Z", "+00:00")).timestamp()
+    waits = event.get("image_wait_ms") or [event.get("queue_wait_ms", 0.0)] * int(event["images_ok"])
+    record = BatchRecord(
+        source=source,
+        worker=str(event["worker"]),
+        engine=str(event.get("engine", "")),
+        batch_size=int(event["batch_size"]),
+        images_ok=int(event["images_ok"]),
+        fetch_ms=float(event["fetch_ms"]),
+        compute_ms=float(event["compute_ms"]),
+        write_ms=float(event["write_ms"]),
+        total_ms=float(event["total_ms"]),
+        end_s=end,
+        image_wait_ms=tuple(float(w) for w in waits),
+    )
+    if record.batch_size < 0 or record.total_ms < 0 or not math.isfinite(record.end_s):
+        raise ValueError("negative or non-finite field")
+    return record
+
+
+def read_logs(paths: list[Path]) -> LogData:
+    """Read `batch` events from worker JSON-line logs; malformed lines are counted, never fatal."""
+    data = LogData()
+    for path in paths:
+        source = str(path)
+        data.malformed[source] = 0
+        data.lines[source] = 0
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if not line.strip():
+                    continue
+                data.lines[source] += 1
+                try:
+                    event = json.loads(line)
+                    if not isinstance(event, dict):
+                        raise ValueError("not an object")
+                    if event.get("event") != "batch":
+                        continue
+                    data.batches.append(_parse_batch(source, event))
+                except (ValueError, KeyError, TypeError):
+                    data.malformed[source] += 1
+    data.batches.sort(key=lambda b: b.end_s)
+    return data
+
+
+def busy_intervals(batches: list[BatchRecord]) -> list[tuple[float, float]]:
+    """Each worker's (first batch start, last batch end), in unix seconds."""
+    spans: dict[str, tuple[float, float]] = {}
+    for batch in batches:
+        lo, hi = spans.get(batch.worker, (batch.start_s, batch.end_s))
+        spans[batch.worker] = (min(lo, batch.start_s), max(hi, batch.end_s))
+    return sorted(spans.values())
+
+
+def union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of [start, end] intervals (overlaps counted once, gaps not at all)."""
+    total, current_start, current_end = 0.0, None, None
+    for start, end in sorted(intervals):
+        if current_end is None or start > current_end:
+            if current_end is not None:
+                total += current_end - current_start
+            current_start, current_end = start, end
+        else:
+            current_end = max(current_end, end)
+    if current_end is not None:
+        total += current_end - current_start
+    return total
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Images (with a mask), batches, workers, wall seconds (union of busy intervals) and images per second."""
+
+    images: int
+    batches: int
+    workers: int
+    wall_s: float
+    img_per_s: float
+
+
+def throughput(batches: list[BatchRecord]) -> Throughput:
+    """Merged throughput of all workers: images over the union of their busy time."""
+    images = sum(b.images_ok for b in batches)
+    wall = union_seconds(busy_intervals(batches))
+    workers = len({b.worker for b in batches})
+    return Throughput(images, len(batches), workers, wall, images / wall if wall > 0 else float("nan"))
+
+
+def latency_percentiles(batches: list[BatchRecord], percents: tuple[int, ...] = (50, 95, 99)) -> dict[int, float]:
+    """Enqueue-to-mask latency percentiles over every image, in milliseconds."""
+    latencies = [ms for b in batches for ms in b.image_latencies_ms()]
+    if not latencies:
+        return {p: float("nan") for p in percents}
+    return {p: float(np.percentile(latencies, p)) for p in percents}
+
+
+def read_binary_mask(path: Path) -> np.ndarray:
+    """A mask PNG as a bool array (foreground where the gray level is >= 128)."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L")) >= 128
+
+
+def mask_files(folder: Path) -> dict[str, Path]:
+    """PNG masks under `folder` by relative POSIX name."""
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*.png"))}
+
+
+@dataclass
+class DiceResult:
+    """Per-file Dice of `masks` against `truth` (and against `reference`, if given), over files present in all."""
+
+    per_file: dict[str, float]
+    missing: list[str]
+    reference_per_file: dict[str, float] = field(default_factory=dict)
+    agreement_per_file: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(list(self.per_file.values()))) if self.per_file else float("nan")
+
+    @property
+    def median(self) -> float:
+        return float(np.median(list(self.per_file.values()))) if self.per_file else float("nan")
+
+    def worst(self, count: int = 5) -> list[tuple[str, float]]:
+        return sorted(self.per_file.items(), key=lambda item: item[1])[:count]
+
+    @property
+    def deviation(self) -> float:
+        """Mean Dice of this run minus the reference run's, both against the truth (the study's column)."""
+        if not self.reference_per_file:
+            return float("nan")
+        return self.mean - float(np.mean(list(self.reference_per_file.values())))
+
+
+def dice_against(masks: Path, truth: Path, reference: Path | None = None) -> DiceResult:
+    """Compare mask folders by relative name; files missing from `masks` are listed, not scored."""
+    predicted, expected = mask_files(masks), mask_files(truth)
+    refs = mask_files(reference) if reference else {}
+    result = DiceResult(per_file={}, missing=sorted(set(expected) - set(predicted)))
+    for name in sorted(set(predicted) & set(expected)):
+        truth_mask = read_binary_mask(expected[name])
+        mask = read_binary_mask(predicted[name])
+        if mask.shape != truth_mask.shape:
+            result.missing.append(f"{name} (size {mask.shape} != truth {truth_mask.shape})")
+            continue
+        result.per_file[name] = dice(mask, truth_mask)
+        if name in refs:
+            ref_mask = read_binary_mask(refs[name])
+            result.reference_per_file[name] = dice(ref_mask, truth_mask)
+            result.agreement_per_file[name] = dice(mask, ref_mask)
+    return result

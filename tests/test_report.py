@@ -1,0 +1,115 @@
+"""`producer report` from a real worker run on CPU, checked against the log and against independently computed Dice."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from broker.store import QueueKeys
+from producer.collect import collect_masks
+from producer.report import _parse_batch, read_logs, throughput, union_seconds
+from tests.conftest import write_synthetic_images
+from tests.test_e2e import cli
+from tests.test_worker import enqueue_folder, run_worker
+
+
+def table_row(markdown: str, header_start: str) -> list[str]:
+    """Cells of the first data row of the table whose header starts with `header_start`."""
+    lines = markdown.splitlines()
+    index = next(i for i, line in enumerate(lines) if line.startswith(f"| {header_start}"))
+    return [cell.strip() for cell in lines[index + 2].strip("|").split("|")]
+
+
+def test_report_numbers_match_the_log_and_independent_dice(tmp_path, client, redis_url, queue_name, small_engine):
+    write_synthetic_images(tmp_path / "images", 13, seed=5)
+    enqueue_folder(client, queue_name, tmp_path / "images", job_size=3)
+    log = tmp_path / "worker.log"
+    run_worker(redis_url, queue_name, small_engine, log)
+    collect_masks(client, QueueKeys(queue_name), tmp_path / "masks")
+    with open(log, "a") as handle:  # damage: a non-JSON line and a truncated batch line
+        handle.write("this is not json\n")
+        handle.write('{"event": "batch", "batch_size": 8, "time": "2026-\n')
+
+    result = cli("producer", "report", str(log), "--masks", str(tmp_path / "masks"),
+                 "--truth", str(tmp_path / "images_truth"), "--reference", str(tmp_path / "masks"),
+                 "--out", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr
+    markdown = (tmp_path / "report" / "report.md").read_text()
+
+    events = [json.loads(line) for line in log.read_text().splitlines()[:-2]]
+    batches = [e for e in events if e["event"] == "batch"]
+    ends = [datetime.fromisoformat(e["time"].replace("Z", "+00:00")).timestamp() for e in batches]
+    starts = [end - e["total_ms"] / 1000 for end, e in zip(ends, batches)]
+    expected_fps = sum(e["images_ok"] for e in batches) / (max(ends) - min(starts))
+
+    workers, n_batches, images, wall, fps, _ = table_row(markdown, "workers")
+    assert (int(workers), int(n_batches), int(images)) == (1, len(batches), 13)
+    assert float(fps.replace(",", "")) == round(expected_fps, 2)
+    assert re.search(r"\| `.*worker.log` \| \d+ \| 2 \|", markdown)  # both damaged lines counted
+
+    truth_dir, mask_dir = tmp_path / "images_truth", tmp_path / "masks"
+    independent = []
+    for truth_file in sorted(truth_dir.glob("*.png")):
+        t = np.asarray(Image.open(truth_file)) >= 128
+        m = np.asarray(Image.open(mask_dir / truth_file.name)) >= 128
+        independent.append(2 * (t & m).sum() / max(1, t.sum() + m.sum()) if (t.sum() + m.sum()) else 1.0)
+    scored, mean, median, deviation, agreement = table_row(markdown, "images scored")
+    assert int(scored) == 13
+    assert float(mean) == round(float(np.mean(independent)), 4)
+    assert float(median) == round(float(np.median(independent)), 4)
+    assert float(deviation) == 0.0 and float(agreement) == 1.0  # reference = the same masks
+    for plot in ("throughput", "latency_split", "batch_sizes", "latency_percentiles", "dice"):
+        assert Image.open(tmp_path / "report" / f"{plot}.png").size[0] > 100
+
+
+def _event(worker: str, end_s: float, total_ms: float, images: int = 8) -> dict:
+    return {"event": "batch", "worker": worker, "batch_size": images, "images_ok": images, "fetch_ms": 1.0,
+            "compute_ms": total_ms - 2, "write_ms": 1.0, "total_ms": total_ms,
+            "time": datetime.fromtimestamp(end_s, timezone.utc).isoformat().replace("+00:00", "Z")}
+
+
+def test_several_workers_merge_over_the_union_of_their_busy_time(tmp_path):
+    # worker a busy 0..10 s, b 5..15 s (overlaps a), c 20..25 s (after a gap): union 20 s, 80 images.
+    logs = {"a": [(1, 1000), (10, 1000)], "b": [(6, 1000), (15, 1000)], "c": [(21, 1000), (25, 1000)]}
+    paths = []
+    for worker, batches in logs.items():
+        path = tmp_path / f"{worker}.log"
+        path.write_text("".join(json.dumps(_event(worker, 1_000_000 + end, ms)) + "\n" for end, ms in batches))
+        paths.append(path)
+    data = read_logs(paths)
+    total = throughput(data.batches)
+    assert total.images == 48 and total.workers == 3
+    assert total.wall_s == 20.0
+    assert total.img_per_s == 48 / 20.0  # not the sum of rates (8+8)/10 + (8+8)/10 + (8+8)/5
+
+
+def test_union_of_intervals():
+    assert union_seconds([]) == 0.0
+    assert union_seconds([(0, 10), (5, 15), (20, 25)]) == 20.0
+    assert union_seconds([(0, 10), (2, 3)]) == 10.0
+
+
+def test_malformed_lines_never_crash_the_report(tmp_path):
+    log = tmp_path / "bad.log"
+    good = json.dumps(_event("w", 1_000_000, 500))
+    log.write_bytes(b"\xff\xfe garbage\n" + b"[1, 2]\n" + b'{"event": "batch", "worker": "w"}\n'
+                    + b'{"event": "batch", "worker": "w", "batch_size": "eight", "images_ok": 1, "fetch_ms": 0,'
+                    + b' "compute_ms": 0, "write_ms": 0, "total_ms": 1, "time": "2026-01-01T00:00:00Z"}\n'
+                    + good.encode() + b"\n" + good[: len(good) // 2].encode())
+    data = read_logs([log])
+    assert len(data.batches) == 1
+    assert data.malformed_total == 5
+    result = cli("producer", "report", str(log), "--out", str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr
+    assert "5 malformed lines skipped" in result.stdout
+
+
+def test_parse_batch_reads_the_worker_line_format():
+    record = _parse_batch("x", _event("w", 1_000_000.0, 250.0, images=4))
+    assert record.start_s == 1_000_000.0 - 0.25
+    assert record.images_ok == 4
