@@ -219,3 +219,42 @@ def test_enqueue_wait_writes_masks_as_collect_does(tmp_path, redis_url, queue_na
 def test_enqueue_wait_needs_out(tmp_path, redis_url):
     result = cli("producer", "enqueue", str(tmp_path), "--wait", "--redis-url", redis_url)
     assert result.returncode == 2 and "--wait needs --out" in result.stderr
+
+
+def test_redis_restart_mid_run_loses_nothing(tmp_path, queue_name, engine_128):
+    """Redis killed (SIGKILL) and restarted from its AOF while a worker runs: every image still gets its mask."""
+    import redis as redis_client
+
+    from broker.server import RedisServer
+    from producer.enqueue import Enqueuer, enqueue_paths
+
+    server = RedisServer(data_dir=tmp_path / "redis", port=free_port()).start()
+    client = redis_client.Redis.from_url(server.url)
+    try:
+        write_synthetic_images(tmp_path / "in", 12, size=128)
+        enqueuer = Enqueuer(client, segmentation_queue(client, queue_name), job_size=2)
+        for _ in range(10):
+            enqueue_paths(enqueuer, [tmp_path / "in"], 128, 128)
+        total = len(enqueuer.report.image_ids)
+        time.sleep(1.5)  # appendfsync everysec: let the enqueue reach the AOF
+        log_file = tmp_path / "worker.log"
+        worker = start("worker", "run", "--engine", str(engine_128), "--redis-url", server.url, "--queue", queue_name,
+                       "--job-heartbeat-ttl", "5", "--maintenance-interval", "2", "--log-file", str(log_file))
+        wait_until(lambda: len(log_events(log_file, "batch")) >= 2, 120, "two batches")
+        server.kill()
+        time.sleep(1.0)
+        server.start()
+        keys = QueueKeys(queue_name)
+        queue = segmentation_queue(client, queue_name)
+        try:
+            wait_until(lambda: client.scard(keys.done) == total and queue.count == 0
+                       and queue.started_job_registry.count == 0, 150, "every image to get a mask after the restart")
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=60) == 0, worker.stdout.read()
+        assert log_events(log_file, "redis_unavailable")  # the worker saw the outage and rode it out
+        assert len(client.keys(keys.mask("*"))) == total
+        assert queue.finished_job_registry.count == len(enqueuer.report.job_ids)
+    finally:
+        client.close()
+        server.stop()

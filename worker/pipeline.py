@@ -23,6 +23,8 @@ from worker.batcher import Batcher
 from worker.rq_jobs import BatchingRqWorker, ClaimedJob
 from worker.settings import WorkerSettings
 
+MAX_REDIS_BACKOFF_S = 10.0
+
 
 @dataclass(frozen=True)
 class BatchItem:
@@ -44,6 +46,10 @@ class SubmittedBatch:
     fetch_ms: float
     image_wait_ms: list[float]
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def all_items(self) -> list[BatchItem]:
+        return self.items + [item for item, _ in self.rejected]
 
     @property
     def size(self) -> int:
@@ -81,26 +87,38 @@ class BatchPipeline:
     def run(self) -> int:
         """Process jobs until done; returns the number of images that got a mask."""
         started = self.clock()
+        backoff_s = 0.5
         while True:
-            self._keep_alive_if_due()
-            if len(self.inflight) >= self.engine.slots:
-                self._finish(self.inflight.popleft())
-                continue
-            if not self.rq.stop_requested:
-                self._claim_available()
-            if self.batcher.ready() or (self.rq.stop_requested and len(self.batcher)):
-                self._submit()
-                continue
-            if self.inflight:
-                self._finish(self.inflight.popleft())
-                continue
-            if self.rq.stop_requested:
-                break
-            if not self._wait_for_work():
-                break
+            try:
+                if not self._step():
+                    break
+                backoff_s = 0.5
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # Redis restarting or unreachable: keep the claimed work, retry with a bounded backoff.
+                self.log.warning("redis_unavailable", error=str(exc), retry_in_s=backoff_s)
+                time.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, MAX_REDIS_BACKOFF_S)
         elapsed = self.clock() - started
         self.log.info("worker_drained", images=self.images_done, batches=self.batches_done, seconds=round(elapsed, 3))
         return self.images_done
+
+    def _step(self) -> bool:
+        """One pass of the loop: finish, claim, submit or wait. False when the worker should stop."""
+        self._keep_alive_if_due()
+        if len(self.inflight) >= self.engine.slots:
+            self._finish(self.inflight.popleft())
+            return True
+        if not self.rq.stop_requested:
+            self._claim_available()
+        if self.batcher.ready() or (self.rq.stop_requested and len(self.batcher)):
+            self._submit()
+            return True
+        if self.inflight:
+            self._finish(self.inflight.popleft())
+            return True
+        if self.rq.stop_requested:
+            return False
+        return self._wait_for_work()
 
     def _keep_alive_if_due(self) -> None:
         """Heartbeat the worker and its open jobs, and run rq maintenance, every heartbeat interval."""
@@ -147,7 +165,11 @@ class BatchPipeline:
         items = self.batcher.take()
         taken_at = self.clock()
         fetch_start = time.perf_counter()
-        loaded = load_images(self.client, self.keys, [item.image_id for item in items])
+        try:
+            loaded = load_images(self.client, self.keys, [item.image_id for item in items])
+        except redis.RedisError as exc:
+            self._abandon(items, f"redis error while fetching images: {exc}")
+            raise
         good_items, images, rejected = [], [], []
         spec = self.engine.spec
         for item, image in zip(items, loaded):
@@ -196,7 +218,7 @@ class BatchPipeline:
             self._write(submitted, masks)
             jobs_completed = self._complete_finished_jobs()
         except redis.RedisError as exc:
-            self._abandon(submitted, f"redis error while writing results: {exc}")
+            self._abandon(submitted.all_items, f"redis error while writing results: {exc}")
             return
         write_ms = (time.perf_counter() - write_start) * 1000
         self._log_batch(submitted, compute_ms, write_ms, jobs_completed)
@@ -231,23 +253,24 @@ class BatchPipeline:
     def _fail_batch(self, submitted: SubmittedBatch, reason: str) -> None:
         """A batch failed as a whole: fail every open job that had an image in it (rq retries)."""
         self.log.error("batch_failed", reason=reason, batch_size=submitted.size)
-        for claim in self._claims_of(submitted):
+        for claim in self._claims_of(submitted.all_items):
             if not claim.closed:
                 self.rq.fail(claim, reason, retry=True)
         self.claims = [c for c in self.claims if not c.closed]
 
-    def _abandon(self, submitted: SubmittedBatch, reason: str) -> None:
-        """Redis failed mid-write: stop heartbeating the batch's jobs so that rq re-enqueues them."""
-        self.log.error("batch_abandoned", reason=reason, batch_size=submitted.size)
-        abandoned = self._claims_of(submitted)
+    def _abandon(self, items: list[BatchItem], reason: str) -> None:
+        """Redis failed mid-batch: stop heartbeating these images' jobs so that rq re-enqueues them."""
+        self.log.error("batch_abandoned", reason=reason, batch_size=len(items))
+        abandoned = self._claims_of(items)
         for claim in abandoned:
             claim.closed = True
         self.claims = [c for c in self.claims if c not in abandoned]
 
     @staticmethod
-    def _claims_of(submitted: SubmittedBatch) -> list[ClaimedJob]:
+    def _claims_of(items: list[BatchItem]) -> list[ClaimedJob]:
+        """The distinct jobs these items belong to, in first-seen order."""
         claims: list[ClaimedJob] = []
-        for item in [*submitted.items, *(item for item, _ in submitted.rejected)]:
+        for item in items:
             if item.claim not in claims:
                 claims.append(item.claim)
         return claims
@@ -255,7 +278,7 @@ class BatchPipeline:
     def _log_batch(self, submitted: SubmittedBatch, compute_ms: float, write_ms: float, jobs_completed: int) -> None:
         total_ms = (self.clock() - submitted.taken_at) * 1000
         self.batches_done += 1
-        job_ids = sorted({claim.job.id for claim in self._claims_of(submitted)})
+        job_ids = sorted({claim.job.id for claim in self._claims_of(submitted.all_items)})
         self.log.info(
             "batch",
             batch_size=submitted.size,
