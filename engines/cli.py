@@ -1,4 +1,4 @@
-"""`engines` command line: make synthetic data, train, export, inspect, score and time engines.
+"""`engines` command line: make synthetic data, train, export, build, inspect, score and time engines.
 
 Errors about files or settings print one line to stderr and exit with status 2 (no traceback).
 """
@@ -16,7 +16,7 @@ import typer
 from engines.base import EngineError
 
 app = typer.Typer(
-    help="U-Net engines: synthetic data, training, ONNX export, engine info, Dice and throughput.",
+    help="U-Net engines: synthetic data, training, ONNX export, FP16/INT8/TensorRT builds, engine info, Dice and throughput.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -170,30 +170,126 @@ def evaluate(
 
 @app.command()
 @_errors_exit_2
+def build(
+    source: Annotated[Path, typer.Argument(help="Source: an FP32 .onnx (with its .json) or a .pt checkpoint.")],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="File to write: .onnx, .trt/.engine/.plan (TensorRT) or .ptc.")
+    ],
+    precision: Annotated[
+        Optional[str], typer.Option(help="fp32, fp16 or int8 (default: the source's own; fp32 for a checkpoint).")
+    ] = None,
+    calib: Annotated[
+        Optional[str],
+        typer.Option(
+            help="INT8 only: a folder of real images (decoded as the producer does, at the engine's size) "
+            "to calibrate on, or 'none' for the study's uncalibrated row: ranges computed from uniform "
+            "random noise images instead of real ones (data-free, so the ranges are wrong for real data)."
+        ),
+    ] = None,
+    calib_method: Annotated[
+        str, typer.Option(help="INT8 range method: minmax (default; the study found entropy wrong), entropy, percentile.")
+    ] = "minmax",
+    calib_count: Annotated[int, typer.Option(help="INT8: calibration images used (spread over the folder).")] = 64,
+    target: Annotated[
+        str,
+        typer.Option(
+            help="INT8 Q/DQ layout: tensorrt (default: int8 symmetric, zero point 0, float bias; runs on TensorRT "
+            "10/11 and ONNX Runtime) or cpu (uint8 activations, int32 bias: ONNX Runtime's fast CPU form, "
+            "refused by TensorRT)."
+        ),
+    ] = "tensorrt",
+    compile: Annotated[
+        bool, typer.Option("--compile", help="Build a compiled torch engine (.ptc, FP16, CUDA) from a checkpoint.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="CUDA device for TensorRT plans and compiled engines.")] = "cuda",
+    max_batch: Annotated[int, typer.Option(help="Largest batch of a TensorRT plan or an ONNX export.")] = 8,
+) -> None:
+    """Build an engine file: FP16/INT8 ONNX, a TensorRT plan, a compiled torch engine, or an FP32 export.
+
+    \b
+      engines build unet.onnx --precision fp16 -o unet_fp16.onnx
+      engines build unet.onnx --precision int8 --calib ./images -o unet_int8.onnx
+      engines build unet.onnx --precision int8 --calib none -o unet_int8_nocal.onnx
+      engines build unet_int8.onnx -o unet_int8.trt
+      engines build unet.pt --precision fp16 --compile -o unet_fp16.ptc
+      engines build unet.pt -o unet.onnx
+    """
+    from engines.build import build as run_build
+    from engines.loader import read_spec
+
+    written = run_build(
+        source, output, precision=precision, calib=calib, calib_method=calib_method, calib_count=calib_count,
+        compile=compile, device=device, max_batch=max_batch, target=target,
+    )
+    spec = read_spec(written)
+    made = spec.built_with
+    line = f"wrote {written}: {spec.precision}, batch {spec.min_batch}..{spec.max_batch}, {spec.height}x{spec.width}"
+    if spec.precision == "int8" and "calibration" in made:
+        line += (f"; calibration {made['calibration']} on {made.get('calibration_images', '?')} images "
+                 f"({made.get('calibration_source', '?')}), target {made.get('target', '?')}")
+        if made.get("calibration_skipped", "0") != "0":
+            line += f", {made['calibration_skipped']} unreadable images skipped"
+    if "check" in made:
+        line += f"; check: {made['check']}"
+    typer.echo(line)
+
+
+@app.command()
+@_errors_exit_2
 def bench(
-    file: Annotated[Path, typer.Argument(help="Engine file (.onnx or .pt).")],
-    batch: Annotated[int, typer.Option(help="Batch size.")] = 8,
-    iters: Annotated[int, typer.Option(help="Timed batches.")] = 10,
-    warmup: Annotated[int, typer.Option(help="Untimed batches first.")] = 2,
+    files: Annotated[list[Path], typer.Argument(help="Engine files (.onnx, .pt, .trt, .ptc, ...).")],
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated, e.g. 1,4,8.")] = "8",
+    samples: Annotated[
+        Optional[int], typer.Option(help="Images per engine and batch size (default: 1000 on cuda, 32 on cpu).")
+    ] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Untimed batches first (default: 20 on cuda, 2 on cpu).")] = None,
+    rounds: Annotated[
+        int, typer.Option(help="Measurements per row, interleaved across engines; the median is shown.")
+    ] = 1,
     device: Annotated[str, typer.Option(help="cpu or cuda[:i].")] = "cpu",
     precision: Annotated[
         Optional[str], typer.Option(help="Torch checkpoints: fp32 or fp16 (CUDA); default: the file's own.")
     ] = None,
+    json_out: Annotated[
+        Optional[Path], typer.Option("--json", help="Also write the results as JSON (date, machine, versions, command).")
+    ] = None,
+    iters: Annotated[Optional[int], typer.Option(hidden=True, help="Old form: timed batches (samples = iters x batch).")] = None,
 ) -> None:
-    """Engine-only throughput: images per second at a fixed batch, keeping `slots` batches in flight."""
-    import numpy as np
+    """Engine-only throughput in the study's table shape: variant, batch size, samples, runtime (s), FPS.
 
-    from engines.bench import throughput
+    Keeps each engine's `slots` batches in flight, as the worker does; no decoding and no Redis.
+    """
+    import json
+
+    from engines.bench import DEFAULT_SAMPLES, DEFAULT_WARMUP, bench_engines, format_table, parse_batches, report
     from engines.loader import load_engine
-    from engines.synth import generate
 
-    engine = load_engine(file, device=device, precision=precision)
+    batches = parse_batches(batch)
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    n = samples if samples is not None else (iters * max(batches) if iters else DEFAULT_SAMPLES[kind])
+    loaded = []
     try:
-        images = np.stack([img for img, _ in generate(batch, engine.spec.height, 0)])
-        rate = throughput(engine, images, iters=iters, warmup=warmup)
+        for file in files:
+            loaded.append((file, load_engine(file, device=device, precision=precision)))
+        for file, engine in loaded:
+            too_big = [b for b in batches if b > engine.spec.max_batch]
+            if too_big:
+                typer.echo(f"note: {file}: batch {too_big} above its max batch {engine.spec.max_batch}, skipped",
+                           err=True)
+        rows = bench_engines(
+            [(engine.name, engine) for _, engine in loaded], batches, n,
+            warmup=warmup if warmup is not None else DEFAULT_WARMUP[kind], rounds=rounds,
+            file_names=[str(file) for file, _ in loaded],
+        )
     finally:
-        engine.close()
-    typer.echo(f"{engine.name}: batch {batch}: {rate:.2f} img/s ({batch / rate * 1000:.0f} ms/batch)")
+        for _, engine in loaded:
+            engine.close()
+    typer.echo(format_table(rows))
+    if json_out is not None:
+        record = report(rows, _command_line(), device, benchmark="engines bench", rounds=rounds)
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(record, indent=2) + "\n")
+        typer.echo(f"wrote {json_out}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,6 +1,6 @@
 """Check and time the CUDA torch engine on a GPU machine: `python -m engines.gpucheck [CHECKPOINT]`.
 
-Compares CUDA FP32 and FP16 masks with the CPU engine's on synthetic 512-px images, checks that
+Compares CUDA FP32, AMP and FP16 masks with the CPU engine's on synthetic 512-px images, checks that
 slots reused before their results are read still return the right masks, and times engine-only
 throughput at batch 8 for the given checkpoint and for a random-weight width-64 U-Net (the study's
 size). Prints one table; exits 1 if a check fails.
@@ -35,7 +35,7 @@ def check(checkpoint: Path, device: str = "cuda") -> list[str]:
         ref = infer(cpu, images)
     ref_dice = mean_dice(ref, truth)
     print(f"cpu fp32: Dice {ref_dice:.4f}")
-    for precision, floor in (("fp32", 0.999), ("fp16", 0.995)):
+    for precision, floor in (("fp32", 0.999), ("amp", 0.995), ("fp16", 0.995)):
         with TorchEngine(checkpoint, device=device, precision=precision) as gpu:
             masks = infer(gpu, images)
             agree = float((masks == ref).mean())
@@ -64,7 +64,7 @@ def timings(checkpoint: Path, device: str = "cuda", iters: int = 50) -> list[tup
         w64 = save_checkpoint(Path(tmp) / "unet_w64.pt", UNet(UNetConfig(width=64)), EngineSpec())
         images = np.stack([img for img, _ in generate(8, 512, seed=1)])
         for label, path in (("w16 demo", checkpoint), ("w64 random", w64)):
-            for precision in ("fp32", "fp16"):
+            for precision in ("fp32", "amp", "fp16"):
                 with TorchEngine(path, device=device, precision=precision) as engine:
                     for batch in (1, 8):
                         rate = throughput(engine, images[:batch], iters=iters, warmup=5)

@@ -1,61 +1,151 @@
-"""Open any engine file by its extension: the file says what it is."""
+"""Open any engine file by its extension: the file says what it is.
+
+    .onnx               ONNX Runtime (metadata in `<file>.onnx.json`)
+    .pt / .pth          torch checkpoint (segqueue-unet/1), or a torch2trt file (serialized TensorRT
+                        engine + tensor names; metadata optionally in `<file>.pth.json`)
+    .ptc                compiled torch engine (checkpoint + torch.compile cache; CUDA only)
+    .trt/.engine/.plan  TensorRT plan (metadata in `<file>.json`)
+
+Files that record what built them (TensorRT plans, compiled engines) are checked at load against
+this machine (engines.versions.check_compatible): another GPU, compute capability, TensorRT or torch
+version is refused with a message saying what to rebuild and how.
+"""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-from engines.base import Engine, EngineError, EngineSpec
+from engines.base import Engine, EngineError, EngineSpec, metadata_path
+from engines.versions import check_compatible
 
 ONNX_SUFFIXES = (".onnx",)
 TORCH_SUFFIXES = (".pt", ".pth")
+COMPILED_SUFFIXES = (".ptc",)
 TENSORRT_SUFFIXES = (".trt", ".engine", ".plan")
+KNOWN_SUFFIXES = ONNX_SUFFIXES + TORCH_SUFFIXES + COMPILED_SUFFIXES + TENSORRT_SUFFIXES
+
+__all__ = ["load_engine", "read_spec", "check_compatible", "KNOWN_SUFFIXES"]
+
+
+def _check_precision(path: Path, engine: Engine, precision: str | None) -> Engine:
+    if precision is not None and precision != engine.spec.precision:
+        engine.close()
+        raise EngineError(f"{path}: is a {engine.spec.precision} engine, {precision} was requested; build another file")
+    return engine
 
 
 def load_engine(path: Path | str, device: str = "cpu", precision: str | None = None) -> Engine:
     """Load an engine file and return it ready to `submit`.
 
-    .onnx -> OnnxEngine (metadata from `<file>.onnx.json`; precision must be None or match it).
-    .pt/.pth -> TorchEngine (metadata inside the checkpoint; precision None means fp32).
-    .trt/.engine/.plan -> EngineError (TensorRT is not supported yet). Missing files and unknown
-    extensions raise EngineError naming the file. device: "cpu" or "cuda[:i]".
+    .onnx -> OnnxEngine (precision must be None or match its metadata).
+    .pt/.pth -> TorchEngine (precision None means fp32; fp16 and amp need CUDA), or, for a torch2trt
+    file, TensorRTEngine (CUDA; precision None or its metadata's).
+    .ptc -> CompiledTorchEngine (CUDA only; precision None or fp16).
+    .trt/.engine/.plan -> TensorRTEngine (CUDA; needs `import tensorrt`; precision None or its metadata's).
+    Missing files, unknown extensions, absent TensorRT and metadata mismatches raise EngineError
+    naming the file. device: "cpu" or "cuda[:i]".
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix in TENSORRT_SUFFIXES:
+    if suffix not in KNOWN_SUFFIXES:
         raise EngineError(
-            f"{path}: TensorRT plans are not supported yet; export the model to ONNX "
-            "(engines export) and load the .onnx file, or load the .pt checkpoint"
+            f"{path}: unknown engine file type {suffix or '(no extension)'!r} (known: {', '.join(KNOWN_SUFFIXES)})"
         )
-    if suffix not in ONNX_SUFFIXES + TORCH_SUFFIXES:
-        known = ", ".join(ONNX_SUFFIXES + TORCH_SUFFIXES + TENSORRT_SUFFIXES)
-        raise EngineError(f"{path}: unknown engine file type {suffix or '(no extension)'!r} (known: {known})")
     if not path.is_file():
-        raise EngineError(f"{path}: engine file not found")
+        kind = "TensorRT plan" if suffix in TENSORRT_SUFFIXES else "engine"
+        raise EngineError(f"{path}: {kind} file not found")
     if suffix in ONNX_SUFFIXES:
         from engines.onnx_engine import OnnxEngine
 
-        engine = OnnxEngine(path, device=device)
-        if precision is not None and precision != engine.spec.precision:
-            engine.close()
-            raise EngineError(
-                f"{path}: is a {engine.spec.precision} engine, {precision} was requested; export another file"
-            )
-        return engine
+        return _check_precision(path, OnnxEngine(path, device=device), precision)
+    if suffix in TENSORRT_SUFFIXES:
+        from engines.tensorrt_engine import TensorRTEngine, import_tensorrt
+
+        import_tensorrt()  # the clear "TensorRT is not installed here" error comes first
+        return _check_precision(path, TensorRTEngine(path, device=_gpu_device(path, device)), precision)
+    if suffix in COMPILED_SUFFIXES:
+        from engines.compiled_engine import CompiledTorchEngine
+
+        if precision not in (None, "fp16"):
+            raise EngineError(f"{path}: a compiled engine is fp16, {precision} was requested")
+        return CompiledTorchEngine(path, device=device)
+    from engines.torch2trt_file import is_torch2trt_file
+
+    if is_torch2trt_file(path):
+        return _check_precision(path, _load_torch2trt(path, _gpu_device(path, device)), precision)
     from engines.torch_engine import TorchEngine
 
     return TorchEngine(path, device=device, precision=precision or "fp32")
 
 
+def _gpu_device(path: Path, device: str) -> str:
+    if not device.startswith("cuda"):
+        raise EngineError(f"{path}: TensorRT engines run on CUDA only; use --device cuda (got {device!r})")
+    return device
+
+
+def _torch2trt_spec(path: Path) -> tuple[EngineSpec, bool]:
+    """(spec, from_file): `<file>.pth.json` if present, else defaults (shapes then come from the engine)."""
+    meta = metadata_path(path)
+    if meta.is_file():
+        return EngineSpec.read_beside(path), True
+    spec = EngineSpec(precision="unknown", built_with={"source": "torch2trt", "metadata": "none (defaults)"})
+    return spec, False
+
+
+def _load_torch2trt(path: Path, device: str) -> Engine:
+    from engines.tensorrt_engine import TensorRTEngine, import_tensorrt
+    from engines.torch2trt_file import parse_torch2trt
+
+    import_tensorrt()
+    parsed = parse_torch2trt(path)
+    spec, from_file = _torch2trt_spec(path)
+    if not from_file:
+        n = spec.normalization
+        warnings.warn(
+            f"{path}: no metadata file {metadata_path(path).name} beside it; input size, classes and batch range "
+            f"are taken from the engine, normalization defaults to (pixel * {n.scale:.6g} - {n.mean:g}) / {n.std:g} "
+            "and precision is 'unknown'. Write that JSON (an EngineSpec, as `engines info` prints) if the model "
+            "was trained with another normalization.",
+            stacklevel=3,
+        )
+    return TensorRTEngine(
+        path,
+        device=device,
+        engine_bytes=parsed.engine_bytes,
+        spec=spec,
+        input_names=parsed.input_names,
+        output_names=parsed.output_names,
+        rebuild=(
+            "torch2trt engines only run on the TensorRT version and GPU that built them: rebuild with torch2trt "
+            "there, or export the checkpoint to ONNX and `engines build` a plan on this machine."
+        ),
+        infer_shapes=not from_file,
+    )
+
+
 def read_spec(path: Path | str) -> EngineSpec:
-    """An engine file's spec without loading a runtime (for `engines info` and pre-flight checks)."""
+    """An engine file's spec without loading a runtime (for `engines info` and pre-flight checks).
+
+    torch2trt files without `<file>.pth.json` give default values (their shapes live in the engine).
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if not path.exists():
         raise EngineError(f"{path}: engine file not found")
     if suffix in TORCH_SUFFIXES:
+        from engines.torch2trt_file import is_torch2trt_file
+
+        if is_torch2trt_file(path):
+            return _torch2trt_spec(path)[0]
         from engines.checkpoint import load_checkpoint
 
         return load_checkpoint(path).spec
+    if suffix in COMPILED_SUFFIXES:
+        from engines.compiled_engine import read_compiled
+
+        return read_compiled(path).spec
     if suffix in ONNX_SUFFIXES + TENSORRT_SUFFIXES:
         return EngineSpec.read_beside(path)
     raise EngineError(f"{path}: unknown engine file type {suffix or '(no extension)'!r}")

@@ -1,12 +1,15 @@
 """Torch engine: the eager U-Net from a segqueue-unet/1 checkpoint, on CPU or one CUDA device.
 
 CPU: the batch runs on one background thread (like the ONNX engine), FP32 only.
-CUDA: two slots, each owning a pinned uint8 input buffer, a pinned uint8 output buffer, a CUDA
-stream and an event. A batch is copied into its slot's pinned buffer, then on the slot's stream:
-H2D (uint8, non_blocking) -> normalize -> model (FP16 weights + channels_last when precision is
-"fp16") -> argmax -> uint8 -> D2H (non_blocking) -> event. `result()` waits on that event only; no
-device-wide synchronize in the steady state. Not thread-safe: one caller thread submits and
-collects.
+CUDA: two slots (engines.cuda_slots), each owning pinned uint8 host buffers, a CUDA stream and an
+event. On the slot's stream: H2D uint8 -> normalize -> model -> argmax -> uint8 -> D2H -> event;
+`result()` waits on that event only. Precisions on CUDA:
+  "fp32": FP32 weights, channels_last (convolutions use TF32 when torch.backends.cudnn.allow_tf32,
+          torch's default, is on; the engine records the setting in built_with);
+  "amp":  FP32 weights, channels_last, run under torch.autocast(float16) (the study's "FP16 torch AMP");
+  "fp16": FP16 weights (model.half()) and input, channels_last.
+cuDNN autotuning (torch.backends.cudnn.benchmark) is turned on for CUDA engines: the worker feeds at
+most max_batch distinct shapes, each tuned once.
 """
 
 from __future__ import annotations
@@ -17,19 +20,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.base import EngineError, EngineSpec, check_batch
+from engines.base import EngineError, EngineSpec, Normalization, check_batch
 from engines.checkpoint import load_model
+from engines.cuda_slots import CudaSlot, CudaSlots, cuda_device
 from engines.runner import BackgroundRunner
 from engines.versions import built_with
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "amp")
+
+
+def normalize(x: torch.Tensor, norm: Normalization) -> torch.Tensor:
+    """Float pixels -> model input: (x * scale - mean) / std, in x's dtype and device."""
+    x = x * float(norm.scale)
+    if norm.mean:
+        x = x - float(norm.mean)
+    if norm.std != 1.0:
+        x = x / float(norm.std)
+    return x
 
 
 class TorchEngine:
     """Eager U-Net engine. `submit(uint8 (N, H, W))` -> InFlight; `result()` -> uint8 (N, H, W).
 
     checkpoint_path: a .pt/.pth written by engines.checkpoint. device: "cpu" or "cuda[:i]".
-    precision: "fp32", or "fp16" (CUDA only). slots = 2.
+    precision: "fp32", or on CUDA "fp16" (half weights) or "amp" (autocast FP16). slots = 2.
     """
 
     slots = 2
@@ -38,15 +52,15 @@ class TorchEngine:
         self.path = Path(checkpoint_path)
         if precision not in PRECISIONS:
             raise EngineError(f"{self.path}: precision must be one of {PRECISIONS}, got {precision!r}")
-        if device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise EngineError(f"{self.path}: device {device} requested but torch sees no CUDA device")
-        elif device != "cpu":
+        if device == "cpu":
+            if precision != "fp32":
+                raise EngineError(f"{self.path}: precision {precision} needs a CUDA device; on CPU use fp32")
+            self.device = torch.device("cpu")
+        elif device.startswith("cuda"):
+            self.device = cuda_device(device, str(self.path))
+        else:
             raise EngineError(f"{self.path}: unknown device {device!r} (use cpu or cuda[:i])")
-        elif precision != "fp32":
-            raise EngineError(f"{self.path}: precision {precision} needs a CUDA device; on CPU use fp32")
         model, ckpt = load_model(self.path)
-        self.device = torch.device(device)
         self.precision = precision
         extra = {}
         if self.device.type == "cuda":  # fp32 convolutions use TF32 unless torch is told otherwise
@@ -58,54 +72,38 @@ class TorchEngine:
             ckpt.spec, precision=precision, built_with={**ckpt.spec.built_with, **built_with(device, **extra)}
         )
         self.name = f"torch:{device} {precision} {self.path.name}"
-        norm = self.spec.normalization
-        self._scale, self._mean, self._std = float(norm.scale), float(norm.mean), float(norm.std)
         self._closed = False
+        self._runner: BackgroundRunner | None = None
+        self._slots: CudaSlots | None = None
         if self.device.type == "cpu":
             self._model = model
-            self._runner: BackgroundRunner | None = BackgroundRunner(self._run_cpu, self.name)
-            self._slots: list[_CudaSlot] = []
+            self._runner = BackgroundRunner(self._run_cpu, self.name)
         else:
+            torch.backends.cudnn.benchmark = True
             model = model.to(self.device, memory_format=torch.channels_last)
             self._model = model.half() if precision == "fp16" else model
-            self._runner = None
-            shape = (self.spec.max_batch, self.spec.height, self.spec.width)
-            self._slots = [_CudaSlot(shape, self.device) for _ in range(self.slots)]
-            self._next = 0
+            self._dtype = torch.float16 if precision == "fp16" else torch.float32
+            self._slots = CudaSlots(self.device, self.spec.max_batch, self.spec.height, self.spec.width, self.name)
             torch.cuda.synchronize(self.device)  # once, at load: weights are on the device
 
     # -- CPU -------------------------------------------------------------------------------------
     def _run_cpu(self, images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             x = torch.from_numpy(images).unsqueeze(1).float()
-            logits = self._model(self._normalize(x))
+            logits = self._model(normalize(x, self.spec.normalization))
             return logits.argmax(dim=1).to(torch.uint8).numpy()
 
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * self._scale
-        if self._mean:
-            x = x - self._mean
-        if self._std != 1.0:
-            x = x / self._std
-        return x
-
     # -- CUDA ------------------------------------------------------------------------------------
-    def _submit_cuda(self, images: np.ndarray) -> "_CudaInFlight":
-        slot = self._slots[self._next]
-        self._next = (self._next + 1) % len(self._slots)
-        slot.release()  # the slot's previous batch: collect its masks before its buffers are reused
-        n = images.shape[0]
-        slot.host_in[:n].numpy()[...] = images
-        dtype = torch.float16 if self.precision == "fp16" else torch.float32
-        with torch.cuda.stream(slot.stream), torch.inference_mode():
-            x = slot.host_in[:n].to(self.device, non_blocking=True)
-            x = self._normalize(x.unsqueeze(1).to(dtype)).contiguous(memory_format=torch.channels_last)
-            masks = self._model(x).argmax(dim=1).to(torch.uint8)
-            slot.host_out[:n].copy_(masks, non_blocking=True)
-            slot.done.record(slot.stream)
-        flight = _CudaInFlight(slot, n, self.name)
-        slot.pending = flight
-        return flight
+    def _compute(self, x: torch.Tensor, slot: CudaSlot) -> torch.Tensor:
+        """uint8 (n, H, W) on the device -> uint8 masks (n, H, W), on the current (slot's) stream."""
+        x = normalize(x.unsqueeze(1).to(self._dtype), self.spec.normalization)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.precision == "amp":
+            with torch.autocast("cuda", dtype=torch.float16):
+                logits = self._model(x)
+        else:
+            logits = self._model(x)
+        return logits.argmax(dim=1).to(torch.uint8)
 
     # -- Engine ----------------------------------------------------------------------------------
     def submit(self, images: np.ndarray):  # -> InFlight
@@ -115,10 +113,7 @@ class TorchEngine:
         check_batch(self.spec, images)
         if self._runner is not None:
             return self._runner.submit(images)
-        try:
-            return self._submit_cuda(images)
-        except RuntimeError as exc:
-            raise EngineError(f"{self.name}: inference failed ({exc})") from exc
+        return self._slots.submit(images, self._compute)  # type: ignore[union-attr]
 
     def close(self) -> None:
         """Finish in-flight batches, free the model and buffers. Idempotent."""
@@ -127,9 +122,8 @@ class TorchEngine:
         self._closed = True
         if self._runner is not None:
             self._runner.close()
-        for slot in self._slots:
-            slot.release()
-        self._slots = []
+        if self._slots is not None:
+            self._slots.close()
         self._model = None  # type: ignore[assignment]
 
     def __enter__(self) -> "TorchEngine":
@@ -137,50 +131,3 @@ class TorchEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _CudaSlot:
-    """One in-flight batch's resources: pinned uint8 host buffers, a stream and an event."""
-
-    def __init__(self, shape: tuple[int, int, int], device: torch.device) -> None:
-        self.host_in = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
-        self.host_out = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
-        self.stream = torch.cuda.Stream(device=device)
-        self.done = torch.cuda.Event()
-        self.pending: _CudaInFlight | None = None
-
-    def release(self) -> None:
-        """Make the slot reusable: the pending batch (if any) copies its masks out first."""
-        if self.pending is not None:
-            self.pending.fetch()
-
-
-class _CudaInFlight:
-    """A batch on a CUDA slot; `result()` waits on the slot's event and returns uint8 (N, H, W)."""
-
-    def __init__(self, slot: _CudaSlot, n: int, label: str) -> None:
-        self._slot: _CudaSlot | None = slot
-        self._n = n
-        self._label = label
-        self._masks: np.ndarray | None = None
-
-    def fetch(self) -> None:
-        """Wait for this batch and copy its masks out of the slot (once)."""
-        slot = self._slot
-        if slot is None:
-            return
-        self._slot = None
-        try:
-            slot.done.synchronize()
-        except RuntimeError as exc:
-            slot.pending = None
-            raise EngineError(f"{self._label}: inference failed ({exc})") from exc
-        self._masks = slot.host_out[: self._n].numpy().copy()
-        slot.pending = None
-
-    def result(self) -> np.ndarray:
-        """The batch's masks, uint8 (N, H, W); blocks until the GPU has finished it."""
-        self.fetch()
-        if self._masks is None:
-            raise EngineError(f"{self._label}: batch failed earlier")
-        return self._masks

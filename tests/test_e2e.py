@@ -37,12 +37,23 @@ def start(*args: str, env: dict | None = None) -> subprocess.Popen:
                             text=True, env=env)
 
 
-def wait_until(predicate, timeout_s: float, what: str) -> None:
+def wait_until(predicate, timeout_s: float, what) -> None:
+    """Poll `predicate` until true; on timeout fail with `what` (a string, or a callable giving one)."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what() if callable(what) else what}")
         time.sleep(0.1)
+
+
+def queue_state(client, queue_name: str) -> dict:
+    """Where a queue's jobs and images are, for failure messages."""
+    queue = segmentation_queue(client, queue_name)
+    keys = QueueKeys(queue_name)
+    return {"queued": queue.count, "intermediate": client.llen(queue.intermediate_queue_key),
+            "started": queue.started_job_registry.get_job_ids(), "failed": queue.failed_job_registry.count,
+            "finished": queue.finished_job_registry.count, "done_images": client.scard(keys.done),
+            "failed_images": client.hlen(keys.failed)}
 
 
 def log_events(log_file: Path, event: str) -> list[dict]:
@@ -185,8 +196,9 @@ def test_sigkill_mid_batch_loses_nothing(tmp_path, redis_url, queue_name, client
     keys = QueueKeys(queue_name)
     total = len(backlog.image_ids)
     try:
-        wait_until(lambda: client.scard(keys.done) == total and queue.count == 0
-                   and queue.started_job_registry.count == 0, 150, "every image to get a mask")
+        wait_until(lambda: client.scard(keys.done) == total
+                   and queue.finished_job_registry.count == len(backlog.job_ids), 150,
+                   lambda: f"every image to get a mask: {queue_state(client, queue_name)}")
     finally:
         rescuer.send_signal(signal.SIGTERM)
         assert rescuer.wait(timeout=60) == 0
@@ -247,12 +259,14 @@ def test_redis_restart_mid_run_loses_nothing(tmp_path, queue_name, engine_128):
         keys = QueueKeys(queue_name)
         queue = segmentation_queue(client, queue_name)
         try:
-            wait_until(lambda: client.scard(keys.done) == total and queue.count == 0
-                       and queue.started_job_registry.count == 0, 150, "every image to get a mask after the restart")
+            jobs = len(enqueuer.report.job_ids)
+            wait_until(lambda: client.scard(keys.done) == total and queue.finished_job_registry.count == jobs, 150,
+                       lambda: f"every image to get a mask after the restart: {queue_state(client, queue_name)}")
         finally:
             worker.send_signal(signal.SIGTERM)
             assert worker.wait(timeout=60) == 0, worker.stdout.read()
         assert log_events(log_file, "redis_unavailable")  # the worker saw the outage and rode it out
+        assert queue.failed_job_registry.count == 0
         assert len(client.keys(keys.mask("*"))) == total
         assert queue.finished_job_registry.count == len(enqueuer.report.job_ids)
     finally:

@@ -135,6 +135,7 @@ class BatchingRqWorker(SimpleWorker):
                 continue
             execution = self.prepare_execution(job)
             self.prepare_job_execution(job, remove_from_intermediate_queue=True)
+            self.execution = None  # rq keeps one current execution; ours live on each ClaimedJob
             job.started_at = now()
             try:
                 return ClaimedJob(job=job, execution=execution, image_ids=parse_job_arguments(job.args))
@@ -161,7 +162,10 @@ class BatchingRqWorker(SimpleWorker):
         job.ended_at = now()
         job._result = {"images": [claim.outcomes[i] for i in claim.image_ids]}
         job._status = JobStatus.FINISHED
-        self.handle_job_success(job=job, queue=self.queue, started_job_registry=self.queue.started_job_registry)
+        try:
+            self.handle_job_success(job=job, queue=self.queue, started_job_registry=self.queue.started_job_registry)
+        finally:
+            self.execution = None
         claim.closed = True
 
     def fail(self, claim: ClaimedJob, reason: str, retry: bool = True) -> None:
@@ -176,4 +180,6 @@ class BatchingRqWorker(SimpleWorker):
             self.handle_job_failure(job=job, queue=self.queue, exc_string=reason)
         except redis.RedisError:
             self.log.error("could not record failure of job %s:\n%s", job.id, traceback.format_exc())
+        finally:
+            self.execution = None
         claim.closed = True

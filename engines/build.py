@@ -1,0 +1,172 @@
+"""`engines build`: make one engine file from another; the output's name and the options say which.
+
+    SOURCE        OUTPUT                OPTIONS                         WHAT
+    unet.pt       unet.onnx             (--precision fp32)              FP32 ONNX export (engines.export)
+    unet.pt       unet_fp16.onnx        --precision fp16                export, then FP16 ONNX
+    unet.pt       unet_int8.onnx        --precision int8 --calib ...    export, then INT8 Q/DQ ONNX
+    unet.onnx     unet_fp16.onnx        --precision fp16                FP16 ONNX (engines.onnx_precision)
+    unet.onnx     unet_int8.onnx        --precision int8 --calib DIR    INT8 Q/DQ ONNX, calibrated on DIR
+    unet.onnx     unet_int8_nocal.onnx  --precision int8 --calib none   INT8 Q/DQ ONNX, data-free ranges
+    any .onnx     unet.trt/.engine/.plan                                TensorRT plan (engines.tensorrt_build);
+                                                                        its precision is the ONNX graph's
+    unet.pt       unet_fp16.ptc         --compile (--precision fp16)    compiled torch engine (CUDA)
+
+Anything else is an EngineError that lists these combinations.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from engines.base import EngineError, EngineSpec
+
+PRECISIONS = ("fp32", "fp16", "int8")
+PLAN_SUFFIXES = (".trt", ".engine", ".plan")
+TORCH_SUFFIXES = (".pt", ".pth")
+
+COMBINATIONS = (
+    "X.pt -o Y.onnx [--precision fp32|fp16|int8]; "
+    "X.onnx --precision fp16 -o Y.onnx; "
+    "X.onnx --precision int8 --calib DIR|none -o Y.onnx; "
+    "X.onnx -o Y.trt|.engine|.plan (precision from the ONNX graph); "
+    "X.pt --compile [--precision fp16] -o Y.ptc"
+)
+
+
+def _unsupported(source: Path, output: Path, why: str) -> EngineError:
+    return EngineError(f"{source} -> {output}: {why}; possible builds: {COMBINATIONS}")
+
+
+def build(
+    source: Path,
+    output: Path,
+    precision: str | None = None,
+    calib: str | None = None,
+    calib_method: str = "minmax",
+    calib_count: int = 64,
+    compile: bool = False,
+    device: str = "cuda",
+    max_batch: int = 8,
+    target: str = "tensorrt",
+) -> Path:
+    """Build `output` from `source` (see the module table) and return `output`.
+
+    precision: "fp32", "fp16", "int8" or None (the source's own / fp32). calib: a folder of images
+    or "none" (INT8 only). calib_method: "minmax" | "entropy" | "percentile". calib_count: images
+    used for calibration. compile: build a compiled torch engine (.ptc). device: CUDA device for
+    TensorRT plans and compiled engines. max_batch: largest batch of a TensorRT plan or ONNX export.
+    target: INT8 Q/DQ layout, "tensorrt" (portable) or "cpu" (ONNX Runtime CPU only).
+    Writes the output's metadata beside it (or inside it). Raises EngineError naming the file.
+    """
+    source, output = Path(source), Path(output)
+    src_suffix, out_suffix = source.suffix.lower(), output.suffix.lower()
+    if precision is not None and precision not in PRECISIONS:
+        raise EngineError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
+    if not source.is_file():
+        raise EngineError(f"{source}: source file not found")
+    if output.resolve() == source.resolve():
+        raise EngineError(f"{output}: output would overwrite its source; choose another name")
+    if max_batch < 1:
+        raise EngineError(f"max batch must be >= 1, got {max_batch}")
+    if calib is not None and precision != "int8":
+        raise _unsupported(source, output, "--calib applies to --precision int8 only")
+    if precision == "int8" and not compile and out_suffix == ".onnx":
+        from engines.onnx_precision import CALIB_METHODS, INT8_TARGETS
+
+        if calib_method not in CALIB_METHODS:
+            raise EngineError(f"unknown calibration method {calib_method!r} (use {', '.join(CALIB_METHODS)})")
+        if target not in INT8_TARGETS:
+            raise EngineError(f"unknown INT8 target {target!r} (use {', '.join(INT8_TARGETS)})")
+        _check_calib(source, calib, calib_count)
+
+    if compile:
+        if src_suffix not in TORCH_SUFFIXES:
+            raise _unsupported(source, output, "--compile builds from a torch checkpoint (.pt)")
+        if precision not in (None, "fp16"):
+            raise _unsupported(source, output, f"compiled engines are fp16, not {precision}")
+        from engines.compiled_engine import build_compiled
+
+        return build_compiled(source, output, device=device, precision="fp16")
+
+    if out_suffix in PLAN_SUFFIXES:
+        return _build_plan(source, output, precision, device, max_batch)
+
+    if out_suffix != ".onnx":
+        raise _unsupported(source, output, f"unknown output type {out_suffix or '(no extension)'!r}")
+
+    if src_suffix in TORCH_SUFFIXES:
+        return _from_checkpoint(source, output, precision or "fp32", calib, calib_method, calib_count,
+                                max_batch, target)
+    if src_suffix == ".onnx":
+        spec = EngineSpec.read_beside(source)
+        want = precision or spec.precision
+        if want == spec.precision:
+            raise _unsupported(source, output, f"the source is already {spec.precision}; choose --precision fp16 or int8")
+        return _from_onnx(source, output, want, calib, calib_method, calib_count, target)
+    raise _unsupported(source, output, f"unknown source type {src_suffix or '(no extension)'!r}")
+
+
+def _check_calib(source: Path, calib: str | None, count: int) -> None:
+    """EngineError unless `calib` is "none" or a folder holding images (checked before any slow work)."""
+    if calib is None:
+        raise EngineError(
+            f"{source}: INT8 needs calibration images: --calib DIR (a folder of images like the ones to "
+            "segment) or --calib none (data-free ranges, the uncalibrated baseline)"
+        )
+    if calib.lower() != "none":
+        from engines.onnx_precision import calibration_files
+
+        calibration_files(Path(calib), count)
+
+
+def _from_onnx(source: Path, output: Path, precision: str, calib: str | None, method: str, count: int,
+               target: str) -> Path:
+    from engines import onnx_precision
+
+    if precision == "fp16":
+        return onnx_precision.convert_fp16(source, output).path
+    if precision == "int8":
+        _check_calib(source, calib, count)
+        folder = None if calib is None or calib.lower() == "none" else Path(calib)
+        return onnx_precision.quantize_int8(source, output, folder, method=method, count=count, target=target).path
+    raise _unsupported(source, output, f"an FP32 ONNX file comes from a checkpoint (.pt), not from {source.suffix}")
+
+
+def _from_checkpoint(source: Path, output: Path, precision: str, calib: str | None, method: str, count: int,
+                     max_batch: int, target: str) -> Path:
+    from engines.checkpoint import load_checkpoint
+    from engines.export import export_onnx
+
+    spec = load_checkpoint(source).spec
+    if precision == "fp32":
+        return export_onnx(source, output, spec.height, spec.width, max_batch=max_batch).path
+    with tempfile.TemporaryDirectory(prefix="engines-build-") as tmp:
+        fp32 = Path(tmp) / f"{source.stem}.onnx"  # the metadata's "source" then names the checkpoint's stem
+        export_onnx(source, fp32, spec.height, spec.width, max_batch=max_batch)
+        return _from_onnx(fp32, output, precision, calib, method, count, target)
+
+
+def _build_plan(source: Path, output: Path, precision: str | None, device: str, max_batch: int) -> Path:
+    if source.suffix.lower() != ".onnx":
+        raise _unsupported(source, output, "a TensorRT plan is built from an ONNX file (export the checkpoint first)")
+    spec = EngineSpec.read_beside(source)
+    if precision is not None and precision != spec.precision:
+        raise EngineError(
+            f"{source}: is an {spec.precision} ONNX graph and TensorRT takes precision from the graph; build "
+            f"the {precision} ONNX first (engines build {source.name} --precision {precision} -o X.onnx), then the plan"
+        )
+    if max_batch > spec.max_batch:
+        raise EngineError(f"{source}: accepts batches up to {spec.max_batch}, a plan for {max_batch} was requested")
+    if spec.precision == "int8":
+        from engines.onnx_precision import tensorrt_incompatibilities
+
+        problems = tensorrt_incompatibilities(source)
+        if problems:
+            raise EngineError(
+                f"{source}: TensorRT refuses this Q/DQ graph ({'; '.join(problems)}): it was built for ONNX Runtime "
+                "CPU (--target cpu); rebuild it with --target tensorrt"
+            )
+    from engines.tensorrt_build import build_plan
+
+    return build_plan(source, output, min_batch=1, opt_batch=max_batch, max_batch=max_batch, device=device)

@@ -1,0 +1,315 @@
+"""Compiled torch engine (`.ptc`): a U-Net checkpoint plus its torch.compile cache, in one file.
+
+Build (`build_compiled`, on the GPU that will run it): load the checkpoint, fold each BatchNorm into
+the convolution before it, FP16 weights, channels_last; wrap it so that the compiled graph takes the
+uint8 (B, H, W) batch and returns uint8 masks (normalize and argmax are fused into the graph);
+`torch.compile(mode="max-autotune-no-cudagraphs", dynamic=False, fullgraph=True)` for each batch
+size in `batch_sizes` (default: the spec's max batch, 8), run each twice, then
+`torch.compiler.save_cache_artifacts()` -> bytes.
+
+Why one compiled batch size by default: every static shape costs its own max-autotune compile, at
+build and again (from the cache) at load, and a worker under load runs full batches. Smaller
+batches are padded to the smallest compiled size that holds them. Measured on an H200, width 64,
+512x512, torch 2.11 (benchmarks/results/gpu_engines_nvidia_h200_*.json):
+    batch_sizes  cold build  warm load  file    img/s at b8 / b4 / b2 / b1
+    (8,)         85 s        15 s       253 MB  1,117 / - / - / 150 (b1 padded to 8)
+    (1, 2, 4, 8) 346 s       40 s       643 MB  1,139 / 1,020 / 1,076 / 979
+So a batch of 1 costs as much GPU time as a batch of 8 (about 7 ms): fine for throughput, a
+latency cost only when the queue is nearly empty. Pass batch_sizes=(1, 2, 4, 8) (or (1, 8)) to
+trade build time, load time and file size for small-batch latency.
+
+Why no CUDA graphs (plain "max-autotune" would add them): a CUDA graph replays into static
+buffers shared by every call, so two slots in flight on two streams would overwrite each other's
+outputs; the DESIGN table shows graphs added about 1% to this model, while max-autotune's kernel
+choices and fusions are what make the compiled engine faster than eager.
+
+File layout (torch.save of a dict, loadable with weights_only=True):
+    {"format": "segqueue-compiled/1", "config", "state_dict", "spec": checkpoint fields (spec with
+     precision fp16 and the compiled batch range), "compile": {"mode", "batch_sizes", "dynamic",
+     "fold_batchnorm"}, "compile_cache": uint8 tensor of the artifact bytes, "built_with": {torch,
+     triton, gpu, compute_capability, cuda, source, build_s, ...}}
+At load the file must name this torch and triton version, GPU and compute capability (the cache is
+only valid there); otherwise EngineError says how to rebuild it. CPU is refused: this engine is
+CUDA only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from engines.base import EngineError, EngineSpec, Normalization, check_batch
+from engines.checkpoint import Checkpoint, load_checkpoint
+from engines.cuda_slots import CudaSlot, CudaSlots, cuda_device
+from engines.torch_engine import normalize
+from engines.unet import UNet, UNetConfig
+from engines.versions import built_with, check_compatible, gpu_identity
+
+FORMAT = "segqueue-compiled/1"
+SUFFIX = ".ptc"
+COMPILE_MODE = "max-autotune-no-cudagraphs"
+#: built_with keys a compiled engine must match at load
+SETUP_KEYS = ("torch", "triton", "gpu", "compute_capability")
+
+
+def triton_version() -> str:
+    """The triton version torch.compile uses here, or "absent"."""
+    try:
+        import triton
+    except Exception:
+        return "absent"
+    return str(getattr(triton, "__version__", "unknown"))
+
+
+def current_setup(device: str = "cuda") -> dict[str, str]:
+    """{"torch", "triton", "gpu", "compute_capability"} of this process and CUDA device."""
+    return {"torch": torch.__version__, "triton": triton_version(), **gpu_identity(device)}
+
+
+def rebuild_hint(path: Path | str, built: dict[str, str]) -> str:
+    """The command that rebuilds a compiled engine on this machine, from its recorded source."""
+    source = built.get("source", "MODEL.pt")
+    return f"Rebuild it on this machine: `engines build {source} --precision fp16 --compile -o {Path(path).name}`."
+
+
+def check_compiled_setup(path: Path | str, built: dict[str, str], current: dict[str, str]) -> None:
+    """Refuse a compiled engine built with another torch/triton version, GPU or compute capability."""
+    check_compatible(path, built, current, rebuild_hint(path, built), required=True)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d in an nn.Sequential into it.
+
+    In place; returns the model. The folded conv computes conv + BN exactly (up to rounding).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for module in model.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.named_children())
+        for (name_a, a), (name_b, b) in zip(children, children[1:]):
+            if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                setattr(module, name_a, fuse_conv_bn_eval(a, b))
+                setattr(module, name_b, nn.Identity())
+    return model
+
+
+class _MasksFromPixels(nn.Module):
+    """uint8 (B, H, W) -> uint8 masks (B, H, W): FP16 normalize, channels_last U-Net, argmax."""
+
+    def __init__(self, model: UNet, norm: Normalization) -> None:
+        super().__init__()
+        self.model = model
+        self.norm = norm
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = normalize(pixels.unsqueeze(1).to(torch.float16), self.norm)
+        x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x).argmax(dim=1).to(torch.uint8)
+
+
+def _prepare(ckpt: Checkpoint, device: torch.device) -> _MasksFromPixels:
+    model = fold_batchnorm(ckpt.build_model())
+    model = model.to(device, memory_format=torch.channels_last).half().eval()
+    return _MasksFromPixels(model, ckpt.spec.normalization).eval()
+
+
+def _compile(module: nn.Module, batch_sizes: tuple[int, ...], spec: EngineSpec, device: torch.device):
+    """torch.compile `module` the same way at build and at load, and run each batch size twice."""
+    torch.backends.cudnn.benchmark = True
+    compiled = torch.compile(module, mode=COMPILE_MODE, dynamic=False, fullgraph=True)
+    with torch.cuda.device(device), torch.inference_mode():
+        for batch in batch_sizes:
+            x = torch.randint(0, 256, (batch, spec.height, spec.width), dtype=torch.uint8, device=device)
+            for _ in range(2):
+                compiled(x)
+        torch.cuda.synchronize(device)
+    return compiled
+
+
+def _fresh_artifacts():
+    """A context in which torch records only this build's cache artifacts (private API; optional)."""
+    try:
+        from torch.compiler._cache import CacheArtifactManager
+
+        return CacheArtifactManager.with_fresh_cache()
+    except (ImportError, AttributeError):
+        return contextlib.nullcontext()
+
+
+def build_compiled(
+    checkpoint_path: Path,
+    out_path: Path,
+    device: str = "cuda",
+    precision: str = "fp16",
+    batch_sizes: tuple[int, ...] | None = None,
+) -> Path:
+    """Compile a checkpoint for this GPU and write the `.ptc` engine; returns out_path.
+
+    precision: "fp16" only. batch_sizes: static batch sizes to compile (default: the spec's
+    max_batch); smaller batches run padded. Takes about 85 s per batch size at width 64 on an H200
+    (max-autotune). Raises EngineError without CUDA, for other precisions or a non-.ptc name.
+    """
+    checkpoint_path, out = Path(checkpoint_path), Path(out_path)
+    if precision != "fp16":
+        raise EngineError(f"compiled engines are FP16 (half weights, channels_last); got precision {precision!r}")
+    if out.suffix.lower() != SUFFIX:
+        raise EngineError(f"{out}: a compiled engine file must end in {SUFFIX} (the loader recognizes it by that)")
+    if not device.startswith("cuda"):
+        raise EngineError(f"{checkpoint_path}: compiled engines are built and run on CUDA only, got device {device!r}")
+    dev = cuda_device(device, str(checkpoint_path))
+    ckpt = load_checkpoint(checkpoint_path)
+    sizes = tuple(sorted(set(batch_sizes or (ckpt.spec.max_batch,))))
+    if sizes[0] < 1 or sizes[-1] > ckpt.spec.max_batch:
+        raise EngineError(f"batch sizes {sizes} must lie in 1..{ckpt.spec.max_batch} (the checkpoint's max batch)")
+    started = time.perf_counter()
+    with _fresh_artifacts():
+        _compile(_prepare(ckpt, dev), sizes, ckpt.spec, dev)
+        build_s = time.perf_counter() - started
+        saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        raise EngineError(f"{checkpoint_path}: torch.compile produced no cache artifacts to save (caching disabled?)")
+    blob = saved[0]
+    record = built_with(
+        str(dev), **current_setup(str(dev)), cuda=str(torch.version.cuda), source=checkpoint_path.name,
+        compile_mode=COMPILE_MODE, batch_sizes=",".join(map(str, sizes)), build_s=f"{build_s:.1f}",
+        compile_cache_mb=f"{len(blob) / 1e6:.1f}",
+    )
+    spec = replace(ckpt.spec, precision="fp16", min_batch=1, max_batch=sizes[-1], built_with=record)
+    payload = {
+        "format": FORMAT,
+        "config": ckpt.config.to_dict(),
+        "state_dict": ckpt.state_dict,
+        "spec": asdict(spec),
+        "compile": {"mode": COMPILE_MODE, "batch_sizes": list(sizes), "dynamic": False, "fold_batchnorm": True},
+        "compile_cache": torch.frombuffer(bytearray(blob), dtype=torch.uint8),
+        "built_with": record,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, out)
+    return out
+
+
+@dataclass
+class CompiledFile:
+    """A read `.ptc`: checkpoint, spec, compile settings, recorded setup and the cache (uint8 tensor)."""
+
+    path: Path
+    checkpoint: Checkpoint
+    spec: EngineSpec
+    batch_sizes: tuple[int, ...]
+    mode: str
+    built_with: dict[str, str]
+    compile_cache: torch.Tensor
+
+
+def read_compiled(path: Path | str) -> CompiledFile:
+    """Read a `.ptc` with torch.load(weights_only=True, mmap=True); EngineError naming the file if bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise EngineError(f"{path}: compiled engine file not found")
+    try:
+        data: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise EngineError(f"{path}: not a readable compiled engine ({type(exc).__name__}: {first[:200]})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise EngineError(f"{path}: not a {FORMAT} file (format: {found!r})")
+    try:
+        spec = EngineSpec.from_dict(data["spec"])
+        config = UNetConfig.from_dict(data["config"])
+        compile_info = data["compile"]
+        sizes = tuple(int(b) for b in compile_info["batch_sizes"])
+        cache = data["compile_cache"]
+        built = {str(k): str(v) for k, v in data["built_with"].items()}
+        if not isinstance(cache, torch.Tensor) or cache.dtype != torch.uint8 or not isinstance(data["state_dict"], dict):
+            raise TypeError("compile_cache must be a uint8 tensor and state_dict a dict")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise EngineError(f"{path}: malformed compiled engine ({type(exc).__name__}: {exc})") from None
+    ckpt = Checkpoint(path=path, config=config, state_dict=data["state_dict"], spec=spec)
+    return CompiledFile(path, ckpt, spec, sizes, str(compile_info.get("mode", COMPILE_MODE)), built, cache)
+
+
+class CompiledTorchEngine:
+    """A `.ptc` compiled U-Net on one CUDA device. `submit(uint8 (N, H, W))` -> InFlight of uint8 masks.
+
+    Loading checks the recorded torch/triton versions and GPU, hot-loads the compile cache, compiles
+    and warms every compiled batch size (seconds, not the build's minute). Batches smaller than a
+    compiled size run padded to the smallest one that holds them. load_timings: seconds spent
+    reading the file ("read_s"), loading the cache ("cache_load_s") and compiling + warming
+    ("compile_warm_s"). slots = 2 (engines.cuda_slots), as the eager CUDA engine.
+    """
+
+    slots = 2
+
+    def __init__(self, path: Path | str, device: str = "cuda") -> None:
+        self.path = Path(path)
+        if not device.startswith("cuda"):
+            raise EngineError(
+                f"{self.path}: a compiled torch engine (.ptc) runs on CUDA only, not on {device!r}; on CPU load "
+                "the checkpoint it was built from (.pt) or its ONNX export instead"
+            )
+        self.device = cuda_device(device, str(self.path))
+        t0 = time.perf_counter()
+        compiled_file = read_compiled(self.path)
+        check_compiled_setup(self.path, compiled_file.built_with, current_setup(str(self.device)))
+        t1 = time.perf_counter()
+        blob = compiled_file.compile_cache.numpy().tobytes()
+        torch.compiler.load_cache_artifacts(blob)
+        del blob
+        t2 = time.perf_counter()
+        self.spec: EngineSpec = compiled_file.spec
+        self.batch_sizes = compiled_file.batch_sizes
+        self.name = f"compiled:{self.device} fp16 {self.path.name}"
+        module = _prepare(compiled_file.checkpoint, self.device)
+        self._compiled = _compile(module, self.batch_sizes, self.spec, self.device)
+        self.load_timings = {"read_s": t1 - t0, "cache_load_s": t2 - t1, "compile_warm_s": time.perf_counter() - t2}
+        self._slots = CudaSlots(self.device, self.spec.max_batch, self.spec.height, self.spec.width, self.name)
+        with torch.cuda.device(self.device):  # per slot, one padded input per compiled size
+            shape = (self.spec.height, self.spec.width)
+            self._pads = [
+                {b: torch.zeros((b, *shape), dtype=torch.uint8, device=self.device) for b in self.batch_sizes}
+                for _ in range(len(self._slots))
+            ]
+            torch.cuda.synchronize(self.device)
+        self._closed = False
+
+    def _compute(self, x: torch.Tensor, slot: CudaSlot) -> torch.Tensor:
+        n = x.shape[0]
+        rows = next(b for b in self.batch_sizes if b >= n)
+        if rows == n:
+            return self._compiled(x)
+        padded = self._pads[slot.index][rows]  # rows n.. keep stale pixels: their masks are dropped
+        padded[:n].copy_(x)
+        return self._compiled(padded)[:n]
+
+    def submit(self, images: np.ndarray):  # -> InFlight
+        """Check and start one uint8 (N, H, W) batch; returns an InFlight of uint8 (N, H, W) masks."""
+        if self._closed:
+            raise EngineError(f"{self.name}: engine is closed")
+        check_batch(self.spec, images)
+        return self._slots.submit(images, self._compute)
+
+    def close(self) -> None:
+        """Finish in-flight batches, free the compiled model and buffers. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._slots.close()
+        self._pads = []
+        self._compiled = None
+
+    def __enter__(self) -> "CompiledTorchEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
