@@ -28,9 +28,12 @@ def test_worker_hooks_keep_their_signatures():
     assert params(SimpleWorker.get_heartbeat_ttl) == ["self", "job"]
     for name in ("bootstrap", "teardown", "run_maintenance_tasks", "should_run_maintenance_tasks", "clean_registries"):
         assert hasattr(SimpleWorker, name), name
-    # our overrides really override something rq calls
-    assert BatchingRqWorker.clean_registries is not SimpleWorker.clean_registries
+    # our override really overrides something rq calls; maintenance is rq's own (registries and
+    # the intermediate list, under a lock released after each pass), run every maintenance_interval
     assert BatchingRqWorker.get_heartbeat_ttl is not SimpleWorker.get_heartbeat_ttl
+    assert BatchingRqWorker.clean_registries is SimpleWorker.clean_registries
+    source = inspect.getsource(SimpleWorker.clean_registries)
+    assert "intermediate_queue.cleanup" in source and "release_maintenance_lock" in source
 
 
 def test_execution_and_job_heartbeats_keep_their_signatures():

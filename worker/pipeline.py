@@ -11,53 +11,29 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import redis
 import structlog
 
-from broker.store import QueueKeys, StoredImage, load_images, now, save_failure, save_mask
-from engines.base import Engine, InFlight
+from broker.store import QueueKeys, load_images, now
+from engines.base import Engine
+from worker.batch import BatchItem, SubmittedBatch, claims_of
 from worker.batcher import Batcher
+from worker.claims import OpenClaims
 from worker.rq_jobs import BatchingRqWorker, ClaimedJob
 from worker.settings import WorkerSettings
+from worker.writer import ComputedBatch, ResultWriter
 
 MAX_REDIS_BACKOFF_S = 10.0
 
 
-@dataclass(frozen=True)
-class BatchItem:
-    """One image of a claimed job, waiting in the batcher."""
-
-    claim: ClaimedJob
-    image_id: str
-
-
-@dataclass
-class SubmittedBatch:
-    """A batch handed to the engine: `items[i]` is `images[i]`; `rejected` failed before the engine."""
-
-    items: list[BatchItem]
-    images: list[StoredImage]
-    rejected: list[tuple[BatchItem, str]]
-    inflight: InFlight | None
-    taken_at: float
-    fetch_ms: float
-    image_wait_ms: list[float]
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def all_items(self) -> list[BatchItem]:
-        return self.items + [item for item, _ in self.rejected]
-
-    @property
-    def size(self) -> int:
-        return len(self.items) + len(self.rejected)
-
-
 class BatchPipeline:
-    """Runs one worker until its queue is drained (`burst`) or it is asked to stop; owns nothing it didn't get."""
+    """Runs one worker until its queue is drained (`burst`) or it is asked to stop.
+
+    The main thread claims, batches, fetches and submits; a ResultWriter thread writes masks and
+    completes jobs. `writer_rq` is a second rq worker object (same name) for that thread.
+    """
 
     def __init__(
         self,
@@ -77,9 +53,11 @@ class BatchPipeline:
         self.clock = clock
         self.batcher: Batcher[BatchItem] = Batcher(settings.max_batch, settings.max_wait_s, clock)
         self.inflight: deque[SubmittedBatch] = deque()
-        self.claims: list[ClaimedJob] = []
-        self.images_done = 0
-        self.batches_done = 0
+        self.claims = OpenClaims()
+        writer_rq = BatchingRqWorker(rq_worker.queue, name=rq_worker.name,
+                                     job_heartbeat_ttl_s=rq_worker.job_heartbeat_ttl_s,
+                                     maintenance_interval_s=int(rq_worker.maintenance_interval))
+        self.writer = ResultWriter(client, self.keys, writer_rq, self.claims, log, clock)
         self._last_keepalive = clock()
 
     # --- the loop --------------------------------------------------------------------------
@@ -88,19 +66,23 @@ class BatchPipeline:
         """Process jobs until done; returns the number of images that got a mask."""
         started = self.clock()
         backoff_s = 0.5
-        while True:
-            try:
-                if not self._step():
-                    break
-                backoff_s = 0.5
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                # Redis restarting or unreachable: keep the claimed work, retry with a bounded backoff.
-                self.log.warning("redis_unavailable", error=str(exc), retry_in_s=backoff_s)
-                time.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, MAX_REDIS_BACKOFF_S)
+        try:
+            while True:
+                try:
+                    if not self._step():
+                        break
+                    backoff_s = 0.5
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    # Redis restarting or unreachable: keep the claimed work, retry with a bounded backoff.
+                    self.log.warning("redis_unavailable", error=str(exc), retry_in_s=backoff_s)
+                    time.sleep(backoff_s)
+                    backoff_s = min(backoff_s * 2, MAX_REDIS_BACKOFF_S)
+        finally:
+            self.writer.close()
         elapsed = self.clock() - started
-        self.log.info("worker_drained", images=self.images_done, batches=self.batches_done, seconds=round(elapsed, 3))
-        return self.images_done
+        self.log.info("worker_drained", images=self.writer.images_done, batches=self.writer.batches_done,
+                      seconds=round(elapsed, 3))
+        return self.writer.images_done
 
     def _step(self) -> bool:
         """One pass of the loop: finish, claim, submit or wait. False when the worker should stop."""
@@ -125,7 +107,7 @@ class BatchPipeline:
         if self.clock() - self._last_keepalive < self.settings.heartbeat_interval_s:
             return
         self._last_keepalive = self.clock()
-        self.rq.keep_alive(self.claims)
+        self.rq.keep_alive(self.claims.snapshot())
         self.rq.maintain()
 
     def _claim_available(self) -> None:
@@ -154,7 +136,7 @@ class BatchPipeline:
         return True
 
     def _accept(self, claim: ClaimedJob) -> None:
-        self.claims.append(claim)
+        self.claims.add(claim)
         for image_id in claim.image_ids:
             self.batcher.add(BatchItem(claim, image_id))
 
@@ -168,7 +150,7 @@ class BatchPipeline:
         try:
             loaded = load_images(self.client, self.keys, [item.image_id for item in items])
         except redis.RedisError as exc:
-            self._abandon(items, f"redis error while fetching images: {exc}")
+            self.writer.abandon(items, f"redis error while fetching images: {exc}")
             raise
         good_items, images, rejected = [], [], []
         spec = self.engine.spec
@@ -204,7 +186,7 @@ class BatchPipeline:
         self.inflight.append(submitted)
 
     def _finish(self, submitted: SubmittedBatch) -> None:
-        """Wait for a batch's masks, write them, record per-image outcomes, complete finished jobs."""
+        """Wait for a batch's masks and hand them to the writer thread."""
         masks = None
         if submitted.inflight is not None:
             try:
@@ -213,85 +195,11 @@ class BatchPipeline:
                 self._fail_batch(submitted, f"engine {self.engine.name} failed: {type(exc).__name__}: {exc}")
                 return
         compute_ms = (time.perf_counter() - submitted.timings["submitted"]) * 1000
-        write_start = time.perf_counter()
-        try:
-            self._write(submitted, masks)
-            jobs_completed = self._complete_finished_jobs()
-        except redis.RedisError as exc:
-            self._abandon(submitted.all_items, f"redis error while writing results: {exc}")
-            return
-        write_ms = (time.perf_counter() - write_start) * 1000
-        self._log_batch(submitted, compute_ms, write_ms, jobs_completed)
-
-    def _write(self, submitted: SubmittedBatch, masks: np.ndarray | None) -> None:
-        """Store masks and failures in one round trip, and note each image's outcome on its job."""
-        pipe = self.client.pipeline(transaction=False)
-        for index, (item, image) in enumerate(zip(submitted.items, submitted.images)):
-            save_mask(pipe, self.keys, item.image_id, masks[index])
-        for item, reason in submitted.rejected:
-            save_failure(pipe, self.keys, item.image_id, reason)
-        pipe.execute()
-        for item, image in zip(submitted.items, submitted.images):
-            item.claim.outcomes[item.image_id] = {"image": item.image_id, "name": image.name, "ok": True}
-        for item, reason in submitted.rejected:
-            item.claim.outcomes[item.image_id] = {"image": item.image_id, "ok": False, "error": reason}
-        self.images_done += len(submitted.items)
-
-    def _complete_finished_jobs(self) -> int:
-        """Finish (or, if every image failed, fail) each job whose images all have an outcome."""
-        completed = 0
-        for claim in [c for c in self.claims if c.complete and not c.closed]:
-            if any(outcome["ok"] for outcome in claim.outcomes.values()):
-                self.rq.finish(claim)
-            else:
-                reasons = "; ".join(sorted({o["error"] for o in claim.outcomes.values()}))
-                self.rq.fail(claim, f"every image of this job failed: {reasons}", retry=False)
-            completed += 1
-        self.claims = [c for c in self.claims if not c.closed]
-        return completed
+        self.writer.put(ComputedBatch(submitted, masks, compute_ms))
 
     def _fail_batch(self, submitted: SubmittedBatch, reason: str) -> None:
         """A batch failed as a whole: fail every open job that had an image in it (rq retries)."""
         self.log.error("batch_failed", reason=reason, batch_size=submitted.size)
-        for claim in self._claims_of(submitted.all_items):
-            if not claim.closed:
+        for claim in claims_of(submitted.all_items):
+            if self.claims.close(claim):
                 self.rq.fail(claim, reason, retry=True)
-        self.claims = [c for c in self.claims if not c.closed]
-
-    def _abandon(self, items: list[BatchItem], reason: str) -> None:
-        """Redis failed mid-batch: stop heartbeating these images' jobs so that rq re-enqueues them."""
-        self.log.error("batch_abandoned", reason=reason, batch_size=len(items))
-        abandoned = self._claims_of(items)
-        for claim in abandoned:
-            claim.closed = True
-        self.claims = [c for c in self.claims if c not in abandoned]
-
-    @staticmethod
-    def _claims_of(items: list[BatchItem]) -> list[ClaimedJob]:
-        """The distinct jobs these items belong to, in first-seen order."""
-        claims: list[ClaimedJob] = []
-        for item in items:
-            if item.claim not in claims:
-                claims.append(item.claim)
-        return claims
-
-    def _log_batch(self, submitted: SubmittedBatch, compute_ms: float, write_ms: float, jobs_completed: int) -> None:
-        total_ms = (self.clock() - submitted.taken_at) * 1000
-        self.batches_done += 1
-        job_ids = sorted({claim.job.id for claim in self._claims_of(submitted.all_items)})
-        self.log.info(
-            "batch",
-            batch_size=submitted.size,
-            images_ok=len(submitted.items),
-            images_failed=len(submitted.rejected),
-            jobs=len(job_ids),
-            job_ids=job_ids,
-            jobs_completed=jobs_completed,
-            queue_wait_ms=max(submitted.image_wait_ms, default=0.0),
-            image_wait_ms=submitted.image_wait_ms,
-            fetch_ms=round(submitted.fetch_ms, 3),
-            compute_ms=round(compute_ms, 3),
-            write_ms=round(write_ms, 3),
-            total_ms=round(total_ms, 3),
-            img_per_s=round(submitted.size / max(total_ms / 1000, 1e-9), 2),
-        )

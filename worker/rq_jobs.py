@@ -20,11 +20,9 @@ from rq import Queue
 from rq.exceptions import DeserializationError
 from rq.executions import Execution
 from rq.job import Job, JobStatus
-from rq.registry import clean_registries
 from rq.serializers import JSONSerializer
 from rq.utils import now
 from rq.worker import SimpleWorker
-from rq.worker_registration import clean_worker_registry
 
 from broker.errors import BadJob
 from broker.store import parse_job_arguments
@@ -93,18 +91,6 @@ class BatchingRqWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job: Job) -> int:
         """Seconds a started job stays in the started registry without a heartbeat."""
         return self.job_heartbeat_ttl_s
-
-    def clean_registries(self) -> None:
-        """rq's registry maintenance, with a lock that lapses after our interval, not rq's 15 minutes.
-
-        This is what re-enqueues jobs abandoned by a dead worker (their heartbeat lapsed and they
-        have retries left), so it must run about every `maintenance_interval` on some live worker.
-        """
-        lock_ttl = max(1, int(self.maintenance_interval) - 1)
-        if self.connection.set(self.queue.registry_cleaning_key, 1, nx=True, ex=lock_ttl):
-            clean_registries(self.queue, self._exc_handlers)
-            clean_worker_registry(self.queue)
-        self.last_cleaned_at = now()
 
     def maintain(self) -> None:
         """Run maintenance if it is due (rq's own schedule: `maintenance_interval`)."""

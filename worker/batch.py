@@ -1,0 +1,52 @@
+"""What travels between the worker's stages: images of claimed jobs, and batches handed to the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from broker.store import StoredImage
+from engines.base import InFlight
+from worker.rq_jobs import ClaimedJob
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One image of a claimed job, waiting in the batcher."""
+
+    claim: ClaimedJob
+    image_id: str
+
+
+@dataclass
+class SubmittedBatch:
+    """A batch handed to the engine: `items[i]` is `images[i]`; `rejected` failed before the engine.
+
+    taken_at: monotonic seconds when it left the batcher. fetch_ms: reading its pixels from Redis.
+    image_wait_ms: per image, enqueue to taken_at (wall clock).
+    """
+
+    items: list[BatchItem]
+    images: list[StoredImage]
+    rejected: list[tuple[BatchItem, str]]
+    inflight: InFlight | None
+    taken_at: float
+    fetch_ms: float
+    image_wait_ms: list[float]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def all_items(self) -> list[BatchItem]:
+        return self.items + [item for item, _ in self.rejected]
+
+    @property
+    def size(self) -> int:
+        return len(self.items) + len(self.rejected)
+
+
+def claims_of(items: list[BatchItem]) -> list[ClaimedJob]:
+    """The distinct jobs these items belong to, in first-seen order."""
+    claims: list[ClaimedJob] = []
+    for item in items:
+        if item.claim not in claims:
+            claims.append(item.claim)
+    return claims

@@ -1,0 +1,42 @@
+"""The jobs a worker holds open, shared by the main loop (claims, heartbeats) and the writer thread (completes)."""
+
+from __future__ import annotations
+
+import threading
+
+from worker.rq_jobs import ClaimedJob
+
+
+class OpenClaims:
+    """A thread-safe set of open claims. `close()` is the one place a claim stops being open."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: list[ClaimedJob] = []
+
+    def add(self, claim: ClaimedJob) -> None:
+        with self._lock:
+            self._open.append(claim)
+
+    def snapshot(self) -> list[ClaimedJob]:
+        """The open claims now (a copy, safe to iterate while others change the set)."""
+        with self._lock:
+            return list(self._open)
+
+    def complete(self) -> list[ClaimedJob]:
+        """Open claims whose every image has an outcome."""
+        with self._lock:
+            return [claim for claim in self._open if claim.complete]
+
+    def close(self, claim: ClaimedJob) -> bool:
+        """Mark a claim closed; True for the one caller that closed it, False if it already was."""
+        with self._lock:
+            if claim.closed:
+                return False
+            claim.closed = True
+            self._open = [c for c in self._open if c is not claim]
+            return True
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._open)

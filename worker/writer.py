@@ -1,0 +1,148 @@
+"""The write stage: store masks, record per-image outcomes, complete jobs through rq, log the batch.
+
+It runs on its own thread, so that the Redis round trips of writing and of rq's job bookkeeping
+overlap the next batches' claiming, fetching and compute on the main thread. It has its own rq
+worker object (rq keeps per-object "current execution" state) and works through a bounded queue:
+when it falls behind, the main loop waits (at most `put_timeout_s` at a time, in a loop).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+import structlog
+
+from broker.store import QueueKeys, save_failure, save_mask
+from worker.batch import BatchItem, SubmittedBatch, claims_of
+from worker.claims import OpenClaims
+from worker.rq_jobs import BatchingRqWorker
+
+
+@dataclass(frozen=True)
+class ComputedBatch:
+    """A batch whose masks (uint8 (N, H, W), one per `submitted.items`) are ready; masks None if none ran."""
+
+    submitted: SubmittedBatch
+    masks: np.ndarray | None
+    compute_ms: float
+
+
+class ResultWriter:
+    """Owns one thread that writes computed batches in order. `close()` drains it and stops it."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: QueueKeys,
+        rq_worker: BatchingRqWorker,
+        claims: OpenClaims,
+        log: structlog.stdlib.BoundLogger,
+        clock,
+        depth: int = 4,
+        put_timeout_s: float = 1.0,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.rq = rq_worker
+        self.claims = claims
+        self.log = log
+        self.clock = clock
+        self.put_timeout_s = put_timeout_s
+        self.images_done = 0
+        self.batches_done = 0
+        self._queue: queue.Queue[ComputedBatch | None] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="result-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, batch: ComputedBatch) -> None:
+        """Hand a computed batch over; waits while the writer is `depth` batches behind."""
+        while True:
+            try:
+                self._queue.put(batch, timeout=self.put_timeout_s)
+                return
+            except queue.Full:
+                if not self._thread.is_alive():
+                    raise RuntimeError("the result writer thread died") from None
+
+    def close(self, timeout_s: float = 300.0) -> None:
+        """Write everything handed over, then stop the thread (bounded wait)."""
+        if self._thread.is_alive():
+            self.put(None)  # type: ignore[arg-type]
+            self._thread.join(timeout=timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            try:
+                self._write_one(batch)
+            except Exception as exc:  # never let the thread die: leave the jobs to rq's retry
+                self.abandon(batch.submitted.all_items, f"{type(exc).__name__} while writing results: {exc}")
+
+    def _write_one(self, batch: ComputedBatch) -> None:
+        write_start = time.perf_counter()
+        self._store(batch.submitted, batch.masks)
+        jobs_completed = self._complete_finished_jobs()
+        write_ms = (time.perf_counter() - write_start) * 1000
+        self._log_batch(batch.submitted, batch.compute_ms, write_ms, jobs_completed)
+
+    def _store(self, submitted: SubmittedBatch, masks: np.ndarray | None) -> None:
+        """Store masks and failures in one round trip, and note each image's outcome on its job."""
+        pipe = self.client.pipeline(transaction=False)
+        for index, item in enumerate(submitted.items):
+            save_mask(pipe, self.keys, item.image_id, masks[index])
+        for item, reason in submitted.rejected:
+            save_failure(pipe, self.keys, item.image_id, reason)
+        pipe.execute()
+        for item, image in zip(submitted.items, submitted.images):
+            item.claim.outcomes[item.image_id] = {"image": item.image_id, "name": image.name, "ok": True}
+        for item, reason in submitted.rejected:
+            item.claim.outcomes[item.image_id] = {"image": item.image_id, "ok": False, "error": reason}
+        self.images_done += len(submitted.items)
+
+    def _complete_finished_jobs(self) -> int:
+        """Finish (or, if every image failed, fail) each job whose images all have an outcome."""
+        completed = 0
+        for claim in self.claims.complete():
+            if not self.claims.close(claim):
+                continue  # the main loop failed it meanwhile
+            if any(outcome["ok"] for outcome in claim.outcomes.values()):
+                self.rq.finish(claim)
+            else:
+                reasons = "; ".join(sorted({o["error"] for o in claim.outcomes.values()}))
+                self.rq.fail(claim, f"every image of this job failed: {reasons}", retry=False)
+            completed += 1
+        return completed
+
+    def abandon(self, items: list[BatchItem], reason: str) -> None:
+        """Stop heartbeating these images' jobs, so that rq re-enqueues them after their heartbeat TTL."""
+        self.log.error("batch_abandoned", reason=reason, batch_size=len(items))
+        for claim in claims_of(items):
+            self.claims.close(claim)
+
+    def _log_batch(self, submitted: SubmittedBatch, compute_ms: float, write_ms: float, jobs_completed: int) -> None:
+        total_ms = (self.clock() - submitted.taken_at) * 1000
+        self.batches_done += 1
+        job_ids = sorted({claim.job.id for claim in claims_of(submitted.all_items)})
+        self.log.info(
+            "batch",
+            batch_size=submitted.size,
+            images_ok=len(submitted.items),
+            images_failed=len(submitted.rejected),
+            jobs=len(job_ids),
+            job_ids=job_ids,
+            jobs_completed=jobs_completed,
+            queue_wait_ms=max(submitted.image_wait_ms, default=0.0),
+            image_wait_ms=submitted.image_wait_ms,
+            fetch_ms=round(submitted.fetch_ms, 3),
+            compute_ms=round(compute_ms, 3),
+            write_ms=round(write_ms, 3),
+            total_ms=round(total_ms, 3),
+            img_per_s=round(submitted.size / max(total_ms / 1000, 1e-9), 2),
+        )
