@@ -8,6 +8,7 @@ which rq then retries (`Retry`). Every batch logs one `batch` line.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -66,6 +67,8 @@ class BatchPipeline:
         """Process jobs until done; returns the number of images that got a mask."""
         started = self.clock()
         backoff_s = 0.5
+        saved_interval = sys.getswitchinterval()
+        sys.setswitchinterval(self.settings.gil_switch_interval_s)
         try:
             while True:
                 try:
@@ -79,6 +82,7 @@ class BatchPipeline:
                     backoff_s = min(backoff_s * 2, MAX_REDIS_BACKOFF_S)
         finally:
             self.writer.close()
+            sys.setswitchinterval(saved_interval)
         elapsed = self.clock() - started
         self.log.info("worker_drained", images=self.writer.images_done, batches=self.writer.batches_done,
                       seconds=round(elapsed, 3))

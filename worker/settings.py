@@ -33,6 +33,9 @@ class WorkerSettings:
     heartbeat_interval_s: float = 5.0
     maintenance_interval_s: int = 15
     idle_poll_s: float = 1.0
+    # The main loop and the writer thread both make many short Redis round trips; Python's default
+    # 5 ms GIL switch interval makes each reply wait for the other thread's time slice.
+    gil_switch_interval_s: float = 0.0005
 
     @property
     def max_wait_s(self) -> float:
