@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from broker.connection import BrokerSettings, connect  # noqa: E402
 from broker.server import RedisServer  # noqa: E402
-from broker.store import QueueKeys, StoredImage, new_image_id, now, save_image  # noqa: E402
+from broker.store import QueueKeys, StoredImage, new_image_id, now  # noqa: E402
 from engines.bench import throughput  # noqa: E402
 from engines.loader import load_engine  # noqa: E402
 from engines.synth import generate  # noqa: E402

@@ -1,9 +1,10 @@
-"""The worker's main loop: claim jobs -> batch images across jobs -> fetch -> engine -> write masks -> complete jobs.
+"""The worker's main loop: claim jobs -> batch images across jobs -> fetch -> submit to the engine.
 
-Up to `engine.slots` batches are in flight: while the engine computes batch k, the loop fetches and
-submits batch k+1 and writes batch k-1, so Redis I/O overlaps compute. One image's problem (missing,
-malformed, wrong size) fails that image alone; an engine or Redis error fails the jobs of that batch,
-which rq then retries (`Retry`). Every batch logs one `batch` line.
+Up to `engine.slots` batches are in flight: while the engine computes batch k, the main thread
+claims and fetches batch k+1, and the writer thread (worker/writer.py) writes batch k-1's masks and
+completes its jobs, so Redis I/O overlaps compute. One image's problem (missing, malformed, wrong
+size) fails that image alone; an engine error fails the jobs of that batch, which rq then retries
+(`Retry`); a Redis outage is ridden out with a bounded backoff. Every batch logs one `batch` line.
 """
 
 from __future__ import annotations
