@@ -209,6 +209,8 @@ def test_unreadable_calibration_images_are_skipped(built, tmp_path: Path) -> Non
 
 
 def test_build_dispatches_plans_and_compiled_engines(built, monkeypatch, tmp_path: Path) -> None:
+    """Dispatch only: which builder gets which arguments. The builders are recorded, not run, so this
+    says nothing about TensorRT itself (tests/test_tensorrt.py runs it where `import tensorrt` works)."""
     import engines.compiled_engine as compiled_engine
     import engines.tensorrt_build as tensorrt_build
 

@@ -159,3 +159,29 @@ def test_max_batch_larger_than_the_engine_allows_is_refused(tmp_path, redis_url,
         run_worker(redis_url, queue_name, small_engine, tmp_path / "w.log", max_batch=16)
     assert stopped.value.exit_code == 2
     assert "--max-batch 16" in capsys.readouterr().err
+
+
+def test_worker_runs_a_torch_checkpoint_on_cpu(tmp_path, client, redis_url, queue_name):
+    """`.pt` engines through the queue: masks equal the same TorchEngine's, run directly."""
+    import torch
+
+    from engines.base import EngineSpec
+    from engines.checkpoint import save_checkpoint
+    from engines.torch_engine import TorchEngine
+    from engines.unet import UNet, UNetConfig
+
+    torch.manual_seed(1)
+    checkpoint = save_checkpoint(tmp_path / "w8.pt", UNet(UNetConfig(width=8)),
+                                 EngineSpec(height=SMALL_SIZE, width=SMALL_SIZE, max_batch=8))
+    paths = write_synthetic_images(tmp_path / "images", 5, seed=11)
+    report = enqueue_folder(client, queue_name, tmp_path / "images", job_size=2)
+
+    batches = run_worker(redis_url, queue_name, checkpoint, tmp_path / "worker.log")
+
+    assert sum(b["batch_size"] for b in batches) == 5 and batches[0]["engine"].startswith("torch:cpu")
+    keys = QueueKeys(queue_name)
+    with TorchEngine(checkpoint) as engine:
+        pixels = np.stack([decode_image(p, SMALL_SIZE, SMALL_SIZE).pixels for p in paths])
+        direct = infer(engine, pixels)
+    for image_id, expected in zip(report.image_ids, direct):
+        np.testing.assert_array_equal(load_mask(client, keys, image_id), expected)
