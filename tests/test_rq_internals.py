@@ -36,6 +36,16 @@ def test_worker_hooks_keep_their_signatures():
     assert "intermediate_queue.cleanup" in source and "release_maintenance_lock" in source
 
 
+def test_batched_claim_primitives_keep_their_signatures():
+    # worker/rq_jobs.py claim_many() replays prepare_execution + prepare_job_execution over a pipeline
+    assert params(Execution.create) == ["job", "ttl", "pipeline", "worker_name"]
+    assert params(Job.prepare_for_execution) == ["self", "worker_name", "pipeline"]
+    assert params(Job.fetch_many) == ["job_ids", "connection", "serializer"]
+    prepare = inspect.getsource(SimpleWorker.prepare_job_execution)
+    for step in ("job.heartbeat", "job.prepare_for_execution", "lrem(queue.intermediate_queue_key"):
+        assert step in prepare, step
+
+
 def test_execution_and_job_heartbeats_keep_their_signatures():
     assert params(Execution.heartbeat) == ["self", "started_job_registry", "ttl", "pipeline"]
     assert params(Job.heartbeat)[:4] == ["self", "timestamp", "ttl", "pipeline"]

@@ -61,6 +61,7 @@ class BatchPipeline:
                                      maintenance_interval_s=int(rq_worker.maintenance_interval))
         self.writer = ResultWriter(client, self.keys, writer_rq, self.claims, log, clock)
         self._last_keepalive = clock()
+        self._images_per_job = self.settings.max_batch  # until a job is seen: claim one at a time
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -116,12 +117,17 @@ class BatchPipeline:
         self.rq.maintain()
 
     def _claim_available(self) -> None:
-        """Claim queued jobs without blocking until a full batch of images waits."""
-        while len(self.batcher) < self.settings.max_batch:
-            claim = self.rq.claim(timeout_s=None)
-            if claim is None:
+        """Claim queued jobs without blocking until a full batch of images waits.
+
+        Jobs are claimed several at a time when they are small: as many as the missing images need
+        at the size of the last job seen, so large jobs are still claimed one by one (no hoarding).
+        """
+        while (missing := self.settings.max_batch - len(self.batcher)) > 0:
+            claims = self.rq.claim_many(max(1, missing // self._images_per_job))
+            if not claims:
                 return
-            self._accept(claim)
+            for claim in claims:
+                self._accept(claim)
 
     def _wait_for_work(self) -> bool:
         """Nothing to compute: block for the next job (bounded). False means: stop (burst, queue empty)."""
@@ -142,6 +148,7 @@ class BatchPipeline:
 
     def _accept(self, claim: ClaimedJob) -> None:
         self.claims.add(claim)
+        self._images_per_job = max(1, len(claim.image_ids))
         for image_id in claim.image_ids:
             self.batcher.add(BatchItem(claim, image_id))
 
