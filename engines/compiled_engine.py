@@ -41,13 +41,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from engines.base import EngineError, EngineSpec, Normalization, check_batch
+from engines.base import EngineError, EngineSpec, Normalization
 from engines.checkpoint import Checkpoint, load_checkpoint
-from engines.cuda_slots import CudaSlot, CudaSlots, cuda_device
+from engines.cuda_slots import CudaSlot, CudaSlots, SlotEngine, cuda_device
 from engines.torch_engine import normalize
 from engines.unet import UNet, UNetConfig
 from engines.versions import built_with, check_compatible, gpu_identity
@@ -239,7 +238,7 @@ def read_compiled(path: Path | str) -> CompiledFile:
     return CompiledFile(path, ckpt, spec, sizes, str(compile_info.get("mode", COMPILE_MODE)), built, cache)
 
 
-class CompiledTorchEngine:
+class CompiledTorchEngine(SlotEngine):
     """A `.ptc` compiled U-Net on one CUDA device. `submit(uint8 (N, H, W))` -> InFlight of uint8 masks.
 
     Loading checks the recorded torch/triton versions and GPU, hot-loads the compile cache, compiles
@@ -292,13 +291,6 @@ class CompiledTorchEngine:
         padded[:n].copy_(x)
         return self._compiled(padded)[:n]
 
-    def submit(self, images: np.ndarray):  # -> InFlight
-        """Check and start one uint8 (N, H, W) batch; returns an InFlight of uint8 (N, H, W) masks."""
-        if self._closed:
-            raise EngineError(f"{self.name}: engine is closed")
-        check_batch(self.spec, images)
-        return self._slots.submit(images, self._compute)
-
     def close(self) -> None:
         """Finish in-flight batches, free the compiled model and buffers. Idempotent."""
         if self._closed:
@@ -307,9 +299,3 @@ class CompiledTorchEngine:
         self._slots.close()
         self._pads = []
         self._compiled = None
-
-    def __enter__(self) -> "CompiledTorchEngine":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from engines.base import EngineError
+from engines.base import EngineError, EngineSpec, check_batch
 
 
 class CudaSlot:
@@ -147,3 +147,35 @@ def cuda_device(device: str, label: str) -> torch.device:
     if index >= torch.cuda.device_count():
         raise EngineError(f"{label}: {device} does not exist here ({torch.cuda.device_count()} CUDA device(s))")
     return torch.device("cuda", index)
+
+
+class SlotEngine:
+    """The shared front of engines that run `_compute` on CudaSlots (compiled torch, TensorRT).
+
+    A subclass sets `spec`, `name`, `_slots` and `_closed`, implements `_compute(x, slot)` (uint8
+    (N, H, W) on the device -> uint8 masks on the device, on the slot's stream) and `close()`.
+    """
+
+    spec: EngineSpec
+    name: str
+    _slots: CudaSlots
+    _closed: bool
+
+    def _compute(self, x: torch.Tensor, slot: CudaSlot) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def submit(self, images: np.ndarray) -> CudaInFlight:
+        """Check and start one uint8 (N, H, W) batch; returns an InFlight of uint8 (N, H, W) masks."""
+        if self._closed:
+            raise EngineError(f"{self.name}: engine is closed")
+        check_batch(self.spec, images)
+        return self._slots.submit(images, self._compute)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

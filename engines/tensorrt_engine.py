@@ -21,11 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-import numpy as np
 import torch
 
-from engines.base import EngineError, EngineSpec, check_batch
-from engines.cuda_slots import CudaSlot, CudaSlots, cuda_device
+from engines.base import EngineError, EngineSpec
+from engines.cuda_slots import CudaSlot, CudaSlots, SlotEngine, cuda_device
 from engines.torch_engine import normalize
 from engines.versions import check_compatible, gpu_identity
 
@@ -120,7 +119,7 @@ def check_plan_shape(
         raise EngineError(f"{path}: plan outputs {classes} classes, its metadata says {spec.classes}. {hint}")
 
 
-class TensorRTEngine:
+class TensorRTEngine(SlotEngine):
     """Runs a TensorRT plan on one CUDA device. `submit(uint8 (N, H, W))` -> InFlight of uint8 masks.
 
     path: the plan (.trt/.engine/.plan) with `<plan>.json` beside it. device: "cuda" or "cuda:i".
@@ -256,13 +255,6 @@ class TensorRTEngine:
             raise EngineError(f"{self.name}: execute_async_v3 failed ({trt_logger(self._trt).recent()})")
         return out[:n].argmax(dim=1).to(torch.uint8)
 
-    def submit(self, images: np.ndarray):  # -> InFlight
-        """Check and start one uint8 (N, H, W) batch; returns an InFlight of uint8 (N, H, W) masks."""
-        if self._closed:
-            raise EngineError(f"{self.name}: engine is closed")
-        check_batch(self.spec, images)
-        return self._slots.submit(images, self._compute)
-
     def close(self) -> None:
         """Finish in-flight batches; free contexts, engine, runtime and buffers. Idempotent."""
         if self._closed:
@@ -274,9 +266,3 @@ class TensorRTEngine:
         self._outputs.clear()
         self._engine = None
         self._runtime = None
-
-    def __enter__(self) -> "TensorRTEngine":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
