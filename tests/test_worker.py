@@ -185,3 +185,20 @@ def test_worker_runs_a_torch_checkpoint_on_cpu(tmp_path, client, redis_url, queu
         direct = infer(engine, pixels)
     for image_id, expected in zip(report.image_ids, direct):
         np.testing.assert_array_equal(load_mask(client, keys, image_id), expected)
+
+
+def test_unreadable_and_vanished_jobs_do_not_stop_the_worker(tmp_path, client, redis_url, queue_name, small_engine):
+    write_synthetic_images(tmp_path / "images", 4)
+    queue = segmentation_queue(client, queue_name)
+    garbled = queue.enqueue_call("worker.jobs.segment_images", args=[["x"]])
+    client.hset(garbled.key, "data", b"\x00 not json")  # job data rq cannot deserialize
+    client.rpush(queue.key, "no-such-job")  # a job id whose hash is gone
+    good = enqueue_folder(client, queue_name, tmp_path / "images", job_size=2)
+
+    run_worker(redis_url, queue_name, small_engine, tmp_path / "worker.log")
+
+    assert Job.fetch(garbled.id, connection=client, serializer=JSONSerializer).get_status() == JobStatus.FAILED
+    assert client.llen(queue.intermediate_queue_key) == 0  # nothing left stranded
+    for job_id in good.job_ids:
+        assert Job.fetch(job_id, connection=client, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
+    assert client.scard(QueueKeys(queue_name).done) == 4

@@ -130,21 +130,19 @@ class BatchPipeline:
                 self._accept(claim)
 
     def _wait_for_work(self) -> bool:
-        """Nothing to compute: block for the next job (bounded). False means: stop (burst, queue empty)."""
+        """Nothing to compute: wait (bounded) for the next job. False means: stop (burst, queue empty)."""
         if len(self.batcher):
-            timeout = self.batcher.time_left()
+            claims = self.rq.claim(min(self.batcher.time_left(), self.settings.idle_poll_s))
         elif self.settings.burst:
-            timeout = None
+            claims = self.rq.claim_many(1)
         else:
-            timeout = self.settings.idle_poll_s
-        claim = self.rq.claim(timeout_s=None if timeout is None else min(timeout, self.settings.idle_poll_s))
-        if claim is not None:
+            claims = self.rq.claim(self.settings.idle_poll_s)
+        for claim in claims:
             self._accept(claim)
+        if claims or len(self.batcher):
             return True
-        if not len(self.batcher):
-            self.rq.maintain()
-            return not self.settings.burst
-        return True
+        self.rq.maintain()
+        return not self.settings.burst
 
     def _accept(self, claim: ClaimedJob) -> None:
         self.claims.add(claim)

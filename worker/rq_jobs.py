@@ -99,59 +99,49 @@ class BatchingRqWorker(SimpleWorker):
 
     # --- claiming --------------------------------------------------------------------------
 
-    def claim(self, timeout_s: float | None) -> ClaimedJob | None:
-        """Take the next job off the queue and start it; None if the queue stayed empty.
-
-        timeout_s None: do not block; otherwise block at most that long. A job whose arguments
-        cannot be read is failed at once (no retry) and the next one is tried.
-        """
-        queue_key, intermediate_key = self.queue.key, self.queue.intermediate_queue_key
-        while True:
-            if timeout_s is None:
-                job_id = self.connection.lmove(queue_key, intermediate_key)
-            else:
-                job_id = self.connection.blmove(queue_key, intermediate_key, max(0.001, timeout_s))
-            if job_id is None:
-                return None
-            timeout_s = None
-            try:
-                job = Job.fetch(job_id.decode(), connection=self.connection, serializer=JSONSerializer)
-            except Exception:  # NoSuchJobError, or job data rq cannot read: nothing to complete
-                self.connection.lrem(intermediate_key, 1, job_id)
-                continue
-            execution = self.prepare_execution(job)
-            self.prepare_job_execution(job, remove_from_intermediate_queue=True)
-            self.execution = None  # rq keeps one current execution; ours live on each ClaimedJob
-            claimed = self._parse(job, execution)
-            if claimed is not None:
-                return claimed
+    def claim(self, timeout_s: float) -> list[ClaimedJob]:
+        """Block at most `timeout_s` for the next job and start it; [] if the queue stayed empty."""
+        job_id = self.connection.blmove(self.queue.key, self.queue.intermediate_queue_key, max(0.001, timeout_s))
+        if job_id is None:
+            return []
+        return self._start([job_id.decode()]) or self.claim_many(1)
 
     def claim_many(self, count: int) -> list[ClaimedJob]:
-        """Claim up to `count` queued jobs without blocking, in three round trips whatever `count` is.
+        """Claim up to `count` queued jobs without blocking; [] only when the queue is empty.
 
-        The same steps as `claim` (LMOVE into the intermediate list; an rq Execution in the started
-        registry; job status "started"; off the intermediate list), pipelined over several jobs, so
-        that small jobs do not pay rq's four round trips each. A job that cannot be read is handled
-        as `claim` does.
+        Jobs move reliably: LMOVE into rq's intermediate list, then (see `_start`) into the started
+        registry. Jobs that turn out unreadable are failed and the next ones are tried.
         """
-        queue_key, intermediate_key = self.queue.key, self.queue.intermediate_queue_key
-        pipe = self.connection.pipeline(transaction=False)
-        for _ in range(count):
-            pipe.lmove(queue_key, intermediate_key)
-        job_ids = [raw.decode() for raw in pipe.execute() if raw is not None]
-        if not job_ids:
-            return []
+        while True:
+            pipe = self.connection.pipeline(transaction=False)
+            for _ in range(count):
+                pipe.lmove(self.queue.key, self.queue.intermediate_queue_key)
+            job_ids = [raw.decode() for raw in pipe.execute() if raw is not None]
+            if not job_ids:
+                return []
+            claims = self._start(job_ids)
+            if claims:
+                return claims
+
+    def _start(self, job_ids: list[str]) -> list[ClaimedJob]:
+        """Start jobs already on the intermediate list, in two round trips whatever their number.
+
+        The steps of rq's prepare_execution + prepare_job_execution (an Execution in the started
+        registry, job status "started", off the intermediate list), pipelined over several jobs so
+        that small jobs do not pay rq's round trips each.
+        """
+        intermediate_key = self.queue.intermediate_queue_key
         try:
             fetched = Job.fetch_many(job_ids, connection=self.connection, serializer=JSONSerializer)
-        except Exception:  # one unreadable job hash: put them back one by one through claim()'s checks
+        except Exception:  # an unreadable job hash: start them one by one, through rq's own steps
             return self._claim_each(job_ids)
-        missing = [job_id for job_id, job in zip(job_ids, fetched) if job is None]
         jobs = [job for job in fetched if job is not None]
         ttl = self.job_heartbeat_ttl_s
         executions = []
         with self.connection.pipeline() as pipe:
-            for job_id in missing:
-                pipe.lrem(intermediate_key, 1, job_id)
+            for job_id, job in zip(job_ids, fetched):
+                if job is None:
+                    pipe.lrem(intermediate_key, 1, job_id)  # deleted meanwhile: nothing to complete
             for job in jobs:
                 executions.append(Execution.create(job, ttl, pipeline=pipe, worker_name=self.name))
                 job.heartbeat(now(), ttl, pipeline=pipe)
