@@ -108,18 +108,20 @@ def _print_collect(report: CollectReport) -> int:
 @app.command()
 def collect(
     out: Annotated[Path, typer.Option(help="Folder for the masks (same relative names, .png).")],
+    delete: Annotated[bool, typer.Option("--delete", help="After writing each mask file, delete that image and its mask from Redis.")] = False,
     redis_url: RedisUrl = None,
     queue: QueueName = None,
 ) -> None:
     """Write every finished mask as a PNG at its image's original size (0 background, 255 foreground).
 
-    Exit status 1 if some image failed (each is listed with its reason).
+    Exit status 1 if some image failed (each is listed with its reason). Without --delete, images
+    and masks stay in Redis (collect can run again); with it, what was written is removed.
     """
     settings, client = _connect(redis_url, queue)
     keys = QueueKeys(settings.queue)
     total = client.hlen(keys.manifest)
     with tqdm(total=total, desc="collect", unit="img") as bar:
-        report = collect_masks(client, keys, out, on_progress=lambda: bar.update(1))
+        report = collect_masks(client, keys, out, on_progress=lambda: bar.update(1), delete=delete)
     raise typer.Exit(_print_collect(report))
 
 

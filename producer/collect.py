@@ -47,14 +47,28 @@ def manifest(client: redis.Redis, keys: QueueKeys) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in client.hgetall(keys.manifest).items()}
 
 
+def forget_image(client: redis.Redis, keys: QueueKeys, image_id: str) -> None:
+    """Delete everything Redis holds about one image (pixels, mask, manifest and done entries)."""
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(keys.image(image_id), keys.mask(image_id))
+    pipe.hdel(keys.manifest, image_id)
+    pipe.srem(keys.done, image_id)
+    pipe.execute()
+
+
 def collect_masks(
     client: redis.Redis,
     keys: QueueKeys,
     out_dir: Path,
     image_ids: list[str] | None = None,
     on_progress: Callable[[], None] = lambda: None,
+    delete: bool = False,
 ) -> CollectReport:
-    """Write a PNG for every image (or every one of `image_ids`) that has a mask; report the rest."""
+    """Write a PNG for every image (or every one of `image_ids`) that has a mask; report the rest.
+
+    delete: once a mask file is written, delete the image and its mask from Redis (failed and
+    unfinished images stay), so that a long-running queue does not grow without bound.
+    """
     names = manifest(client, keys)
     wanted = list(names) if image_ids is None else image_ids
     failures = {k.decode(): v.decode() for k, v in client.hgetall(keys.failed).items()}
@@ -68,6 +82,8 @@ def collect_masks(
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(mask_to_png_values(resize_mask(mask, *size))).save(path)
             report.written.append(path)
+            if delete:
+                forget_image(client, keys, image_id)
         elif image_id in failures:
             report.failed[name] = failures[image_id]
         else:

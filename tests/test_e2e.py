@@ -272,3 +272,24 @@ def test_redis_restart_mid_run_loses_nothing(tmp_path, queue_name, engine_128):
     finally:
         client.close()
         server.stop()
+
+
+def test_collect_delete_frees_redis_and_keeps_failures(tmp_path, redis_url, queue_name, small_engine, client):
+    write_synthetic_images(tmp_path / "in", 3)
+    common = ["--redis-url", redis_url, "--queue", queue_name]
+    assert cli("producer", "enqueue", str(tmp_path / "in"), "--size", str(SMALL_SIZE), *common).returncode == 0
+    keys = QueueKeys(queue_name)
+    missing = "f" * 32  # a manifest entry whose image failed: it must survive --delete
+    client.hset(keys.manifest, missing, "lost.png")
+    client.hset(keys.failed, missing, "image lost.png is not in Redis")
+    assert cli("worker", "run", "--engine", str(small_engine), "--burst", *common).returncode == 0
+
+    first = cli("producer", "collect", "--out", str(tmp_path / "out"), "--delete", *common)
+    assert first.returncode == 1 and "lost.png" in first.stderr  # the failure is still reported
+    assert "wrote 3 masks" in first.stdout
+    assert len(list((tmp_path / "out").glob("*.png"))) == 3
+    assert client.keys(f"segq:{queue_name}:img:*") == [] and client.keys(f"segq:{queue_name}:mask:*") == []
+    assert client.hkeys(keys.manifest) == [missing.encode()] and client.scard(keys.done) == 0
+
+    again = cli("producer", "collect", "--out", str(tmp_path / "again"), *common)
+    assert "wrote 0 masks; 1 failed" in again.stdout

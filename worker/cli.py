@@ -35,11 +35,11 @@ def _fail(message: str) -> None:
 
 @app.command()
 def run(
-    engine: Annotated[Path, typer.Option(help="Engine file: .onnx (ONNX Runtime) or .pt (torch checkpoint).")],
+    engine: Annotated[Path, typer.Option(help="Engine file: .onnx (ONNX Runtime), .pt/.pth (torch checkpoint or torch2trt), .ptc (compiled torch, CUDA), .trt/.engine/.plan (TensorRT).")],
     max_batch: Annotated[int, typer.Option(min=1, help="Most images per engine call (across jobs).")] = 8,
     max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest wait for a batch to fill, from its oldest image.")] = 20.0,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:<index>.")] = "cpu",
-    precision: Annotated[Optional[str], typer.Option(help="Torch checkpoints only: fp32 (default) or fp16 (AMP).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="Torch checkpoints: fp32 (default), amp (autocast FP16, CUDA) or fp16 (half + channels_last, CUDA). Other engines carry their precision; a mismatch is refused.")] = None,
     burst: Annotated[bool, typer.Option("--burst", help="Exit when the queue is empty instead of waiting for work.")] = False,
     log_file: Annotated[Optional[Path], typer.Option(help="Also write JSON lines (one per batch) to this file.")] = None,
     redis_url: Annotated[Optional[str], typer.Option(help="Redis URL; default $REDIS_URL, else the embedded server.")] = None,
