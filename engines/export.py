@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 
 from engines.base import EngineError, EngineSpec, metadata_path
 from engines.checkpoint import load_model
+from engines.onnx_checks import check_onnx, op_counts
 from engines.unet import UNet, check_size
 from engines.versions import built_with
 
@@ -115,11 +115,8 @@ def export_onnx(
         raise EngineError(f"{out}: ONNX export failed ({type(exc).__name__}: {str(exc)[:300]})") from None
 
     graph = onnx.load(str(out))
-    try:
-        onnx.checker.check_model(graph, full_check=True)
-    except Exception as exc:
-        raise EngineError(f"{out}: exported model fails onnx.checker ({exc})") from None
-    ops = dict(Counter(node.op_type for node in graph.graph.node))
+    check_onnx(graph, out, "exported")
+    ops = op_counts(graph)
     if "Pad" in ops:
         raise EngineError(f"{out}: exported graph has {ops['Pad']} Pad node(s); the U-Net should have none")
     written_opset = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), opset)

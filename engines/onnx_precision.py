@@ -62,6 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.base import EngineError, EngineSpec, metadata_path
+from engines.onnx_checks import check_onnx, op_counts
 from engines.versions import built_with
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -188,11 +189,6 @@ def fold_batchnorm(model) -> int:
     return folded
 
 
-def op_counts(model) -> dict[str, int]:
-    """{"Conv": 19, "QuantizeLinear": 50, ...} for an onnx ModelProto."""
-    return dict(Counter(node.op_type for node in model.graph.node))
-
-
 def tensorrt_incompatibilities(path: Path | str) -> list[str]:
     """Why TensorRT would refuse this Q/DQ ONNX file (empty list: nothing found).
 
@@ -303,10 +299,7 @@ def _write(model, output: Path) -> None:
     import onnx
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as exc:
-        raise EngineError(f"{output}: converted model fails onnx.checker ({str(exc)[:300]})") from None
+    check_onnx(model, output, "converted")
     onnx.save(model, str(output))
 
 
@@ -564,10 +557,7 @@ def quantize_int8(
             raise EngineError(f"{output}: quantization failed ({type(exc).__name__}: {str(exc)[:300]})") from None
 
     quantized = onnx.load(str(output))
-    try:
-        onnx.checker.check_model(quantized, full_check=True)
-    except Exception as exc:
-        raise EngineError(f"{output}: quantized model fails onnx.checker ({str(exc)[:300]})") from None
+    check_onnx(quantized, output, "quantized")
     ops = op_counts(quantized)
     if not ops.get("QuantizeLinear") or not ops.get("DequantizeLinear"):
         raise EngineError(f"{output}: quantization wrote no QuantizeLinear/DequantizeLinear nodes (ops: {ops})")

@@ -25,13 +25,11 @@ trt = pytest.importorskip(
 import torch  # noqa: E402
 
 from engines.base import EngineError, infer, metadata_path  # noqa: E402
-from engines.export import export_onnx  # noqa: E402
 from engines.loader import load_engine  # noqa: E402
 from engines.onnx_engine import OnnxEngine  # noqa: E402
 from engines.synth import generate  # noqa: E402
 from engines.tensorrt_build import build_plan  # noqa: E402
 from engines.tensorrt_engine import TensorRTEngine  # noqa: E402
-from engines.unet import UNet, UNetConfig  # noqa: E402
 
 pytestmark = [
     pytest.mark.tensorrt,
@@ -43,12 +41,9 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def onnx_w8(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = UNet(UNetConfig(width=8)).eval()
-    path = tmp_path_factory.mktemp("trt") / "unet_w8.onnx"
-    export_onnx(model, path, height=SIZE, width=SIZE, max_batch=8)
-    return path
+def onnx_w8(small_engine: Path) -> Path:
+    """The suite's width-8, 64 px ONNX engine (tests/conftest.py)."""
+    return small_engine
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ class ClaimedJob:
     execution: Execution
     image_ids: list[str]
     outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
-    closed: bool = False  # completed or failed in rq; later outcomes are ignored
+    closed: bool = False  # set only by worker.claims.OpenClaims.close(): no longer heartbeated or completed
 
     @property
     def complete(self) -> bool:
@@ -203,7 +203,6 @@ class BatchingRqWorker(SimpleWorker):
             self.handle_job_success(job=job, queue=self.queue, started_job_registry=self.queue.started_job_registry)
         finally:
             self.execution = None
-        claim.closed = True
 
     def fail(self, claim: ClaimedJob, reason: str, retry: bool = True) -> None:
         """Complete a job as failed with `reason`; rq re-enqueues it if `retry` and retries are left."""
@@ -219,4 +218,3 @@ class BatchingRqWorker(SimpleWorker):
             self.log.error("could not record failure of job %s:\n%s", job.id, traceback.format_exc())
         finally:
             self.execution = None
-        claim.closed = True
