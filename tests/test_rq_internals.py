@@ -1,58 +1,92 @@
-"""Pins the rq internals the batching worker relies on (worker/rq_jobs.py). If rq changes them, this fails first."""
+"""Pins every rq internal that worker/rq_source.py uses. If rq changes one of them, this fails first."""
 
 import inspect
 
 import rq
 from rq import Queue
 from rq.executions import Execution
-from rq.job import Job
-from rq.worker import SimpleWorker
+from rq.job import Job, JobStatus
+from rq.results import Result
+from rq.worker import SimpleWorker, WorkerStatus
 
-from worker.rq_jobs import BatchingRqWorker
+import worker.rq_source as rq_source
 
 
 def params(func) -> list[str]:
     return list(inspect.signature(func).parameters)
 
 
-def test_rq_minor_version_is_the_one_the_worker_was_written_against():
-    assert rq.__version__.startswith("2.12."), rq.__version__
+def test_rq_minor_version_is_the_one_the_adapter_was_written_against():
+    assert rq.__version__.startswith("3.0."), rq.__version__
 
 
-def test_worker_hooks_keep_their_signatures():
-    assert params(SimpleWorker.prepare_execution) == ["self", "job"]
-    assert params(SimpleWorker.prepare_job_execution) == ["self", "job", "remove_from_intermediate_queue"]
-    assert params(SimpleWorker.handle_job_success) == ["self", "job", "queue", "started_job_registry"]
-    assert params(SimpleWorker.handle_job_failure)[:5] == ["self", "job", "queue", "started_job_registry", "exc_string"]
+def test_only_the_adapter_imports_rq_in_the_worker():
+    from pathlib import Path
+
+    worker_dir = Path(rq_source.__file__).parent
+    importers = sorted(p.name for p in worker_dir.glob("*.py")
+                       if any(line.startswith(("import rq", "from rq")) for line in p.read_text().splitlines()))
+    assert importers == ["rq_source.py"]
+
+
+def test_worker_methods_the_adapter_calls_keep_their_signatures():
+    assert params(SimpleWorker.bootstrap)[:2] == ["self", "logging_level"]
+    assert params(SimpleWorker.teardown) == ["self"]
     assert params(SimpleWorker.heartbeat) == ["self", "timeout", "pipeline"]
-    assert params(SimpleWorker.get_heartbeat_ttl) == ["self", "job"]
-    for name in ("bootstrap", "teardown", "run_maintenance_tasks", "should_run_maintenance_tasks", "clean_registries"):
-        assert hasattr(SimpleWorker, name), name
-    # our override really overrides something rq calls; maintenance is rq's own (registries and
-    # the intermediate list, under a lock released after each pass), run every maintenance_interval
-    assert BatchingRqWorker.get_heartbeat_ttl is not SimpleWorker.get_heartbeat_ttl
-    assert BatchingRqWorker.clean_registries is SimpleWorker.clean_registries
+    assert params(SimpleWorker.set_state) == ["self", "state", "pipeline"]
+    assert params(SimpleWorker.handle_job_failure) == ["self", "job", "queue", "started_job_registry",
+                                                        "exc_string", "execution"]
+    assert params(SimpleWorker.cleanup_execution) == ["self", "job", "pipeline", "execution"]
+    assert params(SimpleWorker.increment_successful_job_count) == ["self", "pipeline"]
+    assert params(SimpleWorker.increment_total_working_time) == ["self", "job_execution_time", "pipeline"]
+    assert params(SimpleWorker.run_maintenance_tasks) == ["self"]
+    assert isinstance(inspect.getattr_static(SimpleWorker, "should_run_maintenance_tasks"), property)
+    for name in ("default_result_ttl", "worker_ttl"):
+        assert name in inspect.getsource(SimpleWorker.__init__), name
+    assert WorkerStatus.BUSY
+    # maintenance is rq's own: registries (abandoned jobs re-enqueued with Retry) and the intermediate list
     source = inspect.getsource(SimpleWorker.clean_registries)
     assert "intermediate_queue.cleanup" in source and "release_maintenance_lock" in source
 
 
-def test_batched_claim_primitives_keep_their_signatures():
-    # worker/rq_jobs.py claim_many() replays prepare_execution + prepare_job_execution over a pipeline
+def test_claim_replays_rqs_own_preparation_steps():
+    # RqJobSource._start replays prepare_execution + prepare_job_execution over one pipeline
     assert params(Execution.create) == ["job", "ttl", "pipeline", "worker_name"]
     assert params(Job.prepare_for_execution) == ["self", "worker_name", "pipeline"]
     assert params(Job.fetch_many) == ["job_ids", "connection", "serializer"]
     prepare = inspect.getsource(SimpleWorker.prepare_job_execution)
-    for step in ("job.heartbeat", "job.prepare_for_execution", "lrem(queue.intermediate_queue_key"):
+    for step in ("job.heartbeat", "job.prepare_for_execution", "pipeline.persist(job.key)",
+                 "lrem(queue.intermediate_queue_key"):
         assert step in prepare, step
+    assert "Execution.create" in inspect.getsource(inspect.getmodule(Execution).prepare_execution)
 
 
-def test_execution_and_job_heartbeats_keep_their_signatures():
+def test_completion_replays_rqs_own_success_records():
+    # RqJobSource._record_success writes what handle_job_success + Job._handle_success write
+    success = inspect.getsource(SimpleWorker.handle_job_success)
+    for step in ("increment_successful_job_count", "increment_total_working_time", "job._handle_success",
+                 "job.cleanup(result_ttl, pipeline=pipeline, remove_from_queue=False)", "self.cleanup_execution"):
+        assert step in success, step
+    handle = inspect.getsource(Job._handle_success)
+    for step in ("set_status(JobStatus.FINISHED", "self.save(pipeline=pipeline, include_meta=False, include_result=False)",
+                 "Result.create", "finished_job_registry.add(self, result_ttl, pipeline)"):
+        assert step in handle, step
+    assert params(Result.create)[:3] == ["job", "type", "ttl"]
+    for name in ("return_value", "worker_name", "pipeline", "execution_id", "execution_started_at", "execution_ended_at"):
+        assert name in params(Result.create), name
+    assert params(Job.get_result_ttl) == ["self", "default_ttl"]
+    assert params(Job.set_status)[:3] == ["self", "status", "pipeline"]
+    assert params(Job.cleanup) == ["self", "ttl", "pipeline", "remove_from_queue"]
+    assert JobStatus.FINISHED == "finished"
+
+
+def test_heartbeats_keep_their_signatures():
     assert params(Execution.heartbeat) == ["self", "started_job_registry", "ttl", "pipeline"]
     assert params(Job.heartbeat)[:4] == ["self", "timestamp", "ttl", "pipeline"]
     assert "xx" in params(Job.heartbeat)
 
 
-def test_queue_keys_the_worker_moves_jobs_between(client):
+def test_queue_keys_the_adapter_moves_jobs_between(client):
     queue = Queue("pin", connection=client)
     assert queue.intermediate_queue_key.startswith("rq:")
     assert queue.registry_cleaning_key.startswith("rq:")

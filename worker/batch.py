@@ -6,14 +6,14 @@ from dataclasses import dataclass, field
 
 from broker.store import StoredImage
 from engines.base import InFlight
-from worker.rq_jobs import ClaimedJob
+from worker.job_source import Claim
 
 
 @dataclass(frozen=True)
 class BatchItem:
     """One image of a claimed job, waiting in the batcher."""
 
-    claim: ClaimedJob
+    claim: Claim
     image_id: str
 
 
@@ -43,9 +43,9 @@ class SubmittedBatch:
         return len(self.items) + len(self.rejected)
 
 
-def claims_of(items: list[BatchItem]) -> list[ClaimedJob]:
+def claims_of(items: list[BatchItem]) -> list[Claim]:
     """The distinct jobs these items belong to, in first-seen order."""
-    claims: list[ClaimedJob] = []
+    claims: list[Claim] = []
     for item in items:
         if item.claim not in claims:
             claims.append(item.claim)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from worker.rq_jobs import ClaimedJob
+from worker.job_source import Claim
 
 
 class OpenClaims:
@@ -12,23 +12,23 @@ class OpenClaims:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._open: list[ClaimedJob] = []
+        self._open: list[Claim] = []
 
-    def add(self, claim: ClaimedJob) -> None:
+    def add(self, claim: Claim) -> None:
         with self._lock:
             self._open.append(claim)
 
-    def snapshot(self) -> list[ClaimedJob]:
+    def snapshot(self) -> list[Claim]:
         """The open claims now (a copy, safe to iterate while others change the set)."""
         with self._lock:
             return list(self._open)
 
-    def complete(self) -> list[ClaimedJob]:
+    def complete(self) -> list[Claim]:
         """Open claims whose every image has an outcome."""
         with self._lock:
             return [claim for claim in self._open if claim.complete]
 
-    def close(self, claim: ClaimedJob) -> bool:
+    def close(self, claim: Claim) -> bool:
         """Mark a claim closed; True for the one caller that closed it, False if it already was."""
         with self._lock:
             if claim.closed:

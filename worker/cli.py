@@ -7,17 +7,15 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rq import Queue
-from rq.serializers import JSONSerializer
-
 from broker.connection import BrokerSettings, connect
 from broker.errors import SegqueueError
 from engines.base import EngineError
 from engines.loader import load_engine
 from worker.logs import configure_logging
 from worker.pipeline import BatchPipeline
-from worker.rq_jobs import BatchingRqWorker
+from worker.rq_source import RqJobSource
 from worker.settings import WorkerSettings
+from worker.signals import stop_on_signals
 
 app = typer.Typer(help="Run segmentation workers: one process per GPU (or CPU), any number of hosts, one Redis.",
                   no_args_is_help=True, add_completion=False)
@@ -81,22 +79,23 @@ def serve(settings: WorkerSettings) -> int:
         if settings.max_batch > loaded.spec.max_batch:
             _fail(f"--max-batch {settings.max_batch} exceeds what {settings.engine_path} accepts "
                   f"({loaded.spec.max_batch}); lower it or rebuild the engine")
-        queue = Queue(settings.broker.queue, connection=client, serializer=JSONSerializer)
-        rq_worker = BatchingRqWorker(
-            queue,
+        source = RqJobSource(
+            client,
+            settings.broker.queue,
             name=settings.worker_name(),
             job_heartbeat_ttl_s=settings.job_heartbeat_ttl_s,
             maintenance_interval_s=settings.maintenance_interval_s,
         )
-        log = log.bind(worker=rq_worker.name, engine=loaded.name)
+        log = log.bind(worker=source.name, engine=loaded.name)
         log.info("worker_started", queue=settings.broker.queue, broker=settings.broker.describe(),
                  max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, device=settings.device,
                  burst=settings.burst)
-        rq_worker.start()
+        source.open()
         try:
-            images = BatchPipeline(settings, loaded, rq_worker, client, log).run()
+            with stop_on_signals() as stop:
+                images = BatchPipeline(settings, loaded, source, client, log, stop).run()
         finally:
-            rq_worker.stop()
+            source.close()
         log.info("worker_stopped", images=images)
         return 0
     finally:

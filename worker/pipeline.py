@@ -23,8 +23,9 @@ from engines.base import Engine
 from worker.batch import BatchItem, SubmittedBatch, claims_of
 from worker.batcher import Batcher
 from worker.claims import OpenClaims
-from worker.rq_jobs import BatchingRqWorker, ClaimedJob
+from worker.job_source import Claim, JobSource
 from worker.settings import WorkerSettings
+from worker.signals import StopFlag
 from worker.writer import ComputedBatch, ResultWriter
 
 MAX_REDIS_BACKOFF_S = 10.0
@@ -34,21 +35,23 @@ class BatchPipeline:
     """Runs one worker until its queue is drained (`burst`) or it is asked to stop.
 
     The main thread claims, batches, fetches and submits; a ResultWriter thread writes masks and
-    completes jobs. `writer_rq` is a second rq worker object (same name) for that thread.
+    completes jobs. Both reach the queue only through `source`; `stop` is set by a stop request.
     """
 
     def __init__(
         self,
         settings: WorkerSettings,
         engine: Engine,
-        rq_worker: BatchingRqWorker,
+        source: JobSource,
         client: redis.Redis,
         log: structlog.stdlib.BoundLogger,
+        stop: StopFlag,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.engine = engine
-        self.rq = rq_worker
+        self.source = source
+        self.stop = stop
         self.client = client
         self.keys = QueueKeys(settings.broker.queue)
         self.log = log
@@ -56,10 +59,7 @@ class BatchPipeline:
         self.batcher: Batcher[BatchItem] = Batcher(settings.max_batch, settings.max_wait_s, clock)
         self.inflight: deque[SubmittedBatch] = deque()
         self.claims = OpenClaims()
-        writer_rq = BatchingRqWorker(rq_worker.queue, name=rq_worker.name,
-                                     job_heartbeat_ttl_s=rq_worker.job_heartbeat_ttl_s,
-                                     maintenance_interval_s=int(rq_worker.maintenance_interval))
-        self.writer = ResultWriter(client, self.keys, writer_rq, self.claims, log, clock)
+        self.writer = ResultWriter(client, self.keys, source, self.claims, log, clock)
         self._last_keepalive = clock()
         self._images_per_job = self.settings.max_batch  # until a job is seen: claim one at a time
 
@@ -96,15 +96,15 @@ class BatchPipeline:
         if len(self.inflight) >= self.engine.slots:
             self._finish(self.inflight.popleft())
             return True
-        if not self.rq.stop_requested:
+        if not self.stop.requested:
             self._claim_available()
-        if self.batcher.ready() or (self.rq.stop_requested and len(self.batcher)):
+        if self.batcher.ready() or (self.stop.requested and len(self.batcher)):
             self._submit()
             return True
         if self.inflight:
             self._finish(self.inflight.popleft())
             return True
-        if self.rq.stop_requested:
+        if self.stop.requested:
             return False
         return self._wait_for_work()
 
@@ -113,8 +113,8 @@ class BatchPipeline:
         if self.clock() - self._last_keepalive < self.settings.heartbeat_interval_s:
             return
         self._last_keepalive = self.clock()
-        self.rq.keep_alive(self.claims.snapshot())
-        self.rq.maintain()
+        self.source.keep_alive(self.claims.snapshot())
+        self.source.maintain()
 
     def _claim_available(self) -> None:
         """Claim queued jobs without blocking until a full batch of images waits.
@@ -123,7 +123,7 @@ class BatchPipeline:
         at the size of the last job seen, so large jobs are still claimed one by one (no hoarding).
         """
         while (missing := self.settings.max_batch - len(self.batcher)) > 0:
-            claims = self.rq.claim_many(max(1, missing // self._images_per_job))
+            claims = self.source.claim(max(1, missing // self._images_per_job), timeout_s=0)
             if not claims:
                 return
             for claim in claims:
@@ -132,19 +132,19 @@ class BatchPipeline:
     def _wait_for_work(self) -> bool:
         """Nothing to compute: wait (bounded) for the next job. False means: stop (burst, queue empty)."""
         if len(self.batcher):
-            claims = self.rq.claim(min(self.batcher.time_left(), self.settings.idle_poll_s))
+            claims = self.source.claim(1, timeout_s=min(self.batcher.time_left(), self.settings.idle_poll_s))
         elif self.settings.burst:
-            claims = self.rq.claim_many(1)
+            claims = self.source.claim(1, timeout_s=0)
         else:
-            claims = self.rq.claim(self.settings.idle_poll_s)
+            claims = self.source.claim(1, timeout_s=self.settings.idle_poll_s)
         for claim in claims:
             self._accept(claim)
         if claims or len(self.batcher):
             return True
-        self.rq.maintain()
+        self.source.maintain()
         return not self.settings.burst
 
-    def _accept(self, claim: ClaimedJob) -> None:
+    def _accept(self, claim: Claim) -> None:
         self.claims.add(claim)
         self._images_per_job = max(1, len(claim.image_ids))
         for image_id in claim.image_ids:
@@ -210,6 +210,5 @@ class BatchPipeline:
     def _fail_batch(self, submitted: SubmittedBatch, reason: str) -> None:
         """A batch failed as a whole: fail every open job that had an image in it (rq retries)."""
         self.log.error("batch_failed", reason=reason, batch_size=submitted.size)
-        for claim in claims_of(submitted.all_items):
-            if self.claims.close(claim):
-                self.rq.fail(claim, reason, retry=True)
+        self.source.fail([claim for claim in claims_of(submitted.all_items) if self.claims.close(claim)],
+                         reason, retry=True)

@@ -1,9 +1,10 @@
-"""The write stage: store masks, record per-image outcomes, complete jobs through rq, log the batch.
+"""The write stage: store masks, record per-image outcomes, complete jobs through the job source, log the batch.
 
-It runs on its own thread, so that the Redis round trips of writing and of rq's job bookkeeping
-overlap the next batches' claiming, fetching and compute on the main thread. It has its own rq
-worker object (rq keeps per-object "current execution" state) and works through a bounded queue:
-when it falls behind, the main loop waits (at most `put_timeout_s` at a time, in a loop).
+It runs on its own thread, so that the Redis round trips of writing and of the jobs' bookkeeping
+overlap the next batches' claiming, fetching and compute on the main thread. Every job a batch
+completes is completed in one call to the job source (one round trip however many jobs). It works
+through a bounded queue: when it falls behind, the main loop waits (at most `put_timeout_s` at a
+time, in a loop).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import structlog
 from broker.store import QueueKeys, save_failure, save_mask
 from worker.batch import BatchItem, SubmittedBatch, claims_of
 from worker.claims import OpenClaims
-from worker.rq_jobs import BatchingRqWorker
+from worker.job_source import ImageOutcome, JobSource
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class ResultWriter:
         self,
         client: redis.Redis,
         keys: QueueKeys,
-        rq_worker: BatchingRqWorker,
+        source: JobSource,
         claims: OpenClaims,
         log: structlog.stdlib.BoundLogger,
         clock,
@@ -48,7 +49,7 @@ class ResultWriter:
     ) -> None:
         self.client = client
         self.keys = keys
-        self.rq = rq_worker
+        self.source = source
         self.claims = claims
         self.log = log
         self.clock = clock
@@ -82,7 +83,7 @@ class ResultWriter:
                 return
             try:
                 self._write_one(batch)
-            except Exception as exc:  # never let the thread die: leave the jobs to rq's retry
+            except Exception as exc:  # never let the thread die: leave the jobs to the queue's retry
                 self.abandon(batch.submitted.all_items, f"{type(exc).__name__} while writing results: {exc}")
 
     def _write_one(self, batch: ComputedBatch) -> None:
@@ -101,24 +102,18 @@ class ResultWriter:
             save_failure(pipe, self.keys, item.image_id, reason)
         pipe.execute()
         for item, image in zip(submitted.items, submitted.images):
-            item.claim.outcomes[item.image_id] = {"image": item.image_id, "name": image.name, "ok": True}
+            item.claim.outcomes[item.image_id] = ImageOutcome(item.image_id, ok=True, name=image.name)
         for item, reason in submitted.rejected:
-            item.claim.outcomes[item.image_id] = {"image": item.image_id, "ok": False, "error": reason}
+            item.claim.outcomes[item.image_id] = ImageOutcome(item.image_id, ok=False, error=reason)
         self.images_done += len(submitted.items)
 
     def _complete_finished_jobs(self) -> int:
         """Finish (or, if every image failed, fail) each job whose images all have an outcome."""
-        completed = 0
-        for claim in self.claims.complete():
-            if not self.claims.close(claim):
-                continue  # the main loop failed it meanwhile
-            if any(outcome["ok"] for outcome in claim.outcomes.values()):
-                self.rq.finish(claim)
-            else:
-                reasons = "; ".join(sorted({o["error"] for o in claim.outcomes.values()}))
-                self.rq.fail(claim, f"every image of this job failed: {reasons}", retry=False)
-            completed += 1
-        return completed
+        # a claim the main loop failed meanwhile is already closed, and skipped here
+        done = [claim for claim in self.claims.complete() if self.claims.close(claim)]
+        if done:
+            self.source.complete(done)
+        return len(done)
 
     def abandon(self, items: list[BatchItem], reason: str) -> None:
         """Stop heartbeating these images' jobs, so that rq re-enqueues them after their heartbeat TTL."""
@@ -129,7 +124,7 @@ class ResultWriter:
     def _log_batch(self, submitted: SubmittedBatch, compute_ms: float, write_ms: float, jobs_completed: int) -> None:
         total_ms = (self.clock() - submitted.taken_at) * 1000
         self.batches_done += 1
-        job_ids = sorted({claim.job.id for claim in claims_of(submitted.all_items)})
+        job_ids = sorted({claim.job_id for claim in claims_of(submitted.all_items)})
         self.log.info(
             "batch",
             batch_size=submitted.size,
