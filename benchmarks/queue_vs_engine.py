@@ -15,7 +15,6 @@ import argparse
 import datetime as dt
 import json
 import platform
-import signal
 import socket
 import sys
 import tempfile
@@ -37,8 +36,9 @@ from engines.versions import built_with  # noqa: E402
 from producer.enqueue import Enqueuer, segmentation_queue  # noqa: E402
 from worker.logs import configure_logging  # noqa: E402
 from worker.pipeline import BatchPipeline  # noqa: E402
-from worker.rq_jobs import BatchingRqWorker  # noqa: E402
+from worker.rq_source import RqJobSource  # noqa: E402
 from worker.settings import WorkerSettings  # noqa: E402
+from worker.signals import stop_on_signals  # noqa: E402
 
 
 def engine_alone(engine, images: np.ndarray, max_batch: int) -> float:
@@ -57,19 +57,17 @@ def through_queue(engine, images: np.ndarray, job_size: int, redis_url: str, max
     for pixels in images:
         enqueuer.add_stored(StoredImage(new_image_id(), "bench.png", pixels, *pixels.shape, now()))
     enqueuer.flush()
-    rq_worker = BatchingRqWorker(segmentation_queue(client, queue_name), name=f"bench-{queue_name}",
-                                 job_heartbeat_ttl_s=60, maintenance_interval_s=60)
-    log = configure_logging(log_file).bind(worker=rq_worker.name, engine=engine.name)
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    rq_worker.start()
+    source = RqJobSource(client, queue_name, name=f"bench-{queue_name}", job_heartbeat_ttl_s=60,
+                         maintenance_interval_s=60)
+    log = configure_logging(log_file).bind(worker=source.name, engine=engine.name)
+    source.open()  # outside the clock, as a warm worker has already registered
     try:
-        start = time.perf_counter()
-        done = BatchPipeline(settings, engine, rq_worker, client, log).run()
-        elapsed = time.perf_counter() - start
+        with stop_on_signals() as stop:
+            start = time.perf_counter()
+            done = BatchPipeline(settings, engine, source, client, log, stop).run()
+            elapsed = time.perf_counter() - start
     finally:
-        rq_worker.stop()
-        signal.signal(signal.SIGINT, handlers[0])
-        signal.signal(signal.SIGTERM, handlers[1])
+        source.close()
     assert done == len(images) == client.scard(keys.done), (done, len(images))
     client.flushdb()  # a private server: free the images before the next run
     return len(images) / elapsed
