@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from broker.connection import BrokerSettings, connect  # noqa: E402
 from broker.server import RedisServer  # noqa: E402
-from broker.store import QueueKeys, StoredImage, new_image_id, now  # noqa: E402
+from broker.store import QueueStore, StoredImage, new_image_id, now  # noqa: E402
 from engines.bench import throughput  # noqa: E402
 from engines.loader import load_engine  # noqa: E402
 from engines.synth import generate  # noqa: E402
@@ -53,7 +53,7 @@ def through_queue(engine, images: np.ndarray, job_size: int, redis_url: str, max
                               engine_path=Path("-"), max_batch=max_batch, burst=True, log_file=log_file)
     client = connect(settings.broker)
     enqueuer = Enqueuer(client, segmentation_queue(client, queue_name), job_size)
-    keys = QueueKeys(queue_name)
+    store = QueueStore(client, queue_name)
     for pixels in images:
         enqueuer.add_stored(StoredImage(new_image_id(), "bench.png", pixels, *pixels.shape, now()))
     enqueuer.flush()
@@ -68,7 +68,7 @@ def through_queue(engine, images: np.ndarray, job_size: int, redis_url: str, max
             elapsed = time.perf_counter() - start
     finally:
         source.close()
-    assert done == len(images) == client.scard(keys.done), (done, len(images))
+    assert done == len(images) == store.counts().done, (done, len(images))
     client.flushdb()  # a private server: free the images before the next run
     return len(images) / elapsed
 

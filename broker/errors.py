@@ -15,7 +15,3 @@ class BrokerUnavailable(SegqueueError):
 
 class BadJob(SegqueueError):
     """A job's arguments are not what `producer enqueue` writes: the job fails with this reason."""
-
-
-class ImageMissing(SegqueueError):
-    """An image key a job refers to is gone from Redis (expired, purged or never written)."""

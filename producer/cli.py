@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from broker.connection import BrokerSettings, connect
 from broker.errors import SegqueueError
-from broker.store import QueueKeys
+from broker.store import QueueStore
 from producer.collect import CollectReport, collect_masks
 from producer.enqueue import Enqueuer, enqueue_paths, segmentation_queue
 from producer.images import ImageError, ImageSource
@@ -71,25 +71,19 @@ def enqueue(
                f"'{settings.queue}' ({settings.describe()}); rejected {len(report.rejected)}")
     exit_code = 1 if report.rejected else 0
     if wait and report.image_ids:
-        if not _wait_for(client, settings.queue, report.image_ids, timeout):
+        if not _wait_for(QueueStore(client, settings.queue), report.image_ids, timeout):
             typer.echo(f"error: timed out after {timeout:.0f} s; masks so far are collected", err=True)
             exit_code = 1
-        exit_code = max(exit_code, _print_collect(collect_masks(client, QueueKeys(settings.queue), out, report.image_ids)))
+        exit_code = max(exit_code, _print_collect(collect_masks(QueueStore(client, settings.queue), out, report.image_ids)))
     raise typer.Exit(exit_code)
 
 
-def _wait_for(client: redis.Redis, queue: str, image_ids: list[str], timeout_s: float) -> bool:
+def _wait_for(store: QueueStore, image_ids: list[str], timeout_s: float) -> bool:
     """Block (polling, bounded by timeout_s) until every image has a mask or a failure; True if all did."""
-    keys = QueueKeys(queue)
     deadline = time.monotonic() + timeout_s
     with tqdm(total=len(image_ids), desc="waiting", unit="img") as bar:
         while True:
-            pipe = client.pipeline(transaction=False)
-            for image_id in image_ids:
-                pipe.sismember(keys.done, image_id)
-                pipe.hexists(keys.failed, image_id)
-            flags = pipe.execute()
-            resolved = sum(1 for i in range(0, len(flags), 2) if flags[i] or flags[i + 1])
+            resolved = sum(store.resolved(image_ids))
             bar.update(resolved - bar.n)
             if resolved == len(image_ids):
                 return True
@@ -118,10 +112,9 @@ def collect(
     and masks stay in Redis (collect can run again); with it, what was written is removed.
     """
     settings, client = _connect(redis_url, queue)
-    keys = QueueKeys(settings.queue)
-    total = client.hlen(keys.manifest)
-    with tqdm(total=total, desc="collect", unit="img") as bar:
-        report = collect_masks(client, keys, out, on_progress=lambda: bar.update(1), delete=delete)
+    store = QueueStore(client, settings.queue)
+    with tqdm(total=store.manifest_size(), desc="collect", unit="img") as bar:
+        report = collect_masks(store, out, on_progress=lambda: bar.update(1), delete=delete)
     raise typer.Exit(_print_collect(report))
 
 

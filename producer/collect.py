@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import redis
 from PIL import Image
 
-from broker.store import QueueKeys, load_mask, load_original_size
+from broker.store import QueueStore
 from producer.images import resize_mask
 
 NUM_CLASSES = 2
@@ -42,23 +41,8 @@ def mask_to_png_values(mask: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarr
     return (mask.astype(np.uint16) * (255 // max(1, classes - 1))).astype(np.uint8)
 
 
-def manifest(client: redis.Redis, keys: QueueKeys) -> dict[str, str]:
-    """Every image ever enqueued on the queue: id -> relative name."""
-    return {k.decode(): v.decode() for k, v in client.hgetall(keys.manifest).items()}
-
-
-def forget_image(client: redis.Redis, keys: QueueKeys, image_id: str) -> None:
-    """Delete everything Redis holds about one image (pixels, mask, manifest and done entries)."""
-    pipe = client.pipeline(transaction=True)
-    pipe.delete(keys.image(image_id), keys.mask(image_id))
-    pipe.hdel(keys.manifest, image_id)
-    pipe.srem(keys.done, image_id)
-    pipe.execute()
-
-
 def collect_masks(
-    client: redis.Redis,
-    keys: QueueKeys,
+    store: QueueStore,
     out_dir: Path,
     image_ids: list[str] | None = None,
     on_progress: Callable[[], None] = lambda: None,
@@ -66,24 +50,27 @@ def collect_masks(
 ) -> CollectReport:
     """Write a PNG for every image (or every one of `image_ids`) that has a mask; report the rest.
 
+    A mask that cannot be read (stored by an older segqueue version, or corrupt) is reported as
+    failed with the reason, and collect goes on with the others.
     delete: once a mask file is written, delete the image and its mask from Redis (failed and
     unfinished images stay), so that a long-running queue does not grow without bound.
     """
-    names = manifest(client, keys)
+    names = store.manifest()
     wanted = list(names) if image_ids is None else image_ids
-    failures = {k.decode(): v.decode() for k, v in client.hgetall(keys.failed).items()}
+    failures = store.failures()
     report = CollectReport()
     for image_id in wanted:
         name = names.get(image_id, image_id)
-        mask = load_mask(client, keys, image_id)
-        size = load_original_size(client, keys, image_id)
-        if mask is not None and size is not None:
+        result = store.load_result(image_id)
+        if result.error is not None:
+            report.failed[name] = result.error
+        elif result.mask is not None and result.original_size is not None:
             path = mask_path(out_dir, name)
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(mask_to_png_values(resize_mask(mask, *size))).save(path)
+            Image.fromarray(mask_to_png_values(resize_mask(result.mask, *result.original_size))).save(path)
             report.written.append(path)
             if delete:
-                forget_image(client, keys, image_id)
+                store.forget(image_id)
         elif image_id in failures:
             report.failed[name] = failures[image_id]
         else:

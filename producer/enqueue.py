@@ -15,7 +15,7 @@ import redis
 from rq import Queue, Retry
 from rq.serializers import JSONSerializer
 
-from broker.store import JOB_FUNC, QueueKeys, StoredImage, job_arguments, new_image_id, now, save_image
+from broker.store import JOB_FUNC, QueueStore, StoredImage, new_image_id, now
 from producer.images import DecodedImage, ImageError, ImageSource, decode_image, find_images
 
 JOB_RETRIES = 3
@@ -46,7 +46,7 @@ class Enqueuer:
             raise ValueError(f"job size must be >= 1, got {job_size}")
         self.client = client
         self.queue = queue
-        self.keys = QueueKeys(queue.name)
+        self.store = QueueStore(client, queue.name)
         self.job_size = job_size
         self.report = EnqueueReport()
         self._pending: list[StoredImage] = []
@@ -75,14 +75,11 @@ class Enqueuer:
         if not self._pending:
             return
         images, self._pending = self._pending, []
-        pipe = self.client.pipeline(transaction=False)
-        for image in images:
-            save_image(pipe, self.keys, image)
-        pipe.execute()
+        self.store.store_images(images)
         ids = [image.image_id for image in images]
         job = self.queue.enqueue_call(
             JOB_FUNC,
-            args=job_arguments(ids),
+            args=QueueStore.job_arguments(ids),
             timeout=JOB_TIMEOUT_S,
             result_ttl=RESULT_TTL_S,
             failure_ttl=FAILURE_TTL_S,

@@ -9,7 +9,7 @@ from rq import Queue
 from rq.job import Job
 from rq.worker import Worker
 
-from broker.store import QueueKeys
+from broker.store import QueueStore
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,8 @@ def _images_in(queue: Queue, job_ids: list[str]) -> int:
 
 def queue_status(client: redis.Redis, queue: Queue) -> QueueStatus:
     """A snapshot of the queue. Images "started" are those of started jobs that have no outcome yet."""
-    keys = QueueKeys(queue.name)
-    total_images = client.hlen(keys.manifest)
-    done, failed = client.scard(keys.done), client.hlen(keys.failed)
+    counts = QueueStore(client, queue.name).counts()
+    total_images, done, failed = counts.total, counts.done, counts.failed
     started_job_ids = queue.started_job_registry.get_job_ids()
     started_images = min(_images_in(queue, started_job_ids), max(0, total_images - done - failed))
     jobs = Counts(

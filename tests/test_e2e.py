@@ -17,7 +17,7 @@ from PIL import Image
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from broker.store import QueueKeys
+from broker.store import QueueStore, StoredImage, now
 from engines import DEMO_ONNX
 from engines.metrics import dice
 from producer.enqueue import segmentation_queue
@@ -49,11 +49,11 @@ def wait_until(predicate, timeout_s: float, what) -> None:
 def queue_state(client, queue_name: str) -> dict:
     """Where a queue's jobs and images are, for failure messages."""
     queue = segmentation_queue(client, queue_name)
-    keys = QueueKeys(queue_name)
+    images = QueueStore(client, queue_name).counts()
     return {"queued": queue.count, "intermediate": client.llen(queue.intermediate_queue_key),
             "started": queue.started_job_registry.get_job_ids(), "failed": queue.failed_job_registry.count,
-            "finished": queue.finished_job_registry.count, "done_images": client.scard(keys.done),
-            "failed_images": client.hlen(keys.failed)}
+            "finished": queue.finished_job_registry.count, "done_images": images.done,
+            "failed_images": images.failed}
 
 
 def log_events(log_file: Path, event: str) -> list[dict]:
@@ -175,9 +175,9 @@ def test_sigterm_finishes_claimed_work_and_exits_zero(tmp_path, redis_url, queue
     assert queue.started_job_registry.count == 0  # nothing left half-done
     assert queue.count > 0  # it stopped early: the rest is still queued
     finished = queue.finished_job_registry.get_job_ids()
-    keys = QueueKeys(queue_name)
+    store = QueueStore(client, queue_name)
     for job in Job.fetch_many(finished, connection=client, serializer=JSONSerializer):
-        assert all(client.sismember(keys.done, i) for i in job.args[0])
+        assert all(store.is_done(i) for i in job.args[0])
     assert log_events(log_file, "worker_stopped")
 
 
@@ -193,10 +193,10 @@ def test_sigkill_mid_batch_loses_nothing(tmp_path, redis_url, queue_name, client
     assert queue.started_job_registry.count > 0  # the kill left claimed, unfinished jobs behind
 
     rescuer = start("worker", "run", *common, "--log-file", str(tmp_path / "second.log"))
-    keys = QueueKeys(queue_name)
+    store = QueueStore(client, queue_name)
     total = len(backlog.image_ids)
     try:
-        wait_until(lambda: client.scard(keys.done) == total
+        wait_until(lambda: store.counts().done == total
                    and queue.finished_job_registry.count == len(backlog.job_ids), 150,
                    lambda: f"every image to get a mask: {queue_state(client, queue_name)}")
     finally:
@@ -204,7 +204,7 @@ def test_sigkill_mid_batch_loses_nothing(tmp_path, redis_url, queue_name, client
         assert rescuer.wait(timeout=60) == 0
     assert queue.finished_job_registry.count == len(backlog.job_ids)
     assert queue.failed_job_registry.count == 0
-    assert len(client.keys(keys.mask("*"))) == total
+    assert store.record_counts()[1] == total
     for job_id in backlog.job_ids:
         assert Job.fetch(job_id, connection=client, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
 
@@ -256,18 +256,18 @@ def test_redis_restart_mid_run_loses_nothing(tmp_path, queue_name, engine_128):
         server.kill()
         time.sleep(1.0)
         server.start()
-        keys = QueueKeys(queue_name)
+        store = QueueStore(client, queue_name)
         queue = segmentation_queue(client, queue_name)
         try:
             jobs = len(enqueuer.report.job_ids)
-            wait_until(lambda: client.scard(keys.done) == total and queue.finished_job_registry.count == jobs, 150,
+            wait_until(lambda: store.counts().done == total and queue.finished_job_registry.count == jobs, 150,
                        lambda: f"every image to get a mask after the restart: {queue_state(client, queue_name)}")
         finally:
             worker.send_signal(signal.SIGTERM)
             assert worker.wait(timeout=60) == 0, worker.stdout.read()
         assert log_events(log_file, "redis_unavailable")  # the worker saw the outage and rode it out
         assert queue.failed_job_registry.count == 0
-        assert len(client.keys(keys.mask("*"))) == total
+        assert store.record_counts()[1] == total
         assert queue.finished_job_registry.count == len(enqueuer.report.job_ids)
     finally:
         client.close()
@@ -278,18 +278,18 @@ def test_collect_delete_frees_redis_and_keeps_failures(tmp_path, redis_url, queu
     write_synthetic_images(tmp_path / "in", 3)
     common = ["--redis-url", redis_url, "--queue", queue_name]
     assert cli("producer", "enqueue", str(tmp_path / "in"), "--size", str(SMALL_SIZE), *common).returncode == 0
-    keys = QueueKeys(queue_name)
-    missing = "f" * 32  # a manifest entry whose image failed: it must survive --delete
-    client.hset(keys.manifest, missing, "lost.png")
-    client.hset(keys.failed, missing, "image lost.png is not in Redis")
+    store = QueueStore(client, queue_name)
+    missing = "f" * 32  # an image that failed: it must survive --delete
+    store.store_images([StoredImage(missing, "lost.png", np.zeros((SMALL_SIZE, SMALL_SIZE), np.uint8), 9, 9, now())])
+    store.save_results([], [(missing, "image lost.png could not be read")])
     assert cli("worker", "run", "--engine", str(small_engine), "--burst", *common).returncode == 0
 
     first = cli("producer", "collect", "--out", str(tmp_path / "out"), "--delete", *common)
     assert first.returncode == 1 and "lost.png" in first.stderr  # the failure is still reported
     assert "wrote 3 masks" in first.stdout
     assert len(list((tmp_path / "out").glob("*.png"))) == 3
-    assert client.keys(f"segq:{queue_name}:img:*") == [] and client.keys(f"segq:{queue_name}:mask:*") == []
-    assert client.hkeys(keys.manifest) == [missing.encode()] and client.scard(keys.done) == 0
+    assert store.record_counts() == (1, 0)  # only the failed image's record is left
+    assert list(store.manifest()) == [missing] and store.counts().done == 0
 
     again = cli("producer", "collect", "--out", str(tmp_path / "again"), *common)
     assert "wrote 0 masks; 1 failed" in again.stdout

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import numpy as np
 from PIL import Image
 
-from broker.store import QueueKeys
+from broker.store import QueueStore
 from producer.collect import collect_masks
 from producer.report import _parse_batch, read_logs, throughput, union_seconds
 from tests.conftest import write_synthetic_images
@@ -29,7 +29,7 @@ def test_report_numbers_match_the_log_and_independent_dice(tmp_path, client, red
     enqueue_folder(client, queue_name, tmp_path / "images", job_size=3)
     log = tmp_path / "worker.log"
     run_worker(redis_url, queue_name, small_engine, log)
-    collect_masks(client, QueueKeys(queue_name), tmp_path / "masks")
+    collect_masks(QueueStore(client, queue_name), tmp_path / "masks")
     with open(log, "a") as handle:  # damage: a non-JSON line and a truncated batch line
         handle.write("this is not json\n")
         handle.write('{"event": "batch", "batch_size": 8, "time": "2026-\n')

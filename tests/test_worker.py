@@ -13,7 +13,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from broker.connection import BrokerSettings
-from broker.store import QueueKeys, StoredImage, load_mask, new_image_id, now, save_image
+from broker.store import QueueStore, StoredImage, new_image_id, now
 from engines.base import infer
 from engines.onnx_engine import OnnxEngine
 from producer.enqueue import Enqueuer, enqueue_paths, segmentation_queue
@@ -77,44 +77,42 @@ def test_worker_masks_equal_direct_engine_masks_bit_exact(tmp_path, client, redi
     report = enqueue_folder(client, queue_name, tmp_path / "images", job_size=4)
     run_worker(redis_url, queue_name, small_engine, tmp_path / "worker.log")
 
-    keys = QueueKeys(queue_name)
+    store = QueueStore(client, queue_name)
     with OnnxEngine(small_engine) as engine:
         for image_id, path in zip(report.image_ids, paths):
             pixels = decode_image(path, SMALL_SIZE, SMALL_SIZE).pixels
             direct = infer(engine, pixels[None])[0]
-            stored = load_mask(client, keys, image_id)
+            stored = store.load_mask(image_id)
             assert stored is not None, path
             np.testing.assert_array_equal(stored, direct)
 
 
 def test_a_bad_image_fails_alone(tmp_path, client, redis_url, queue_name, small_engine):
     write_synthetic_images(tmp_path / "images", 6)
-    keys = QueueKeys(queue_name)
+    store = QueueStore(client, queue_name)
     good = enqueue_folder(client, queue_name, tmp_path / "images", job_size=6)
     # A job whose middle image is corrupt in Redis and whose last has the wrong size, among good ones.
     ids = [new_image_id() for _ in range(4)]
-    pipe = client.pipeline()
     pixels = np.zeros((SMALL_SIZE, SMALL_SIZE), np.uint8)
-    for image_id, shape in zip(ids, [(SMALL_SIZE, SMALL_SIZE)] * 3 + [(32, 32)]):
-        save_image(pipe, keys, StoredImage(image_id, f"{image_id}.png", np.zeros(shape, np.uint8), 64, 64, now()))
-    pipe.execute()
-    client.hset(keys.image(ids[1]), "pixels", b"truncated")
+    store.store_images([StoredImage(image_id, f"{image_id}.png", np.zeros(shape, np.uint8), 64, 64, now())
+                        for image_id, shape in zip(ids, [(SMALL_SIZE, SMALL_SIZE)] * 3 + [(32, 32)])])
+    client.hset(store._image_key(ids[1]), "data", b"truncated")  # damage the stored payload
     queue = segmentation_queue(client, queue_name)
     mixed = queue.enqueue_call("worker.jobs.segment_images", args=[ids], meta={"images": 4})
 
     run_worker(redis_url, queue_name, small_engine, tmp_path / "worker.log")
 
-    assert all(load_mask(client, keys, i) is not None for i in good.image_ids)
-    assert load_mask(client, keys, ids[0]) is not None and load_mask(client, keys, ids[2]) is not None
-    assert load_mask(client, keys, ids[1]) is None and load_mask(client, keys, ids[3]) is None
-    failures = {k.decode(): v.decode() for k, v in client.hgetall(keys.failed).items()}
+    assert all(store.load_mask(i) is not None for i in good.image_ids)
+    assert store.load_mask(ids[0]) is not None and store.load_mask(ids[2]) is not None
+    assert store.load_mask(ids[1]) is None and store.load_mask(ids[3]) is None
+    failures = store.failures()
     assert set(failures) == {ids[1], ids[3]}
-    assert "malformed" in failures[ids[1]]
+    assert "corrupt" in failures[ids[1]] and ids[1] in failures[ids[1]]
     assert "32x32" in failures[ids[3]] and "--size 64" in failures[ids[3]]
     job = Job.fetch(mixed.id, connection=client, serializer=JSONSerializer)
     assert job.get_status() == JobStatus.FINISHED
     assert [r["ok"] for r in job.return_value()["images"]] == [True, False, True, False]
-    np.testing.assert_array_equal(load_mask(client, keys, ids[0]).shape, pixels.shape)
+    np.testing.assert_array_equal(store.load_mask(ids[0]).shape, pixels.shape)
 
 
 def test_a_job_with_unreadable_arguments_fails_without_retry(tmp_path, client, redis_url, queue_name, small_engine):
@@ -138,18 +136,18 @@ def test_processing_an_image_twice_leaves_exactly_one_mask(tmp_path, client, red
     write_synthetic_images(tmp_path / "images", 3)
     report = enqueue_folder(client, queue_name, tmp_path / "images", job_size=3)
     run_worker(redis_url, queue_name, small_engine, tmp_path / "first.log")
-    keys = QueueKeys(queue_name)
-    first = {i: load_mask(client, keys, i).copy() for i in report.image_ids}
+    store = QueueStore(client, queue_name)
+    first = {i: store.load_mask(i).copy() for i in report.image_ids}
 
     # The same images again, as a redelivered job would bring them.
     segmentation_queue(client, queue_name).enqueue_call("worker.jobs.segment_images", args=[report.image_ids])
     batches = run_worker(redis_url, queue_name, small_engine, tmp_path / "second.log")
 
     assert sum(b["batch_size"] for b in batches) == 3
-    assert client.scard(keys.done) == 3
-    assert len(client.keys(keys.mask("*"))) == 3
+    assert store.counts().done == 3
+    assert store.record_counts()[1] == 3
     for image_id, mask in first.items():
-        np.testing.assert_array_equal(load_mask(client, keys, image_id), mask)
+        np.testing.assert_array_equal(store.load_mask(image_id), mask)
 
 
 def test_max_batch_larger_than_the_engine_allows_is_refused(tmp_path, redis_url, queue_name, small_engine, capsys):
@@ -179,12 +177,12 @@ def test_worker_runs_a_torch_checkpoint_on_cpu(tmp_path, client, redis_url, queu
     batches = run_worker(redis_url, queue_name, checkpoint, tmp_path / "worker.log")
 
     assert sum(b["batch_size"] for b in batches) == 5 and batches[0]["engine"].startswith("torch:cpu")
-    keys = QueueKeys(queue_name)
+    store = QueueStore(client, queue_name)
     with TorchEngine(checkpoint) as engine:
         pixels = np.stack([decode_image(p, SMALL_SIZE, SMALL_SIZE).pixels for p in paths])
         direct = infer(engine, pixels)
     for image_id, expected in zip(report.image_ids, direct):
-        np.testing.assert_array_equal(load_mask(client, keys, image_id), expected)
+        np.testing.assert_array_equal(store.load_mask(image_id), expected)
 
 
 def test_unreadable_and_vanished_jobs_do_not_stop_the_worker(tmp_path, client, redis_url, queue_name, small_engine):
@@ -201,4 +199,4 @@ def test_unreadable_and_vanished_jobs_do_not_stop_the_worker(tmp_path, client, r
     assert client.llen(queue.intermediate_queue_key) == 0  # nothing left stranded
     for job_id in good.job_ids:
         assert Job.fetch(job_id, connection=client, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
-    assert client.scard(QueueKeys(queue_name).done) == 4
+    assert QueueStore(client, queue_name).counts().done == 4

@@ -18,7 +18,7 @@ import numpy as np
 import redis
 import structlog
 
-from broker.store import QueueKeys, load_images, now
+from broker.store import QueueStore, now
 from engines.base import Engine
 from worker.batch import BatchItem, SubmittedBatch, claims_of
 from worker.batcher import Batcher
@@ -53,13 +53,13 @@ class BatchPipeline:
         self.source = source
         self.stop = stop
         self.client = client
-        self.keys = QueueKeys(settings.broker.queue)
+        self.store = QueueStore(client, settings.broker.queue)
         self.log = log
         self.clock = clock
         self.batcher: Batcher[BatchItem] = Batcher(settings.max_batch, settings.max_wait_s, clock)
         self.inflight: deque[SubmittedBatch] = deque()
         self.claims = OpenClaims()
-        self.writer = ResultWriter(client, self.keys, source, self.claims, log, clock)
+        self.writer = ResultWriter(client, self.store, source, self.claims, log, clock)
         self._last_keepalive = clock()
         self._images_per_job = self.settings.max_batch  # until a job is seen: claim one at a time
 
@@ -158,7 +158,7 @@ class BatchPipeline:
         taken_at = self.clock()
         fetch_start = time.perf_counter()
         try:
-            loaded = load_images(self.client, self.keys, [item.image_id for item in items])
+            loaded = self.store.load_images([item.image_id for item in items])
         except redis.RedisError as exc:
             self.writer.abandon(items, f"redis error while fetching images: {exc}")
             raise

@@ -18,7 +18,7 @@ import numpy as np
 import redis
 import structlog
 
-from broker.store import QueueKeys, save_failure, save_mask
+from broker.store import QueueStore
 from worker.batch import BatchItem, SubmittedBatch, claims_of
 from worker.claims import OpenClaims
 from worker.job_source import ImageOutcome, JobSource
@@ -39,7 +39,7 @@ class ResultWriter:
     def __init__(
         self,
         client: redis.Redis,
-        keys: QueueKeys,
+        store: QueueStore,
         source: JobSource,
         claims: OpenClaims,
         log: structlog.stdlib.BoundLogger,
@@ -48,7 +48,7 @@ class ResultWriter:
         put_timeout_s: float = 1.0,
     ) -> None:
         self.client = client
-        self.keys = keys
+        self.store = store
         self.source = source
         self.claims = claims
         self.log = log
@@ -95,12 +95,8 @@ class ResultWriter:
 
     def _store(self, submitted: SubmittedBatch, masks: np.ndarray | None) -> None:
         """Store masks and failures in one round trip, and note each image's outcome on its job."""
-        pipe = self.client.pipeline(transaction=False)
-        for index, item in enumerate(submitted.items):
-            save_mask(pipe, self.keys, item.image_id, masks[index])
-        for item, reason in submitted.rejected:
-            save_failure(pipe, self.keys, item.image_id, reason)
-        pipe.execute()
+        self.store.save_results([(item.image_id, masks[index]) for index, item in enumerate(submitted.items)],
+                                [(item.image_id, reason) for item, reason in submitted.rejected])
         for item, image in zip(submitted.items, submitted.images):
             item.claim.outcomes[item.image_id] = ImageOutcome(item.image_id, ok=True, name=image.name)
         for item, reason in submitted.rejected:
