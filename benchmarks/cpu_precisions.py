@@ -3,14 +3,14 @@
     python benchmarks/cpu_precisions.py                      # engines/demo/unet_w16.onnx, batch 8
 
 Builds, into a temporary folder, from the FP32 ONNX model:
-  FP16                 engines.onnx_precision.convert_fp16
+  FP16                 toolchain.fp16.convert_fp16
   INT8 MinMax          quantize_int8, calibrated on --calib-count synthetic 512x512 images written
                        as PNG (seed --calib-seed, not the evaluation seed), decoded as the producer does
   INT8 no calibration  quantize_int8 with calib=None: ranges from uniform noise (data-free)
 each in both Q/DQ layouts: "tensorrt" (the default, portable: int8 symmetric, zero point 0) and
 "cpu" (ONNX Runtime's fast CPU form: uint8 asymmetric activations, int32 bias). Then, with every
 engine loaded at once:
-  * engine-only FPS at batch 8 (engines.bench, `slots` batches in flight), --rounds short rounds
+  * engine-only FPS at batch 8 (toolchain.bench, `slots` batches in flight), --rounds short rounds
     interleaved across engines; the fastest round is reported (on a shared machine other work only
     slows a round down, so the best round estimates the uncontended rate; --statistic median for
     the middle one). Both, and every round, are in the JSON. Compare ratios within one run;
@@ -44,11 +44,12 @@ sys.path.insert(0, str(ROOT))
 
 import engines  # noqa: E402
 from engines.base import EngineSpec, infer, metadata_path  # noqa: E402
-from engines.bench import bench_engines, format_table, machine_info  # noqa: E402
-from engines.metrics import dice  # noqa: E402
-from engines.onnx_engine import OnnxEngine, normalize  # noqa: E402
-from engines.onnx_precision import convert_fp16, quantize_int8  # noqa: E402
-from engines.synth import generate  # noqa: E402
+from toolchain.bench import bench_engines, format_table, machine_info  # noqa: E402
+from common.metrics import dice  # noqa: E402
+from engines.onnx_engine import OnnxEngine, normalize_array  # noqa: E402
+from toolchain.fp16 import convert_fp16  # noqa: E402
+from toolchain.int8 import quantize_int8  # noqa: E402
+from toolchain.synth import generate  # noqa: E402
 from engines.versions import built_with  # noqa: E402
 
 EVAL_SEED = 1_000_003
@@ -62,25 +63,41 @@ def write_calibration_pngs(folder: Path, n: int, size: int, seed: int) -> Path:
     return folder
 
 
-def qoperator_variant(source: Path, out: Path, calib_dir: Path, count: int) -> Path:
-    """Diagnosis only: QOperator format (QLinearConv nodes), uint8 activations: ONNX Runtime only."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+def diagnosis_variant(source: Path, out: Path, calib_dir: Path, count: int, *, preprocess: bool = True,
+                      **overrides) -> Path:
+    """Diagnosis only: an INT8 file quantized like toolchain.int8's "tensorrt" layout but with one thing
+    changed: `preprocess=False` skips quant_pre_process; `overrides` replace quantize_static arguments
+    (e.g. per_channel=False, or quant_format=QOperator with uint8 activations: ONNX Runtime only)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from engines.onnx_precision import _calibration_batches, _quiet, _Reader, calibration_images
+    from toolchain.int8 import CalibrationReader, calibration_batches, calibration_images, quant_options
+    from toolchain.onnx_precision import quiet
 
     spec = EngineSpec.read_beside(source)
     images, _ = calibration_images(calib_dir, spec.height, spec.width, count)
-    pre = out.with_name(out.stem + "_pre.onnx")
-    with _quiet():
-        quant_pre_process(str(source), str(pre))
-        quantize_static(str(pre), str(out), _Reader(_calibration_batches(images, spec, 4), spec.input_name),
-                        quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, per_channel=True, calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"CalibStridedMinMax": 1})
+    ready = source
+    with quiet():
+        if preprocess:
+            ready = out.with_name(out.stem + "_pre.onnx")
+            quant_pre_process(str(source), str(ready))
+        options = {**quant_options("tensorrt", onnx.load(str(ready), load_external_data=False)), **overrides}
+        if not options["per_channel"]:
+            options["extra_options"] = {k: v for k, v in options["extra_options"].items() if k != "TensorQuantOverrides"}
+        quantize_static(str(ready), str(out), CalibrationReader(calibration_batches(images, spec, 4), spec.input_name),
+                        calibrate_method=CalibrationMethod.MinMax, **options)
     spec = EngineSpec.from_dict({**json.loads(spec.to_json()), "precision": "int8"})
     metadata_path(out).write_text(spec.to_json() + "\n")
     return out
+
+
+def qoperator_overrides() -> dict:
+    """quantize_static arguments of the QOperator diagnosis (QLinearConv nodes, uint8 activations)."""
+    from onnxruntime.quantization import QuantFormat, QuantType
+
+    return {"quant_format": QuantFormat.QOperator, "activation_type": QuantType.QUInt8,
+            "extra_options": {"CalibStridedMinMax": 1}}
 
 
 def profile_ops(path: Path, spec: EngineSpec, images: np.ndarray, runs: int = 2) -> dict[str, float]:
@@ -93,7 +110,7 @@ def profile_ops(path: Path, spec: EngineSpec, images: np.ndarray, runs: int = 2)
         options.profile_file_prefix = str(Path(tmp) / "prof")
         options.log_severity_level = 3
         session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        x = normalize(images, spec.normalization)
+        x = normalize_array(images, spec.normalization)
         for _ in range(runs + 1):
             session.run(None, {spec.input_name: x})
         events = json.loads(Path(session.end_profiling()).read_text())
@@ -173,12 +190,12 @@ def main() -> None:
         add("INT8 no calibration (cpu Q/DQ)", "main", quantize_int8, source, tmp / "int8_cpu_nocal.onnx", None,
             count=args.calib_count, target="cpu")
         if not args.no_diagnosis:
-            add("diag: INT8 tensorrt Q/DQ, no pre-processing", "diagnosis", quantize_int8, source,
-                tmp / "int8_nopre.onnx", calib_dir, count=args.calib_count, preprocess=False)
-            add("diag: INT8 tensorrt Q/DQ, per-tensor weights", "diagnosis", quantize_int8, source,
-                tmp / "int8_pertensor.onnx", calib_dir, count=args.calib_count, per_channel=False)
-            add("diag: INT8 QOperator (uint8, ORT only)", "diagnosis", qoperator_variant, source,
-                tmp / "int8_qop.onnx", calib_dir, args.calib_count)
+            add("diag: INT8 tensorrt Q/DQ, no pre-processing", "diagnosis", diagnosis_variant, source,
+                tmp / "int8_nopre.onnx", calib_dir, args.calib_count, preprocess=False)
+            add("diag: INT8 tensorrt Q/DQ, per-tensor weights", "diagnosis", diagnosis_variant, source,
+                tmp / "int8_pertensor.onnx", calib_dir, args.calib_count, per_channel=False)
+            add("diag: INT8 QOperator (uint8, ORT only)", "diagnosis", diagnosis_variant, source,
+                tmp / "int8_qop.onnx", calib_dir, args.calib_count, **qoperator_overrides())
 
         loaded = [(v["variant"], OnnxEngine(v["file"])) for v in variants]
         try:
@@ -300,7 +317,7 @@ def main() -> None:
 
 
 def _row(v: dict):
-    from engines.bench import BenchRow
+    from toolchain.bench import BenchRow
 
     return BenchRow(v["variant"], v["batch"], v["samples"], v["runtime_s"], v["fps"])
 

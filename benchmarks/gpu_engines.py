@@ -7,7 +7,7 @@ Models: a random-weight width-64 U-Net (the study's size; weights do not change 
 shipped width-16 demo model, both 1x512x512, 2 classes. Rows, at batch 8 and 1 (--batches adds more):
   torch FP32 eager, TF32 off | TF32 eager | torch AMP FP16 | FP16 channels_last eager | compiled FP16 (.ptc)
 Each rate is the median of --repeats runs of --iters batches with the engine's 2 slots in flight
-(engines.bench.throughput), uint8 in and uint8 masks out, as a worker runs them.
+(toolchain.bench.throughput), uint8 in and uint8 masks out, as a worker runs them.
 The compiled engine (static --batch-sizes, default 8; smaller batches run padded) is built in a fresh process with empty inductor/triton cache directories (cold
 build time), then loaded in another fresh process with other empty cache directories (warm load
 time: everything comes from the .ptc), which times it and saves its masks; mask agreement with the
@@ -39,9 +39,9 @@ import torch  # noqa: E402
 
 from engines import DEMO_CHECKPOINT  # noqa: E402
 from engines.base import EngineSpec, infer  # noqa: E402
-from engines.bench import throughput  # noqa: E402
+from toolchain.bench import throughput  # noqa: E402
 from engines.checkpoint import save_checkpoint  # noqa: E402
-from engines.synth import generate  # noqa: E402
+from toolchain.synth import generate  # noqa: E402
 from engines.unet import UNet, UNetConfig  # noqa: E402
 
 TARGET = 1100.0  # img/s, compiled FP16, width 64, batch 8, on an H200 (DESIGN.md bar)
@@ -103,7 +103,7 @@ def _child(args: list[str], cache_root: Path, timeout: float) -> dict:
 
 
 def child_build(ckpt: str, out: str, sizes: str) -> dict:
-    from engines.compiled_engine import build_compiled
+    from toolchain.compile import build_compiled
 
     started = time.perf_counter()
     build_compiled(Path(ckpt), Path(out), batch_sizes=tuple(int(b) for b in sizes.split(",")))

@@ -41,10 +41,7 @@ from PIL import Image  # noqa: E402
 
 from broker import payloads  # noqa: E402
 
-try:  # the synthetic generator moves from engines/ to toolchain/
-    from toolchain.synth import generate  # noqa: E402
-except ImportError:  # pragma: no cover
-    from engines.synth import generate  # noqa: E402
+from toolchain.synth import generate  # noqa: E402
 
 
 def _png_encode(a: np.ndarray) -> bytes:

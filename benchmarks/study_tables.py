@@ -4,10 +4,10 @@
     python benchmarks/study_tables.py --device cuda --samples 1000,10000 --dice-n 100   # GPU run
 
 Table 1 (speed): variant x batch size (1, 4, 8) x samples -> runtime (s), FPS, engine-only
-(engines.bench: uint8 in, masks out, 2 batches in flight). Table 2 (quality): per variant, best FPS,
+(toolchain.bench: uint8 in, masks out, 2 batches in flight). Table 2 (quality): per variant, best FPS,
 Dice against ground truth on held-out synthetic images, and Deviation = Dice - Dice of FP32 torch
 (the study's "vs FP32" column). Variants that cannot run on the target are listed with the reason.
-Every engine is built in a temporary folder by `engines.build` from --checkpoint; INT8 is calibrated
+Every engine is built in a temporary folder by `toolchain.build` from --checkpoint; INT8 is calibrated
 (MinMax) on synthetic images from another seed than the held-out set. Writes JSON and Markdown to
 benchmarks/results/.
 """
@@ -30,11 +30,11 @@ sys.path.insert(0, str(ROOT))
 
 from engines import DEMO_CHECKPOINT  # noqa: E402
 from engines.base import infer  # noqa: E402
-from engines.bench import BenchRow, bench_engines, format_table, report  # noqa: E402
-from engines.build import build  # noqa: E402
+from toolchain.bench import BenchRow, bench_engines, format_table, report  # noqa: E402
+from toolchain.build import build  # noqa: E402
 from engines.loader import load_engine  # noqa: E402
-from engines.metrics import dice  # noqa: E402
-from engines.synth import generate, write_dataset  # noqa: E402
+from common.metrics import dice  # noqa: E402
+from toolchain.synth import generate, write_dataset  # noqa: E402
 
 HELDOUT_SEED = 1000003  # the demo model's held-out seed (engines/demo/README.md)
 CALIB_SEED = 4242
@@ -46,7 +46,7 @@ class Variant:
     """One row of the study: how to build it from the checkpoint, and where it can run."""
 
     name: str
-    build: dict | None  # engines.build arguments (output suffix + options), None = the checkpoint itself
+    build: dict | None  # toolchain.build arguments (output suffix + options), None = the checkpoint itself
     precision: str | None = None  # load_engine precision (torch checkpoints)
     devices: tuple[str, ...] = ("cpu", "cuda")
     reason: str = ""  # why it cannot run where it does not

@@ -1,8 +1,10 @@
-"""Segmentation engines: the U-Net, its training and export, and one adapter per runtime.
+"""The engine runtime the worker loads: the U-Net, its checkpoints, and one adapter per runtime.
 
 `engines.base` is the interface (EngineSpec, Engine, InFlight, infer, check_batch); `load_engine`
-in `engines.loader` opens any engine file by its extension. The small demo model that ships with
-the package lives at DEMO_CHECKPOINT (torch) and DEMO_ONNX (ONNX Runtime, 512x512, batch 1..8).
+in `engines.loader` opens any engine file by its extension. This package imports nothing from
+`toolchain`, `producer`, `worker` or `report`; the tools that make engine files live in `toolchain`.
+The small demo model that ships with the package lives at DEMO_CHECKPOINT (torch) and DEMO_ONNX
+(ONNX Runtime, 512x512, batch 1..8).
 """
 
 from __future__ import annotations
@@ -15,7 +17,3 @@ DEMO_CHECKPOINT: Path = DEMO_DIR / "unet_w16.pt"
 #: the same model exported to FP32 ONNX (512x512, dynamic batch 1..8), metadata beside it
 DEMO_ONNX: Path = DEMO_DIR / "unet_w16.onnx"
 
-
-def demo_paths() -> tuple[Path, Path]:
-    """(DEMO_CHECKPOINT, DEMO_ONNX): the shipped demo model's files."""
-    return DEMO_CHECKPOINT, DEMO_ONNX

@@ -1,27 +1,16 @@
 """Compiled torch engine (`.ptc`): a U-Net checkpoint plus its torch.compile cache, in one file.
 
-Build (`build_compiled`, on the GPU that will run it): load the checkpoint, fold each BatchNorm into
-the convolution before it, FP16 weights, channels_last; wrap it so that the compiled graph takes the
-uint8 (B, H, W) batch and returns uint8 masks (normalize and argmax are fused into the graph);
-`torch.compile(mode="max-autotune-no-cudagraphs", dynamic=False, fullgraph=True)` for each batch
-size in `batch_sizes` (default: the spec's max batch, 8), run each twice, then
-`torch.compiler.save_cache_artifacts()` -> bytes.
-
-Why one compiled batch size by default: every static shape costs its own max-autotune compile, at
-build and again (from the cache) at load, and a worker under load runs full batches. Smaller
-batches are padded to the smallest compiled size that holds them. Measured on an H200, width 64,
-512x512, torch 2.11 (benchmarks/results/gpu_engines_nvidia_h200_*.json):
-    batch_sizes  cold build  warm load  file    img/s at b8 / b4 / b2 / b1
-    (8,)         85 s        15 s       253 MB  1,117 / - / - / 150 (b1 padded to 8)
-    (1, 2, 4, 8) 346 s       40 s       643 MB  1,139 / 1,020 / 1,076 / 979
-So a batch of 1 costs as much GPU time as a batch of 8 (about 7 ms): fine for throughput, a
-latency cost only when the queue is nearly empty. Pass batch_sizes=(1, 2, 4, 8) (or (1, 8)) to
-trade build time, load time and file size for small-batch latency.
+This module reads and runs a `.ptc`; `toolchain.compile.build_compiled` writes one. Both prepare
+the model the same way (`prepare_module`, `compile_module`): each BatchNorm folded into the
+convolution before it, FP16 weights, channels_last, and a wrapper so that the compiled graph takes
+the uint8 (B, H, W) batch and returns uint8 masks (normalize and argmax are fused into the graph),
+compiled with `torch.compile(mode="max-autotune-no-cudagraphs", dynamic=False, fullgraph=True)`
+for each static batch size the file records. Smaller batches are padded to the smallest compiled
+size that holds them.
 
 Why no CUDA graphs (plain "max-autotune" would add them): a CUDA graph replays into static
 buffers shared by every call, so two slots in flight on two streams would overwrite each other's
-outputs; the DESIGN table shows graphs added about 1% to this model, while max-autotune's kernel
-choices and fusions are what make the compiled engine faster than eager.
+outputs.
 
 File layout (torch.save of a dict, loadable with weights_only=True):
     {"format": "segqueue-compiled/1", "config", "state_dict", "spec": checkpoint fields (spec with
@@ -35,9 +24,8 @@ CUDA only.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +33,11 @@ import torch
 from torch import nn
 
 from engines.base import EngineError, EngineSpec, Normalization
-from engines.checkpoint import Checkpoint, load_checkpoint
+from engines.checkpoint import Checkpoint
 from engines.cuda_slots import CudaSlot, CudaSlots, SlotEngine, cuda_device
-from engines.torch_engine import normalize
+from engines.torch_engine import normalize_tensor
 from engines.unet import UNet, UNetConfig
-from engines.versions import built_with, check_compatible, gpu_identity
+from engines.versions import check_compatible, gpu_identity
 
 FORMAT = "segqueue-compiled/1"
 SUFFIX = ".ptc"
@@ -83,7 +71,7 @@ def check_compiled_setup(path: Path | str, built: dict[str, str], current: dict[
     check_compatible(path, built, current, rebuild_hint(path, built), required=True)
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
+def fold_batchnorm_modules(model: nn.Module) -> nn.Module:
     """Fold every eval-mode BatchNorm2d that directly follows a Conv2d in an nn.Sequential into it.
 
     In place; returns the model. The folded conv computes conv + BN exactly (up to rounding).
@@ -101,7 +89,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-class _MasksFromPixels(nn.Module):
+class MasksFromPixels(nn.Module):
     """uint8 (B, H, W) -> uint8 masks (B, H, W): FP16 normalize, channels_last U-Net, argmax."""
 
     def __init__(self, model: UNet, norm: Normalization) -> None:
@@ -110,18 +98,19 @@ class _MasksFromPixels(nn.Module):
         self.norm = norm
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = normalize(pixels.unsqueeze(1).to(torch.float16), self.norm)
+        x = normalize_tensor(pixels.unsqueeze(1).to(torch.float16), self.norm)
         x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x).argmax(dim=1).to(torch.uint8)
 
 
-def _prepare(ckpt: Checkpoint, device: torch.device) -> _MasksFromPixels:
-    model = fold_batchnorm(ckpt.build_model())
+def prepare_module(ckpt: Checkpoint, device: torch.device) -> MasksFromPixels:
+    """The checkpoint's model, BatchNorm folded, FP16, channels_last, wrapped for uint8 in and masks out."""
+    model = fold_batchnorm_modules(ckpt.build_model())
     model = model.to(device, memory_format=torch.channels_last).half().eval()
-    return _MasksFromPixels(model, ckpt.spec.normalization).eval()
+    return MasksFromPixels(model, ckpt.spec.normalization).eval()
 
 
-def _compile(module: nn.Module, batch_sizes: tuple[int, ...], spec: EngineSpec, device: torch.device):
+def compile_module(module: nn.Module, batch_sizes: tuple[int, ...], spec: EngineSpec, device: torch.device):
     """torch.compile `module` the same way at build and at load, and run each batch size twice."""
     torch.backends.cudnn.benchmark = True
     compiled = torch.compile(module, mode=COMPILE_MODE, dynamic=False, fullgraph=True)
@@ -132,69 +121,6 @@ def _compile(module: nn.Module, batch_sizes: tuple[int, ...], spec: EngineSpec, 
                 compiled(x)
         torch.cuda.synchronize(device)
     return compiled
-
-
-def _fresh_artifacts():
-    """A context in which torch records only this build's cache artifacts (private API; optional)."""
-    try:
-        from torch.compiler._cache import CacheArtifactManager
-
-        return CacheArtifactManager.with_fresh_cache()
-    except (ImportError, AttributeError):
-        return contextlib.nullcontext()
-
-
-def build_compiled(
-    checkpoint_path: Path,
-    out_path: Path,
-    device: str = "cuda",
-    precision: str = "fp16",
-    batch_sizes: tuple[int, ...] | None = None,
-) -> Path:
-    """Compile a checkpoint for this GPU and write the `.ptc` engine; returns out_path.
-
-    precision: "fp16" only. batch_sizes: static batch sizes to compile (default: the spec's
-    max_batch); smaller batches run padded. Takes about 85 s per batch size at width 64 on an H200
-    (max-autotune). Raises EngineError without CUDA, for other precisions or a non-.ptc name.
-    """
-    checkpoint_path, out = Path(checkpoint_path), Path(out_path)
-    if precision != "fp16":
-        raise EngineError(f"compiled engines are FP16 (half weights, channels_last); got precision {precision!r}")
-    if out.suffix.lower() != SUFFIX:
-        raise EngineError(f"{out}: a compiled engine file must end in {SUFFIX} (the loader recognizes it by that)")
-    if not device.startswith("cuda"):
-        raise EngineError(f"{checkpoint_path}: compiled engines are built and run on CUDA only, got device {device!r}")
-    dev = cuda_device(device, str(checkpoint_path))
-    ckpt = load_checkpoint(checkpoint_path)
-    sizes = tuple(sorted(set(batch_sizes or (ckpt.spec.max_batch,))))
-    if sizes[0] < 1 or sizes[-1] > ckpt.spec.max_batch:
-        raise EngineError(f"batch sizes {sizes} must lie in 1..{ckpt.spec.max_batch} (the checkpoint's max batch)")
-    started = time.perf_counter()
-    with _fresh_artifacts():
-        _compile(_prepare(ckpt, dev), sizes, ckpt.spec, dev)
-        build_s = time.perf_counter() - started
-        saved = torch.compiler.save_cache_artifacts()
-    if saved is None:
-        raise EngineError(f"{checkpoint_path}: torch.compile produced no cache artifacts to save (caching disabled?)")
-    blob = saved[0]
-    record = built_with(
-        str(dev), **current_setup(str(dev)), cuda=str(torch.version.cuda), source=checkpoint_path.name,
-        compile_mode=COMPILE_MODE, batch_sizes=",".join(map(str, sizes)), build_s=f"{build_s:.1f}",
-        compile_cache_mb=f"{len(blob) / 1e6:.1f}",
-    )
-    spec = replace(ckpt.spec, precision="fp16", min_batch=1, max_batch=sizes[-1], built_with=record)
-    payload = {
-        "format": FORMAT,
-        "config": ckpt.config.to_dict(),
-        "state_dict": ckpt.state_dict,
-        "spec": asdict(spec),
-        "compile": {"mode": COMPILE_MODE, "batch_sizes": list(sizes), "dynamic": False, "fold_batchnorm": True},
-        "compile_cache": torch.frombuffer(bytearray(blob), dtype=torch.uint8),
-        "built_with": record,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, out)
-    return out
 
 
 @dataclass
@@ -269,8 +195,8 @@ class CompiledTorchEngine(SlotEngine):
         self.spec: EngineSpec = compiled_file.spec
         self.batch_sizes = compiled_file.batch_sizes
         self.name = f"compiled:{self.device} fp16 {self.path.name}"
-        module = _prepare(compiled_file.checkpoint, self.device)
-        self._compiled = _compile(module, self.batch_sizes, self.spec, self.device)
+        module = prepare_module(compiled_file.checkpoint, self.device)
+        self._compiled = compile_module(module, self.batch_sizes, self.spec, self.device)
         self.load_timings = {"read_s": t1 - t0, "cache_load_s": t2 - t1, "compile_warm_s": time.perf_counter() - t2}
         self._slots = CudaSlots(self.device, self.spec.max_batch, self.spec.height, self.spec.width, self.name)
         with torch.cuda.device(self.device):  # per slot, one padded input per compiled size

@@ -11,7 +11,7 @@ from engines.base import EngineError, EngineSpec, Normalization, check_batch
 from engines.runner import BackgroundRunner
 
 
-def normalize(images: np.ndarray, norm: Normalization) -> np.ndarray:
+def normalize_array(images: np.ndarray, norm: Normalization) -> np.ndarray:
     """uint8 (N, H, W) -> float32 (N, 1, H, W): (pixel * scale - mean) / std."""
     x = images.astype(np.float32)[:, None]
     x *= np.float32(norm.scale)
@@ -80,7 +80,7 @@ class OnnxEngine:
                 raise EngineError(f"{self.path}: model input {what} is {got}, metadata says {expected}")
 
     def _run(self, images: np.ndarray) -> np.ndarray:
-        x = normalize(images, self.spec.normalization)
+        x = normalize_array(images, self.spec.normalization)
         logits = self._session.run([self._output], {self.spec.input_name: x})[0]
         return np.argmax(logits, axis=1).astype(np.uint8)
 

@@ -6,7 +6,7 @@ its stream and event. On the slot's stream: H2D uint8 -> normalize into the inpu
 plan's input dtype) -> `context.execute_async_v3(stream)` -> argmax -> uint8 -> D2H -> event.
 
 A plan only runs on the TensorRT version and GPU that built it, so at load the plan's metadata
-(`<plan>.json`, written by engines.tensorrt_build) must name this TensorRT version, GPU name and
+(`<plan>.json`, written by toolchain.tensorrt_build) must name this TensorRT version, GPU name and
 compute capability, and its input size and batch range must agree with the plan itself; otherwise
 EngineError says what to rebuild. This module imports without TensorRT; `tensorrt` is imported when
 an engine is opened.
@@ -25,7 +25,7 @@ import torch
 
 from engines.base import EngineError, EngineSpec
 from engines.cuda_slots import CudaSlot, CudaSlots, SlotEngine, cuda_device
-from engines.torch_engine import normalize
+from engines.torch_engine import normalize_tensor
 from engines.versions import check_compatible, gpu_identity
 
 #: built_with keys a plan must match at load
@@ -245,7 +245,7 @@ class TensorRTEngine(SlotEngine):
         """uint8 (n, H, W) on the device -> uint8 masks (n, H, W), all on the slot's stream."""
         i, n = slot.index, x.shape[0]
         context, inp, out = self._contexts[i], self._inputs[i], self._outputs[i]
-        inp[:n].copy_(normalize(x.unsqueeze(1).to(self._in_dtype), self.spec.normalization))
+        inp[:n].copy_(normalize_tensor(x.unsqueeze(1).to(self._in_dtype), self.spec.normalization))
         rows = self._rows if self._static_batch else n
         if self._shapes[i] != rows:
             if not context.set_input_shape(self._input, (rows, self.spec.channels, self.spec.height, self.spec.width)):

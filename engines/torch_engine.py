@@ -29,7 +29,7 @@ from engines.versions import built_with
 PRECISIONS = ("fp32", "fp16", "amp")
 
 
-def normalize(x: torch.Tensor, norm: Normalization) -> torch.Tensor:
+def normalize_tensor(x: torch.Tensor, norm: Normalization) -> torch.Tensor:
     """Float pixels -> model input: (x * scale - mean) / std, in x's dtype and device."""
     x = x * float(norm.scale)
     if norm.mean:
@@ -90,13 +90,13 @@ class TorchEngine:
     def _run_cpu(self, images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             x = torch.from_numpy(images).unsqueeze(1).float()
-            logits = self._model(normalize(x, self.spec.normalization))
+            logits = self._model(normalize_tensor(x, self.spec.normalization))
             return logits.argmax(dim=1).to(torch.uint8).numpy()
 
     # -- CUDA ------------------------------------------------------------------------------------
     def _compute(self, x: torch.Tensor, slot: CudaSlot) -> torch.Tensor:
         """uint8 (n, H, W) on the device -> uint8 masks (n, H, W), on the current (slot's) stream."""
-        x = normalize(x.unsqueeze(1).to(self._dtype), self.spec.normalization)
+        x = normalize_tensor(x.unsqueeze(1).to(self._dtype), self.spec.normalization)
         x = x.contiguous(memory_format=torch.channels_last)
         if self.precision == "amp":
             with torch.autocast("cuda", dtype=torch.float16):

@@ -16,7 +16,7 @@ from broker.errors import SegqueueError
 from broker.store import QueueStore
 from producer.collect import CollectReport, collect_masks
 from producer.enqueue import Enqueuer, enqueue_paths, segmentation_queue
-from producer.images import ImageError, ImageSource
+from common.images import ImageError, ImageSource
 from producer.status import queue_status
 
 app = typer.Typer(help="Push images into the segmentation queue, get masks back, see where things stand.",
@@ -149,8 +149,8 @@ def report(
     Several workers' logs merge: total FPS is images over the union of their busy time. Malformed
     or truncated lines are counted, reported and skipped.
     """
-    from producer.report import dice_against, read_logs
-    from producer.report_writer import write_report
+    from report.analysis import dice_against, read_logs
+    from report.writer import write_report
 
     for path in [*logs, *(p for p in (masks, truth, reference) if p is not None)]:
         if not path.exists():

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from broker.store import QueueStore
-from producer.images import resize_mask
+from common.images import resize_mask
 
 NUM_CLASSES = 2
 

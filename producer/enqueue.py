@@ -16,7 +16,7 @@ from rq import Queue, Retry
 from rq.serializers import JSONSerializer
 
 from broker.store import JOB_FUNC, QueueStore, StoredImage, new_image_id, now
-from producer.images import DecodedImage, ImageError, ImageSource, decode_image, find_images
+from common.images import DecodedImage, ImageError, ImageSource, decode_image, find_images
 
 JOB_RETRIES = 3
 JOB_TIMEOUT_S = 3600  # rq's own limit on one job; the worker's heartbeat TTL is what detects dead workers

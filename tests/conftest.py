@@ -56,7 +56,7 @@ def small_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A width-8 U-Net (fixed seed, untrained) exported to ONNX at 64x64, batch 1..8, metadata beside it."""
     import torch
 
-    from engines.export import export_onnx
+    from toolchain.export import export_onnx
     from engines.unet import UNet, UNetConfig
 
     torch.manual_seed(0)
@@ -70,7 +70,7 @@ def write_synthetic_images(folder: Path, count: int, size: int = SMALL_SIZE, see
     """Write `count` synthetic microscopy PNGs (and their masks under folder/../truth) and return the image paths."""
     from PIL import Image
 
-    from engines.synth import generate
+    from toolchain.synth import generate
 
     folder.mkdir(parents=True, exist_ok=True)
     truth = folder.parent / f"{folder.name}_truth"

@@ -16,18 +16,14 @@ from PIL import Image
 
 import engines
 from engines.base import EngineError, EngineSpec, metadata_path
-from engines.build import build
-from engines.export import export_onnx
-from engines.metrics import dice
-from engines.onnx_precision import (
-    FP16_TOLERANCE,
-    fold_batchnorm,
-    onnx_logits,
-    op_counts,
-    quantize_int8,
-    tensorrt_incompatibilities,
-)
-from engines.synth import generate
+from toolchain.build import build
+from toolchain.export import export_onnx
+from common.metrics import dice
+from toolchain.fp16 import FP16_TOLERANCE
+from toolchain.int8 import fold_batchnorm_onnx, quantize_int8, tensorrt_incompatibilities
+from toolchain.onnx_checks import op_counts
+from toolchain.onnx_precision import onnx_logits
+from toolchain.synth import generate
 
 SIZE = 128
 CALIB_N = 16
@@ -180,7 +176,7 @@ def test_fold_batchnorm_keeps_outputs() -> None:
         return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
     before = run(model)
-    assert fold_batchnorm(model) == 1
+    assert fold_batchnorm_onnx(model) == 1
     onnx.checker.check_model(model)
     assert op_counts(model) == {"Conv": 1, "Relu": 1}
     np.testing.assert_allclose(run(model), before, atol=1e-4)
@@ -211,12 +207,12 @@ def test_unreadable_calibration_images_are_skipped(built, tmp_path: Path) -> Non
 def test_build_dispatches_plans_and_compiled_engines(built, monkeypatch, tmp_path: Path) -> None:
     """Dispatch only: which builder gets which arguments. The builders are recorded, not run, so this
     says nothing about TensorRT itself (tests/test_tensorrt.py runs it where `import tensorrt` works)."""
-    import engines.compiled_engine as compiled_engine
-    import engines.tensorrt_build as tensorrt_build
+    import toolchain.compile as compile_module
+    import toolchain.tensorrt_build as tensorrt_build
 
     calls = []
     monkeypatch.setattr(tensorrt_build, "build_plan", lambda *a, **kw: calls.append(("plan", a, kw)) or a[1])
-    monkeypatch.setattr(compiled_engine, "build_compiled", lambda *a, **kw: calls.append(("compiled", a, kw)) or a[1])
+    monkeypatch.setattr(compile_module, "build_compiled", lambda *a, **kw: calls.append(("compiled", a, kw)) or a[1])
     assert build(built["int8"], tmp_path / "u.plan", max_batch=4) == tmp_path / "u.plan"
     assert calls[-1] == ("plan", (built["int8"], tmp_path / "u.plan"),
                          {"min_batch": 1, "opt_batch": 4, "max_batch": 4, "device": "cuda"})
@@ -253,7 +249,7 @@ def test_build_from_checkpoint_exports_then_quantizes(tmp_path: Path) -> None:
 def _cli(*args: str):
     from typer.testing import CliRunner
 
-    from engines.cli import app
+    from toolchain.cli import app
 
     return CliRunner().invoke(app, list(args))
 

@@ -15,14 +15,14 @@ from engines.checkpoint import save_checkpoint
 from engines.compiled_engine import (
     FORMAT,
     CompiledTorchEngine,
-    build_compiled,
     check_compiled_setup,
-    fold_batchnorm,
+    fold_batchnorm_modules,
     read_compiled,
     rebuild_hint,
 )
 from engines.loader import load_engine, read_spec
-from engines.synth import generate
+from toolchain.compile import build_compiled
+from toolchain.synth import generate
 from engines.unet import UNet, UNetConfig
 
 SIZE = 64
@@ -120,7 +120,7 @@ def test_fold_batchnorm_keeps_the_logits() -> None:
     x = torch.rand(2, 1, SIZE, SIZE)
     with torch.inference_mode():
         before = model(x)
-        folded = fold_batchnorm(model)
+        folded = fold_batchnorm_modules(model)
         after = folded(x)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)

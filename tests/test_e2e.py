@@ -19,7 +19,7 @@ from rq.serializers import JSONSerializer
 
 from broker.store import QueueStore, StoredImage, now
 from engines import DEMO_ONNX
-from engines.metrics import dice
+from common.metrics import dice
 from producer.enqueue import segmentation_queue
 from tests.conftest import SMALL_SIZE, free_port, write_synthetic_images
 
@@ -154,7 +154,7 @@ def backlog(tmp_path, client, queue_name):
 def engine_128(tmp_path_factory):
     import torch
 
-    from engines.export import export_onnx
+    from toolchain.export import export_onnx
     from engines.unet import UNet, UNetConfig
 
     torch.manual_seed(0)

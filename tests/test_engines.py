@@ -17,11 +17,11 @@ import torch
 import engines
 from engines.base import EngineError, EngineSpec, Normalization, check_batch, infer, metadata_path
 from engines.checkpoint import FORMAT, load_checkpoint, load_model, save_checkpoint
-from engines.export import export_onnx
+from toolchain.export import export_onnx
 from engines.loader import load_engine, read_spec
-from engines.metrics import dice, mean_dice
+from common.metrics import dice, mean_dice
 from engines.onnx_engine import OnnxEngine
-from engines.synth import generate, read_mask, write_dataset
+from toolchain.synth import generate, read_mask, write_dataset
 from engines.torch_engine import TorchEngine
 from engines.unet import UNet, UNetConfig
 
@@ -332,7 +332,7 @@ def test_onnx_engine_needs_metadata(tiny, tmp_path: Path) -> None:
 
 
 def test_train_smoke(tmp_path: Path) -> None:
-    from engines.train import TrainConfig, train
+    from toolchain.train import TrainConfig, train
 
     cfg = TrainConfig(
         out=tmp_path / "t.pt", width=8, size=64, crop=32, steps=3, batch=2, pool=2, eval_n=2,
@@ -349,7 +349,7 @@ def test_train_smoke(tmp_path: Path) -> None:
 def test_cli_errors_exit_2_without_traceback(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from engines.cli import app
+    from toolchain.cli import app
 
     runner = CliRunner()
     result = runner.invoke(app, ["info", str(tmp_path / "missing.onnx")])
@@ -362,7 +362,7 @@ def test_cli_errors_exit_2_without_traceback(tmp_path: Path) -> None:
 def test_cli_info(tiny) -> None:
     from typer.testing import CliRunner
 
-    from engines.cli import app
+    from toolchain.cli import app
 
     result = CliRunner().invoke(app, ["info", str(tiny["onnx"])])
     assert result.exit_code == 0, result.output
@@ -374,7 +374,6 @@ def test_cli_info(tiny) -> None:
 
 def test_demo_engine_segments_synthetic_images() -> None:
     assert engines.DEMO_ONNX.is_file(), f"demo model missing: {engines.DEMO_ONNX}"
-    assert engines.demo_paths() == (engines.DEMO_CHECKPOINT, engines.DEMO_ONNX)
     pairs = list(generate(4, 512, seed=424242))
     with load_engine(engines.DEMO_ONNX) as engine:
         assert (engine.spec.height, engine.spec.width, engine.spec.max_batch) == (512, 512, 8)

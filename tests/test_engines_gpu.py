@@ -1,6 +1,6 @@
 """The CUDA torch engine against the CPU engine (skipped without a CUDA device).
 
-On a GPU machine without pytest, `python -m engines.gpucheck` runs the same checks and a timing table.
+On a GPU machine without pytest, `python -m toolchain.gpucheck` runs the same checks and a timing table.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import engines
-from engines.gpucheck import check
+from toolchain.gpucheck import check
 
 pytestmark = [
     pytest.mark.gpu,

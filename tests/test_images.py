@@ -1,4 +1,4 @@
-"""producer.images: finding, validating and decoding user images (real files in tmp_path)."""
+"""common.images: finding, validating and decoding user images (real files in tmp_path)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from producer.images import (
+from common.images import (
     SUPPORTED_SUFFIXES,
     DecodedImage,
     ImageError,

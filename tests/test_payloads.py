@@ -10,10 +10,7 @@ import pytest
 from broker import payloads
 from broker.payloads import CorruptPayload, OldFormat, PayloadError, decode_image, decode_mask, encode_image, encode_mask
 
-try:  # the synthetic generator moves from engines/ to toolchain/
-    from toolchain.synth import generate
-except ImportError:
-    from engines.synth import generate
+from toolchain.synth import generate
 
 
 def as_fields(payload: payloads.Payload, **extra) -> dict[bytes, bytes]:

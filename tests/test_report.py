@@ -11,7 +11,7 @@ from PIL import Image
 
 from broker.store import QueueStore
 from producer.collect import collect_masks
-from producer.report import _parse_batch, read_logs, throughput, union_seconds
+from report.analysis import _parse_batch, read_logs, throughput, union_seconds
 from tests.conftest import write_synthetic_images
 from tests.test_e2e import cli
 from tests.test_worker import enqueue_folder, run_worker

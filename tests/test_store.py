@@ -15,10 +15,7 @@ from producer.enqueue import segmentation_queue
 from tests.conftest import SMALL_SIZE, write_synthetic_images
 from tests.test_worker import enqueue_folder, run_worker
 
-try:  # the synthetic generator moves from engines/ to toolchain/
-    from toolchain.synth import generate
-except ImportError:
-    from engines.synth import generate
+from toolchain.synth import generate
 
 
 def stored(image_id: str, pixels: np.ndarray, name: str | None = None) -> StoredImage:

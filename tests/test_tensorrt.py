@@ -27,8 +27,8 @@ import torch  # noqa: E402
 from engines.base import EngineError, infer, metadata_path  # noqa: E402
 from engines.loader import load_engine  # noqa: E402
 from engines.onnx_engine import OnnxEngine  # noqa: E402
-from engines.synth import generate  # noqa: E402
-from engines.tensorrt_build import build_plan  # noqa: E402
+from toolchain.synth import generate  # noqa: E402
+from toolchain.tensorrt_build import build_plan  # noqa: E402
 from engines.tensorrt_engine import TensorRTEngine  # noqa: E402
 
 pytestmark = [

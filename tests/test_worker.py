@@ -17,7 +17,7 @@ from broker.store import QueueStore, StoredImage, new_image_id, now
 from engines.base import infer
 from engines.onnx_engine import OnnxEngine
 from producer.enqueue import Enqueuer, enqueue_paths, segmentation_queue
-from producer.images import decode_image
+from common.images import decode_image
 from tests.conftest import SMALL_SIZE, write_synthetic_images
 from worker.cli import serve
 from worker.settings import WorkerSettings

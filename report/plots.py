@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from producer.report import BatchRecord, latency_percentiles  # noqa: E402
+from report.analysis import BatchRecord, latency_percentiles  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Check and time the CUDA torch engine on a GPU machine: `python -m engines.gpucheck [CHECKPOINT]`.
+"""Check and time the CUDA torch engine on a GPU machine: `python -m toolchain.gpucheck [CHECKPOINT]`.
 
 Compares CUDA FP32, AMP and FP16 masks with the CPU engine's on synthetic 512-px images, checks that
 slots reused before their results are read still return the right masks, and times engine-only
@@ -17,10 +17,10 @@ import torch
 
 from engines import DEMO_CHECKPOINT
 from engines.base import EngineSpec, infer
-from engines.bench import throughput
+from toolchain.bench import throughput
 from engines.checkpoint import save_checkpoint
-from engines.metrics import mean_dice
-from engines.synth import generate
+from common.metrics import mean_dice
+from toolchain.synth import generate
 from engines.torch_engine import TorchEngine
 from engines.unet import UNet, UNetConfig
 

@@ -1,4 +1,4 @@
-"""Train the U-Net on synthetic microscopy-like images (engines.synth) and save a checkpoint.
+"""Train the U-Net on synthetic microscopy-like images (toolchain.synth) and save a checkpoint.
 
 Data: a pool of full-size synthetic images (generated on the fly from `seed`, a few replaced every
 step, or read once from a directory written by `engines synth`); each step draws random crops with
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from engines.base import EngineSpec, Normalization
 from engines.checkpoint import save_checkpoint
-from engines.metrics import dice
-from engines.synth import generate, read_mask
+from common.metrics import dice
+from toolchain.synth import generate, read_mask
 from engines.unet import UNet, UNetConfig, check_size
 from engines.versions import built_with
 
@@ -120,7 +120,7 @@ class CropSampler:
 
 def _one(size: int, seed: int, index: int):
     """Image `index` of the synthetic stream `seed` (without generating the ones before it)."""
-    from engines.synth import render
+    from toolchain.synth import render
 
     yield render(np.random.default_rng([seed, index]), size)
 

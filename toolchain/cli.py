@@ -50,7 +50,7 @@ def synth(
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same images.")] = 0,
 ) -> None:
     """Write synthetic microscopy-like images and exact masks (mask PNGs are 0/255; threshold 128)."""
-    from engines.synth import write_dataset
+    from toolchain.synth import write_dataset
 
     write_dataset(out, n, size, seed)
     typer.echo(f"wrote {n} images to {out / 'images'} and masks to {out / 'masks'}")
@@ -78,8 +78,8 @@ def train(
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
 ) -> None:
     """Train a U-Net on synthetic images; stores held-out Dice and this command in the checkpoint."""
-    from engines.train import TrainConfig
-    from engines.train import train as run_training
+    from toolchain.train import TrainConfig
+    from toolchain.train import train as run_training
 
     cfg = TrainConfig(
         out=out, width=width, size=size, crop=crop, steps=steps, batch=batch, lr=lr, dice_weight=dice_weight,
@@ -103,7 +103,7 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
 ) -> None:
     """Export a checkpoint to FP32 ONNX (dynamic batch), checked against torch."""
-    from engines.export import export_onnx
+    from toolchain.export import export_onnx
 
     result = export_onnx(checkpoint, output, size, size, max_batch=max_batch, opset=opset)
     typer.echo(f"wrote {result.path} and {result.metadata}: max |onnx - torch| = {result.max_abs_diff:.2e}")
@@ -151,8 +151,8 @@ def evaluate(
 
     from engines.base import infer
     from engines.loader import load_engine
-    from engines.metrics import dice
-    from engines.synth import generate
+    from common.metrics import dice
+    from toolchain.synth import generate
 
     engine = load_engine(file, device=device, precision=precision)
     try:
@@ -214,7 +214,7 @@ def build(
       engines build unet.pt --precision fp16 --compile -o unet_fp16.ptc
       engines build unet.pt -o unet.onnx
     """
-    from engines.build import build as run_build
+    from toolchain.build import build as run_build
     from engines.loader import read_spec
 
     written = run_build(
@@ -261,7 +261,7 @@ def bench(
     """
     import json
 
-    from engines.bench import DEFAULT_SAMPLES, DEFAULT_WARMUP, bench_engines, format_table, parse_batches, report
+    from toolchain.bench import DEFAULT_SAMPLES, DEFAULT_WARMUP, bench_engines, format_table, parse_batches, report
     from engines.loader import load_engine
 
     batches = parse_batches(batch)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from producer import report_plots
-from producer.report import DiceResult, LogData, latency_percentiles, throughput
+from report import plots as report_plots
+from report.analysis import DiceResult, LogData, latency_percentiles, throughput
 
 
 def _fmt(value: float, digits: int = 2) -> str:

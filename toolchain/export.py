@@ -20,7 +20,7 @@ import torch
 
 from engines.base import EngineError, EngineSpec, metadata_path
 from engines.checkpoint import load_model
-from engines.onnx_checks import check_onnx, op_counts
+from toolchain.onnx_checks import check_onnx, op_counts
 from engines.unet import UNet, check_size
 from engines.versions import built_with
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from engines.metrics import dice
+from common.metrics import dice
 
 BATCH_FIELDS = ("worker", "batch_size", "images_ok", "fetch_ms", "compute_ms", "write_ms", "total_ms", "time")
 

@@ -1,4 +1,4 @@
-"""Engine-only throughput: the one timing loop used by `engines bench`, engines.gpucheck and the scripts.
+"""Engine-only throughput: the one timing loop used by `engines bench`, toolchain.gpucheck and the scripts.
 
 A timed run submits `iters` batches of the same images, keeping up to `engine.slots` batches in
 flight (as a worker keeps them), and measures from the first submit to the last result. FPS is
@@ -57,7 +57,7 @@ def throughput(engine: Engine, images: np.ndarray, iters: int = 10, warmup: int 
 
 def bench_images(spec: EngineSpec, batch: int, seed: int = 0) -> np.ndarray:
     """A batch of synthetic uint8 images (batch, H, W) at the spec's input size."""
-    from engines.synth import generate
+    from toolchain.synth import generate
 
     side = max(spec.height, spec.width)
     return np.stack([img[: spec.height, : spec.width] for img, _ in generate(batch, side, seed)])

@@ -1,15 +1,15 @@
 """`engines build`: make one engine file from another; the output's name and the options say which.
 
     SOURCE        OUTPUT                OPTIONS                         WHAT
-    unet.pt       unet.onnx             (--precision fp32)              FP32 ONNX export (engines.export)
+    unet.pt       unet.onnx             (--precision fp32)              FP32 ONNX export (toolchain.export)
     unet.pt       unet_fp16.onnx        --precision fp16                export, then FP16 ONNX
     unet.pt       unet_int8.onnx        --precision int8 --calib ...    export, then INT8 Q/DQ ONNX
-    unet.onnx     unet_fp16.onnx        --precision fp16                FP16 ONNX (engines.onnx_precision)
-    unet.onnx     unet_int8.onnx        --precision int8 --calib DIR    INT8 Q/DQ ONNX, calibrated on DIR
+    unet.onnx     unet_fp16.onnx        --precision fp16                FP16 ONNX (toolchain.fp16)
+    unet.onnx     unet_int8.onnx        --precision int8 --calib DIR    INT8 Q/DQ ONNX (toolchain.int8)
     unet.onnx     unet_int8_nocal.onnx  --precision int8 --calib none   INT8 Q/DQ ONNX, data-free ranges
-    any .onnx     unet.trt/.engine/.plan                                TensorRT plan (engines.tensorrt_build);
+    any .onnx     unet.trt/.engine/.plan                                TensorRT plan (toolchain.tensorrt_build);
                                                                         its precision is the ONNX graph's
-    unet.pt       unet_fp16.ptc         --compile (--precision fp16)    compiled torch engine (CUDA)
+    unet.pt       unet_fp16.ptc         --compile (--precision fp16)    compiled torch engine (toolchain.compile)
 
 Anything else is an EngineError that lists these combinations.
 """
@@ -72,7 +72,7 @@ def build(
     if calib is not None and precision != "int8":
         raise _unsupported(source, output, "--calib applies to --precision int8 only")
     if precision == "int8" and not compile and out_suffix == ".onnx":
-        from engines.onnx_precision import CALIB_METHODS, INT8_TARGETS
+        from toolchain.int8 import CALIB_METHODS, INT8_TARGETS
 
         if calib_method not in CALIB_METHODS:
             raise EngineError(f"unknown calibration method {calib_method!r} (use {', '.join(CALIB_METHODS)})")
@@ -85,7 +85,7 @@ def build(
             raise _unsupported(source, output, "--compile builds from a torch checkpoint (.pt)")
         if precision not in (None, "fp16"):
             raise _unsupported(source, output, f"compiled engines are fp16, not {precision}")
-        from engines.compiled_engine import build_compiled
+        from toolchain.compile import build_compiled
 
         return build_compiled(source, output, device=device, precision="fp16")
 
@@ -115,28 +115,30 @@ def _check_calib(source: Path, calib: str | None, count: int) -> None:
             "segment) or --calib none (data-free ranges, the uncalibrated baseline)"
         )
     if calib.lower() != "none":
-        from engines.onnx_precision import calibration_files
+        from toolchain.int8 import calibration_files
 
         calibration_files(Path(calib), count)
 
 
 def _from_onnx(source: Path, output: Path, precision: str, calib: str | None, method: str, count: int,
                target: str) -> Path:
-    from engines import onnx_precision
-
     if precision == "fp16":
-        return onnx_precision.convert_fp16(source, output).path
+        from toolchain.fp16 import convert_fp16
+
+        return convert_fp16(source, output).path
     if precision == "int8":
         _check_calib(source, calib, count)
         folder = None if calib is None or calib.lower() == "none" else Path(calib)
-        return onnx_precision.quantize_int8(source, output, folder, method=method, count=count, target=target).path
+        from toolchain.int8 import quantize_int8
+
+        return quantize_int8(source, output, folder, method=method, count=count, target=target).path
     raise _unsupported(source, output, f"an FP32 ONNX file comes from a checkpoint (.pt), not from {source.suffix}")
 
 
 def _from_checkpoint(source: Path, output: Path, precision: str, calib: str | None, method: str, count: int,
                      max_batch: int, target: str) -> Path:
     from engines.checkpoint import load_checkpoint
-    from engines.export import export_onnx
+    from toolchain.export import export_onnx
 
     spec = load_checkpoint(source).spec
     if precision == "fp32":
@@ -159,7 +161,7 @@ def _build_plan(source: Path, output: Path, precision: str | None, device: str, 
     if max_batch > spec.max_batch:
         raise EngineError(f"{source}: accepts batches up to {spec.max_batch}, a plan for {max_batch} was requested")
     if spec.precision == "int8":
-        from engines.onnx_precision import tensorrt_incompatibilities
+        from toolchain.int8 import tensorrt_incompatibilities
 
         problems = tensorrt_incompatibilities(source)
         if problems:
@@ -167,6 +169,6 @@ def _build_plan(source: Path, output: Path, precision: str | None, device: str, 
                 f"{source}: TensorRT refuses this Q/DQ graph ({'; '.join(problems)}): it was built for ONNX Runtime "
                 "CPU (--target cpu); rebuild it with --target tensorrt"
             )
-    from engines.tensorrt_build import build_plan
+    from toolchain.tensorrt_build import build_plan
 
     return build_plan(source, output, min_batch=1, opt_batch=max_batch, max_batch=max_batch, device=device)
