@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,11 +13,16 @@ from broker.connection import BrokerSettings, connect
 from broker.errors import SegqueueError
 from engines.base import EngineError
 from engines.loader import load_engine
+from worker.devices import DeviceError, DevicePlan, child_labels, expand_devices, is_pool, pin_process, suffixed
 from worker.logs import configure_logging
 from worker.pipeline import BatchPipeline
 from worker.rq_source import RqJobSource
 from worker.settings import WorkerSettings
 from worker.signals import stop_on_signals
+
+# Nothing imported above initialises CUDA (torch reads CUDA_VISIBLE_DEVICES only when CUDA first
+# initialises, lazily): `run` pins the process to its GPU before any engine is loaded.
+# tests/test_devices.py checks this.
 
 app = typer.Typer(help="Run segmentation workers: one process per GPU (or CPU), any number of hosts, one Redis.",
                   no_args_is_help=True, add_completion=False)
@@ -33,10 +40,11 @@ def _fail(message: str) -> None:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     engine: Annotated[Path, typer.Option(help="Engine file: .onnx (ONNX Runtime), .pt/.pth (torch checkpoint or torch2trt), .ptc (compiled torch, CUDA), .trt/.engine/.plan (TensorRT).")],
     max_batch: Annotated[int, typer.Option(min=1, help="Most images per engine call (across jobs).")] = 8,
     max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest wait for a batch to fill, from its oldest image.")] = 20.0,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:<index>.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:<index>: one worker; cuda:N sees only GPU N (CUDA_VISIBLE_DEVICES, mapped through one you set) and runs as cuda:0. 'all', or a list such as cuda:0,cuda:1 or cpu,cpu: a pool, one worker process per entry (all: per visible GPU), see below.")] = "cpu",
     precision: Annotated[Optional[str], typer.Option(help="Torch checkpoints: fp32 (default), amp (autocast FP16, CUDA) or fp16 (half + channels_last, CUDA). Other engines carry their precision; a mismatch is refused.")] = None,
     burst: Annotated[bool, typer.Option("--burst", help="Exit when the queue is empty instead of waiting for work.")] = False,
     log_file: Annotated[Optional[Path], typer.Option(help="Also write JSON lines (one per batch) to this file.")] = None,
@@ -50,11 +58,26 @@ def run(
 
     SIGTERM or Ctrl-C finishes the work already claimed and exits 0; a second one exits at once
     (the claimed jobs are then re-enqueued by another worker after --job-heartbeat-ttl).
+
+    One worker per GPU: `--device all` (every visible GPU) or a list (`cuda:0,cuda:2`, or `cpu,cpu`
+    for CPU workers) starts a pool: one `worker run --device <entry>` child process per entry with
+    the same other options, each logging to its own file (--log-file worker.log gives
+    worker.gpu0.log, worker.gpu1.log, ...; the pool's own events go to worker.pool.log). A child
+    that dies unexpectedly is restarted (at most 5 times in 5 minutes, logged); exit status 2
+    (setup error) is not restarted. SIGTERM or Ctrl-C is passed on to every child, which drain;
+    the pool exits when all have exited (status 0 if all exited 0).
     """
+    if is_pool(device):
+        options = dict(locals())  # this command's options by name (a statement: comprehensions differ on 3.11)
+        sys.exit(_run_pool(ctx, options, device, log_file, name))
+    try:
+        plan = pin_process(device)  # before anything initialises CUDA
+    except DeviceError as exc:
+        _fail(str(exc))
     settings = WorkerSettings(
         broker=BrokerSettings.resolve(redis_url, queue),
         engine_path=engine,
-        device=device,
+        device=plan.engine_device,
         precision=precision,
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
@@ -64,17 +87,79 @@ def run(
         job_heartbeat_ttl_s=job_heartbeat_ttl,
         maintenance_interval_s=maintenance_interval,
     )
-    sys.exit(serve(settings))
+    sys.exit(serve(settings, plan))
 
 
-def serve(settings: WorkerSettings) -> int:
-    """Run a worker with `settings` until it stops; returns the process exit status."""
+def _child_argv(ctx: typer.Context, options: dict[str, object], device: str, log_file: Path | None,
+                name: str) -> list[str]:
+    """`python -m worker.cli run` with this command's `options` (name -> value), but --device,
+    --log-file and --name as given."""
+    argv = [sys.executable, "-m", "worker.cli", "run"]
+    for param in ctx.command.params:
+        if getattr(param, "param_type_name", "") != "option" or param.name in ("device", "log_file", "name"):
+            continue
+        value = options.get(param.name)
+        if value is None:
+            continue
+        flag = max(param.opts, key=len)
+        if param.is_flag:
+            if value:
+                argv.append(flag)
+            continue
+        argv += [flag, str(value)]
+    argv += ["--device", device]
+    if log_file is not None:
+        argv += ["--log-file", str(log_file)]
+    if name:
+        argv += ["--name", name]
+    return argv
+
+
+def _run_pool(ctx: typer.Context, options: dict[str, object], device: str, log_file: Path | None, name: str) -> int:
+    """`--device all` or a list: supervise one `worker run` child per device (worker/pool.py)."""
+    from worker.pool import ChildSpec, WorkerPool
+
+    try:
+        devices = expand_devices(device)
+    except DeviceError as exc:
+        _fail(str(exc))
+    labels = child_labels(devices)
+    children = [
+        ChildSpec(label, dev, _child_argv(ctx, options, dev, suffixed(log_file, label) if log_file else None,
+                                          f"{name}.{label}" if name else ""))
+        for label, dev in zip(labels, devices)
+    ]
+    log = configure_logging(suffixed(log_file, "pool") if log_file else None).bind(pool=os.getpid())
+    return WorkerPool(children, log).run()
+
+
+def _warm_up(loaded, max_batch: int) -> float:
+    """Run one batch of zeros (the worker's batch size) through the engine; returns seconds."""
+    import numpy as np
+
+    spec = loaded.spec
+    batch = max(spec.min_batch, min(max_batch, spec.max_batch))
+    started = time.perf_counter()
+    loaded.submit(np.zeros((batch, spec.height, spec.width), dtype=np.uint8)).result()
+    return time.perf_counter() - started
+
+
+def serve(settings: WorkerSettings, plan: DevicePlan | None = None) -> int:
+    """Run a worker with `settings` until it stops; returns the process exit status.
+
+    plan: how --device was mapped (pin_process); None means settings.device is used as given.
+    Logs `worker_started` when the engine is loaded and `worker_ready` once a warm-up batch has run
+    and the worker is registered with rq: from then on it serves at full speed.
+    """
     log = configure_logging(settings.log_file)
+    started = time.perf_counter()
     try:
         client = connect(settings.broker)
         loaded = load_engine(settings.engine_path, device=settings.device, precision=settings.precision)
     except (SegqueueError, EngineError) as exc:
-        _fail(str(exc))
+        where = f" [--device {plan.describe()}]" if plan is not None and plan.physical is not None else ""
+        _fail(f"{exc}{where}")
+    load_s = time.perf_counter() - started
     try:
         if settings.max_batch > loaded.spec.max_batch:
             _fail(f"--max-batch {settings.max_batch} exceeds what {settings.engine_path} accepts "
@@ -87,10 +172,17 @@ def serve(settings: WorkerSettings) -> int:
             maintenance_interval_s=settings.maintenance_interval_s,
         )
         log = log.bind(worker=source.name, engine=loaded.name)
+        gpu = {} if plan is None or plan.physical is None else {"gpu": plan.physical, "requested_device": plan.requested}
         log.info("worker_started", queue=settings.broker.queue, broker=settings.broker.describe(),
                  max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, device=settings.device,
-                 burst=settings.burst)
+                 burst=settings.burst, pid=os.getpid(), load_s=round(load_s, 3), **gpu)
+        try:
+            warmup_s = _warm_up(loaded, settings.max_batch)
+        except EngineError as exc:
+            _fail(f"{settings.engine_path}: warm-up batch failed: {exc}")
         source.open()
+        log.info("worker_ready", pid=os.getpid(), device=settings.device, load_s=round(load_s, 3),
+                 warmup_s=round(warmup_s, 3), ready_s=round(time.perf_counter() - started, 3), **gpu)
         try:
             with stop_on_signals() as stop:
                 images = BatchPipeline(settings, loaded, source, client, log, stop).run()
@@ -100,3 +192,7 @@ def serve(settings: WorkerSettings) -> int:
         return 0
     finally:
         loaded.close()
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m worker.cli`
+    app()
