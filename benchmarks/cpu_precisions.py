@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,18 +48,15 @@ from common.metrics import dice  # noqa: E402
 from engines.onnx_engine import OnnxEngine, normalize_array  # noqa: E402
 from toolchain.fp16 import convert_fp16  # noqa: E402
 from toolchain.int8 import quantize_int8  # noqa: E402
-from toolchain.synth import generate  # noqa: E402
+from toolchain.synth import generate, write_dataset  # noqa: E402
 from engines.versions import built_with  # noqa: E402
 
 EVAL_SEED = 1_000_003
 
 
 def write_calibration_pngs(folder: Path, n: int, size: int, seed: int) -> Path:
-    """n synthetic images as 8-bit PNGs in folder (what a user's calibration folder looks like)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, (image, _) in enumerate(generate(n, size, seed)):
-        Image.fromarray(image).save(folder / f"calib_{i:04d}.png")
-    return folder
+    """n synthetic images as 8-bit PNGs (what a user's calibration folder looks like); returns their folder."""
+    return write_dataset(folder, n, size, seed, progress=False) / "images"
 
 
 def diagnosis_variant(source: Path, out: Path, calib_dir: Path, count: int, *, preprocess: bool = True,

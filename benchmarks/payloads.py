@@ -41,6 +41,8 @@ from PIL import Image  # noqa: E402
 
 from broker import payloads  # noqa: E402
 
+from engines.versions import package_version  # noqa: E402
+from toolchain.bench import cpu_model  # noqa: E402
 from toolchain.synth import generate  # noqa: E402
 
 
@@ -126,25 +128,6 @@ def print_table(title: str, rows: list[dict]) -> None:
         print(f"{r['codec']:<40}{r['ratio']:>8.2f}{r['bytes_per_item']:>12}{r['encode_ms']:>9.3f}{r['decode_ms']:>9.3f}")
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _dist(name: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "absent"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=32)
@@ -178,10 +161,10 @@ def main() -> None:
     result = {
         "benchmark": "payloads",
         "date": stamp.isoformat(timespec="seconds"),
-        "machine": {"host": socket.gethostname(), "cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0)),
+        "machine": {"host": socket.gethostname(), "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)),
                     "platform": platform.platform()},
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "zstandard": zstandard.__version__,
-                     "lz4": _dist("lz4"), "pillow": _dist("pillow")},
+                     "lz4": package_version("lz4"), "pillow": package_version("pillow")},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "setup": {"images": args.images, "size": args.size, "rounds": args.rounds, "seed": args.seed,
                   "extra_noise_sigma": args.extra_noise,

@@ -102,6 +102,45 @@ class Engine(Protocol):
         ...
 
 
+class EngineBase:
+    """What every engine shares: the checked `submit`, an idempotent `close` and the context manager.
+
+    A subclass sets `spec` and `name`, implements `_start(images) -> InFlight` (images already
+    checked against the spec) and `_release()` (free sessions, threads, device memory; called once).
+    """
+
+    spec: EngineSpec
+    name: str
+    slots: int = 2
+    _closed: bool = False
+
+    def _start(self, images: np.ndarray) -> InFlight:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def submit(self, images: np.ndarray) -> InFlight:
+        """Check and start one uint8 (N, H, W) batch; returns an InFlight of uint8 (N, H, W) masks."""
+        if self._closed:
+            raise EngineError(f"{self.name}: engine is closed")
+        check_batch(self.spec, images)
+        return self._start(images)
+
+    def close(self) -> None:
+        """Finish in-flight batches and release the engine's resources. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def infer(engine: Engine, images: np.ndarray) -> np.ndarray:
     """Run one batch synchronously: uint8 (N, H, W) in, uint8 masks (N, H, W) out."""
     return engine.submit(images).result()

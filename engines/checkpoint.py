@@ -8,6 +8,8 @@ Nothing is ever unpickled beyond tensors and plain containers: a file that needs
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,31 @@ def save_checkpoint(
     return path
 
 
+def load_weights_only(path: Path, what: str, *, allow: Sequence[type] = (), mmap: bool = False) -> Any:
+    """`torch.load(path, map_location="cpu", weights_only=True)`: the one way this project reads torch files.
+
+    Only tensors and plain containers (plus the types in `allow`) are admitted, so nothing in the
+    file can run code. A corrupt or truncated file, or one that needs more, raises EngineError
+    "{path}: not {what} (...)", e.g. what="a readable torch checkpoint". mmap: map the file instead of reading it.
+    """
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    guard = safe_globals(list(allow)) if allow and safe_globals is not None else contextlib.nullcontext()
+    try:
+        with guard:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # corrupt zip, truncated file, refused pickle: all the same to a user
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise EngineError(f"{path}: not {what} ({type(exc).__name__}: {first[:200]})") from None
+
+
+def require_format(path: Path, data: Any, fmt: str, what: str) -> dict:
+    """`data` if it is a dict whose "format" is `fmt`; else EngineError "{path}: not a {what} (format: ...)"."""
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise EngineError(f"{path}: not a {what} (format: {found!r})")
+    return data
+
+
 def load_checkpoint(path: Path | str) -> Checkpoint:
     """Read a checkpoint with `torch.load(..., weights_only=True)`.
 
@@ -67,14 +94,7 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise EngineError(f"{path}: checkpoint file not found")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt zip, truncated file, refused pickle: all the same to a user
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise EngineError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {first[:200]})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise EngineError(f"{path}: not a {FORMAT} checkpoint (format: {found!r})")
+    data = require_format(path, load_weights_only(path, "a readable torch checkpoint"), FORMAT, f"{FORMAT} checkpoint")
     missing = [k for k in ("config", "state_dict", "spec") if not isinstance(data.get(k), dict)]
     if missing:
         raise EngineError(f"{path}: checkpoint lacks {', '.join(missing)}")

@@ -27,13 +27,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from engines.base import EngineError, EngineSpec, Normalization
-from engines.checkpoint import Checkpoint
+from engines.checkpoint import Checkpoint, load_weights_only, require_format
 from engines.cuda_slots import CudaSlot, CudaSlots, SlotEngine, cuda_device
 from engines.torch_engine import normalize_tensor
 from engines.unet import UNet, UNetConfig
@@ -68,7 +67,7 @@ def rebuild_hint(path: Path | str, built: dict[str, str]) -> str:
 
 def check_compiled_setup(path: Path | str, built: dict[str, str], current: dict[str, str]) -> None:
     """Refuse a compiled engine built with another torch/triton version, GPU or compute capability."""
-    check_compatible(path, built, current, rebuild_hint(path, built), required=True)
+    check_compatible(path, built, current, rebuild_hint(path, built))
 
 
 def fold_batchnorm_modules(model: nn.Module) -> nn.Module:
@@ -141,14 +140,7 @@ def read_compiled(path: Path | str) -> CompiledFile:
     path = Path(path)
     if not path.is_file():
         raise EngineError(f"{path}: compiled engine file not found")
-    try:
-        data: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise EngineError(f"{path}: not a readable compiled engine ({type(exc).__name__}: {first[:200]})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise EngineError(f"{path}: not a {FORMAT} file (format: {found!r})")
+    data = require_format(path, load_weights_only(path, "a readable compiled engine", mmap=True), FORMAT, f"{FORMAT} file")
     try:
         spec = EngineSpec.from_dict(data["spec"])
         config = UNetConfig.from_dict(data["config"])
@@ -173,8 +165,6 @@ class CompiledTorchEngine(SlotEngine):
     reading the file ("read_s"), loading the cache ("cache_load_s") and compiling + warming
     ("compile_warm_s"). slots = 2 (engines.cuda_slots), as the eager CUDA engine.
     """
-
-    slots = 2
 
     def __init__(self, path: Path | str, device: str = "cuda") -> None:
         self.path = Path(path)
@@ -206,7 +196,6 @@ class CompiledTorchEngine(SlotEngine):
                 for _ in range(len(self._slots))
             ]
             torch.cuda.synchronize(self.device)
-        self._closed = False
 
     def _compute(self, x: torch.Tensor, slot: CudaSlot) -> torch.Tensor:
         n = x.shape[0]
@@ -217,11 +206,7 @@ class CompiledTorchEngine(SlotEngine):
         padded[:n].copy_(x)
         return self._compiled(padded)[:n]
 
-    def close(self) -> None:
-        """Finish in-flight batches, free the compiled model and buffers. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+    def _release(self) -> None:
         self._slots.close()
         self._pads = []
         self._compiled = None

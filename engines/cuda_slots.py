@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from engines.base import EngineError, EngineSpec, check_batch
+from engines.base import EngineBase, EngineError
 
 
 class CudaSlot:
@@ -149,33 +149,17 @@ def cuda_device(device: str, label: str) -> torch.device:
     return torch.device("cuda", index)
 
 
-class SlotEngine:
-    """The shared front of engines that run `_compute` on CudaSlots (compiled torch, TensorRT).
+class SlotEngine(EngineBase):
+    """An engine that runs `_compute` on CudaSlots (compiled torch, TensorRT).
 
-    A subclass sets `spec`, `name`, `_slots` and `_closed`, implements `_compute(x, slot)` (uint8
-    (N, H, W) on the device -> uint8 masks on the device, on the slot's stream) and `close()`.
+    A subclass sets `spec`, `name` and `_slots`, implements `_compute(x, slot)` (uint8 (N, H, W) on
+    the device -> uint8 masks on the device, on the slot's stream) and `_release()`.
     """
 
-    spec: EngineSpec
-    name: str
     _slots: CudaSlots
-    _closed: bool
 
     def _compute(self, x: torch.Tensor, slot: CudaSlot) -> torch.Tensor:
         raise NotImplementedError
 
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def submit(self, images: np.ndarray) -> CudaInFlight:
-        """Check and start one uint8 (N, H, W) batch; returns an InFlight of uint8 (N, H, W) masks."""
-        if self._closed:
-            raise EngineError(f"{self.name}: engine is closed")
-        check_batch(self.spec, images)
+    def _start(self, images: np.ndarray) -> CudaInFlight:
         return self._slots.submit(images, self._compute)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 
-from engines.base import EngineError, EngineSpec, Normalization, check_batch
+from engines.base import EngineBase, EngineError, EngineSpec, Normalization
 from engines.runner import BackgroundRunner
 
 
@@ -22,18 +21,15 @@ def normalize_array(images: np.ndarray, norm: Normalization) -> np.ndarray:
     return x
 
 
-class OnnxEngine:
+class OnnxEngine(EngineBase):
     """Runs an ONNX model through onnxruntime on one background thread.
 
     path: the .onnx file; its metadata must sit beside it (`unet.onnx.json`). device: "cpu" or
-    "cuda[:i]" (needs onnxruntime-gpu). intra_op_threads: ONNX Runtime's thread count (None: its
-    default, one per physical core). `submit(uint8 (N, H, W))` returns a Future whose `result()` is
-    the uint8 (N, H, W) class masks. slots = 2: one batch computing, one queued.
+    "cuda[:i]" (needs onnxruntime-gpu). `submit(uint8 (N, H, W))` returns a Future whose `result()`
+    is the uint8 (N, H, W) class masks. slots = 2: one batch computing, one queued.
     """
 
-    slots = 2
-
-    def __init__(self, path: Path | str, device: str = "cpu", intra_op_threads: int | None = None) -> None:
+    def __init__(self, path: Path | str, device: str = "cpu") -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -53,8 +49,6 @@ class OnnxEngine:
             raise EngineError(f"{self.path}: unknown device {device!r} (use cpu or cuda[:i])")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
         try:
             self._session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
         except Exception as exc:
@@ -84,18 +78,9 @@ class OnnxEngine:
         logits = self._session.run([self._output], {self.spec.input_name: x})[0]
         return np.argmax(logits, axis=1).astype(np.uint8)
 
-    def submit(self, images: np.ndarray) -> Future:
-        """Check and queue one uint8 (N, H, W) batch; returns a Future of uint8 (N, H, W) masks."""
-        check_batch(self.spec, images)
+    def _start(self, images: np.ndarray):
         return self._runner.submit(images)
 
-    def close(self) -> None:
-        """Finish queued batches and release the session. Idempotent."""
+    def _release(self) -> None:
         self._runner.close()
         self._session = None  # type: ignore[assignment]
-
-    def __enter__(self) -> "OnnxEngine":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

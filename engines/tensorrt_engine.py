@@ -93,7 +93,7 @@ def current_setup(trt_version: str, device: str = "cuda") -> dict[str, str]:
 
 def check_plan_metadata(path: Path | str, spec: EngineSpec, current: dict[str, str]) -> None:
     """Refuse a plan whose metadata names another TensorRT version, GPU or compute capability."""
-    check_compatible(path, spec.built_with, current, rebuild_hint(path, spec), required=True)
+    check_compatible(path, spec.built_with, current, rebuild_hint(path, spec))
 
 
 def check_plan_shape(
@@ -130,8 +130,6 @@ class TensorRTEngine(SlotEngine):
     file). slots = 2, each with its own execution context.
     """
 
-    slots = 2
-
     def __init__(
         self,
         path: Path | str,
@@ -161,7 +159,6 @@ class TensorRTEngine(SlotEngine):
             self._rebuild = rebuild or "Rebuild it with this TensorRT version on this GPU."
         self.spec: EngineSpec = spec
         self._infer_shapes = infer_shapes
-        self._closed = False
         logger = trt_logger(trt)
         with torch.cuda.device(self.device):
             torch.cuda.init()  # torch creates the primary context first; TensorRT then uses it
@@ -255,11 +252,7 @@ class TensorRTEngine(SlotEngine):
             raise EngineError(f"{self.name}: execute_async_v3 failed ({trt_logger(self._trt).recent()})")
         return out[:n].argmax(dim=1).to(torch.uint8)
 
-    def close(self) -> None:
-        """Finish in-flight batches; free contexts, engine, runtime and buffers. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+    def _release(self) -> None:
         self._slots.close()
         self._contexts.clear()  # contexts before their engine, the engine before its runtime
         self._inputs.clear()

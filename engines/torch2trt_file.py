@@ -14,7 +14,6 @@ from `<file>.pth.json` when present, else from defaults and the engine's own ten
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ from typing import Any
 import torch
 
 from engines.base import EngineError
+from engines.checkpoint import load_weights_only
+
 
 @dataclass(frozen=True)
 class Torch2TrtFile:
@@ -33,11 +34,8 @@ class Torch2TrtFile:
 
 
 def _safe_load(path: Path) -> Any:
-    """torch.load(weights_only=True), admitting bytearray too (torch2trt's engine container)."""
-    allow = getattr(torch.serialization, "safe_globals", None)
-    guard = allow([bytearray]) if allow is not None else contextlib.nullcontext()
-    with guard:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    """load_weights_only, admitting bytearray too (torch2trt's engine container)."""
+    return load_weights_only(path, "a safely readable torch file", allow=(bytearray,))
 
 
 def _engine_prefix(data: Any) -> str | None:
@@ -79,11 +77,7 @@ def parse_torch2trt(path: Path | str) -> Torch2TrtFile:
     path = Path(path)
     if not path.is_file():
         raise EngineError(f"{path}: torch2trt file not found")
-    try:
-        data = _safe_load(path)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise EngineError(f"{path}: not a safely readable torch file ({type(exc).__name__}: {first[:200]})") from None
+    data = _safe_load(path)
     try:
         prefix = _engine_prefix(data)
     except EngineError as exc:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.base import EngineError, EngineSpec, Normalization, check_batch
+from engines.base import EngineBase, EngineError, EngineSpec, Normalization
 from engines.checkpoint import load_model
 from engines.cuda_slots import CudaSlot, CudaSlots, cuda_device
 from engines.runner import BackgroundRunner
@@ -39,14 +39,12 @@ def normalize_tensor(x: torch.Tensor, norm: Normalization) -> torch.Tensor:
     return x
 
 
-class TorchEngine:
+class TorchEngine(EngineBase):
     """Eager U-Net engine. `submit(uint8 (N, H, W))` -> InFlight; `result()` -> uint8 (N, H, W).
 
     checkpoint_path: a .pt/.pth written by engines.checkpoint. device: "cpu" or "cuda[:i]".
     precision: "fp32", or on CUDA "fp16" (half weights) or "amp" (autocast FP16). slots = 2.
     """
-
-    slots = 2
 
     def __init__(self, checkpoint_path: Path | str, device: str = "cpu", precision: str = "fp32") -> None:
         self.path = Path(checkpoint_path)
@@ -72,7 +70,6 @@ class TorchEngine:
             ckpt.spec, precision=precision, built_with={**ckpt.spec.built_with, **built_with(device, **extra)}
         )
         self.name = f"torch:{device} {precision} {self.path.name}"
-        self._closed = False
         self._runner: BackgroundRunner | None = None
         self._slots: CudaSlots | None = None
         if self.device.type == "cpu":
@@ -106,28 +103,14 @@ class TorchEngine:
         return logits.argmax(dim=1).to(torch.uint8)
 
     # -- Engine ----------------------------------------------------------------------------------
-    def submit(self, images: np.ndarray):  # -> InFlight
-        """Check and start one uint8 (N, H, W) batch; returns an InFlight of uint8 (N, H, W) masks."""
-        if self._closed:
-            raise EngineError(f"{self.name}: engine is closed")
-        check_batch(self.spec, images)
+    def _start(self, images: np.ndarray):
         if self._runner is not None:
             return self._runner.submit(images)
         return self._slots.submit(images, self._compute)  # type: ignore[union-attr]
 
-    def close(self) -> None:
-        """Finish in-flight batches, free the model and buffers. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+    def _release(self) -> None:
         if self._runner is not None:
             self._runner.close()
         if self._slots is not None:
             self._slots.close()
         self._model = None  # type: ignore[assignment]
-
-    def __enter__(self) -> "TorchEngine":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

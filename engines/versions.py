@@ -11,7 +11,8 @@ from pathlib import Path
 from engines.base import EngineError
 
 
-def _version(dist: str) -> str:
+def package_version(dist: str) -> str:
+    """The installed version of distribution `dist`, or "absent"."""
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -22,9 +23,9 @@ def built_with(device: str = "cpu", **extra: str) -> dict[str, str]:
     """{"torch", "onnx", "onnxruntime", "python", "device", ...extra}: versions as strings."""
     info = {
         "python": platform.python_version(),
-        "torch": _version("torch"),
-        "onnx": _version("onnx"),
-        "onnxruntime": _version("onnxruntime"),
+        "torch": package_version("torch"),
+        "onnx": package_version("onnx"),
+        "onnxruntime": package_version("onnxruntime"),
         "device": device,
     }
     info.update({k: str(v) for k, v in extra.items()})

@@ -62,7 +62,7 @@ class LogData:
         return sum(self.malformed.values())
 
 
-def _parse_batch(source: str, event: dict) -> BatchRecord:
+def parse_batch(source: str, event: dict) -> BatchRecord:
     """A BatchRecord from a decoded `batch` event; KeyError/ValueError/TypeError if a field is bad."""
     for name in BATCH_FIELDS:
         if name not in event:
@@ -105,7 +105,7 @@ def read_logs(paths: list[Path]) -> LogData:
                         raise ValueError("not an object")
                     if event.get("event") != "batch":
                         continue
-                    data.batches.append(_parse_batch(source, event))
+                    data.batches.append(parse_batch(source, event))
                 except (ValueError, KeyError, TypeError):
                     data.malformed[source] += 1
     data.batches.sort(key=lambda b: b.end_s)

@@ -51,18 +51,45 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
 SMALL_SIZE = 64  # px: logic tests use small images and a width-8 U-Net
 
 
+def tiny_unet(width: int = 8, seed: int = 0, bn_stats: bool = False):
+    """An untrained U-Net with seeded weights, in eval mode.
+
+    bn_stats: give every BatchNorm non-trivial running statistics and affine parameters, so that
+    folding or dropping it would change the output.
+    """
+    import torch
+
+    from engines.unet import UNet, UNetConfig
+
+    torch.manual_seed(seed)
+    model = UNet(UNetConfig(width=width))
+    if bn_stats:
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.data.uniform_(0.5, 1.5)
+                module.bias.data.uniform_(-0.1, 0.1)
+    return model.eval()
+
+
+def tiny_checkpoint(path: Path, size: int = SMALL_SIZE, max_batch: int = 4, model=None, seed: int = 0,
+                    training: dict | None = None) -> Path:
+    """Save `model` (default: tiny_unet(seed=seed)) as a checkpoint whose spec is size x size, batch 1..max_batch."""
+    from engines.base import EngineSpec
+    from engines.checkpoint import save_checkpoint
+
+    spec = EngineSpec(height=size, width=size, max_batch=max_batch)
+    return save_checkpoint(path, model if model is not None else tiny_unet(seed=seed), spec, training)
+
+
 @pytest.fixture(scope="session")
 def small_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A width-8 U-Net (fixed seed, untrained) exported to ONNX at 64x64, batch 1..8, metadata beside it."""
-    import torch
-
     from toolchain.export import export_onnx
-    from engines.unet import UNet, UNetConfig
 
-    torch.manual_seed(0)
-    model = UNet(UNetConfig(width=8)).eval()
     path = tmp_path_factory.mktemp("engine") / "unet_w8_64.onnx"
-    export_onnx(model, path, height=SMALL_SIZE, width=SMALL_SIZE, max_batch=8)
+    export_onnx(tiny_unet(), path, height=SMALL_SIZE, width=SMALL_SIZE, max_batch=8)
     return path
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import engines
 from engines.base import EngineError, EngineSpec, metadata_path
@@ -24,6 +23,7 @@ from toolchain.int8 import fold_batchnorm_onnx, quantize_int8, tensorrt_incompat
 from toolchain.onnx_checks import op_counts
 from toolchain.onnx_precision import onnx_logits
 from toolchain.synth import generate
+from tests.conftest import tiny_checkpoint, write_synthetic_images
 
 SIZE = 128
 CALIB_N = 16
@@ -35,9 +35,7 @@ FP16_LOGIT_TOLERANCE = 0.05
 
 
 def _write_pngs(folder: Path, n: int, seed: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, (image, _) in enumerate(generate(n, SIZE, seed)):
-        Image.fromarray(image).save(folder / f"img_{i:03d}.png")
+    write_synthetic_images(folder, n, SIZE, seed)
     return folder
 
 
@@ -227,14 +225,7 @@ def test_build_dispatches_plans_and_compiled_engines(built, monkeypatch, tmp_pat
 
 
 def test_build_from_checkpoint_exports_then_quantizes(tmp_path: Path) -> None:
-    import torch
-
-    from engines.checkpoint import save_checkpoint
-    from engines.unet import UNet, UNetConfig
-
-    torch.manual_seed(0)
-    ckpt = save_checkpoint(tmp_path / "tiny.pt", UNet(UNetConfig(width=8)).eval(),
-                           EngineSpec(height=64, width=64, max_batch=2))
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt", max_batch=2)
     fp32 = build(ckpt, tmp_path / "tiny.onnx")
     assert EngineSpec.read_beside(fp32).precision == "fp32"
     int8 = build(ckpt, tmp_path / "tiny_int8.onnx", precision="int8", calib="none", calib_count=4)

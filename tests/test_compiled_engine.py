@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from engines.base import EngineError, EngineSpec, infer
-from engines.checkpoint import save_checkpoint
 from engines.compiled_engine import (
     FORMAT,
     CompiledTorchEngine,
@@ -23,21 +22,14 @@ from engines.compiled_engine import (
 from engines.loader import load_engine, read_spec
 from toolchain.compile import build_compiled
 from toolchain.synth import generate
-from engines.unet import UNet, UNetConfig
+from engines.unet import UNet
+from tests.conftest import tiny_checkpoint, tiny_unet
 
 SIZE = 64
 
 
 def _model() -> UNet:
-    torch.manual_seed(0)
-    model = UNet(UNetConfig(width=8))
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.1, 0.1)
-    return model.eval()
+    return tiny_unet(bn_stats=True)
 
 
 BUILT = {"torch": "2.11.0+cu130", "triton": "3.6.0", "gpu": "NVIDIA H200", "compute_capability": "9.0",
@@ -106,7 +98,7 @@ def test_malformed_ptc_is_refused(tmp_path: Path) -> None:
 
 
 def test_build_compiled_refusals(tmp_path: Path) -> None:
-    ckpt = save_checkpoint(tmp_path / "tiny.pt", _model(), EngineSpec(height=SIZE, width=SIZE))
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt", SIZE, 8, _model())
     with pytest.raises(EngineError, match="CUDA only"):
         build_compiled(ckpt, tmp_path / "tiny.ptc", device="cpu")
     with pytest.raises(EngineError, match="FP16"):
@@ -134,7 +126,7 @@ def test_fold_batchnorm_keeps_the_logits() -> None:
 def test_compiled_engine_builds_loads_and_matches_eager(tmp_path: Path) -> None:
     from engines.torch_engine import TorchEngine
 
-    ckpt = save_checkpoint(tmp_path / "tiny.pt", _model(), EngineSpec(height=SIZE, width=SIZE, max_batch=4))
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt", SIZE, 4, _model())
     out = build_compiled(ckpt, tmp_path / "tiny.ptc", batch_sizes=(4,))
     images = np.stack([img for img, _ in generate(4, SIZE, seed=5)])
     with CompiledTorchEngine(out) as engine:

@@ -21,7 +21,7 @@ from broker.store import QueueStore, StoredImage, now
 from engines import DEMO_ONNX
 from common.metrics import dice
 from producer.enqueue import segmentation_queue
-from tests.conftest import SMALL_SIZE, free_port, write_synthetic_images
+from tests.conftest import SMALL_SIZE, free_port, tiny_unet, write_synthetic_images
 
 BIN = Path(sys.executable).parent
 
@@ -152,14 +152,10 @@ def backlog(tmp_path, client, queue_name):
 
 @pytest.fixture(scope="session")
 def engine_128(tmp_path_factory):
-    import torch
-
     from toolchain.export import export_onnx
-    from engines.unet import UNet, UNetConfig
 
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("engine128") / "unet_w16_128.onnx"
-    export_onnx(UNet(UNetConfig(width=16)).eval(), path, height=128, width=128, max_batch=8)
+    export_onnx(tiny_unet(width=16), path, height=128, width=128, max_batch=8)
     return path
 
 

@@ -24,6 +24,7 @@ from engines.onnx_engine import OnnxEngine
 from toolchain.synth import generate, read_mask, write_dataset
 from engines.torch_engine import TorchEngine
 from engines.unet import UNet, UNetConfig
+from tests.conftest import tiny_checkpoint, tiny_unet
 
 SIZE = 64
 MAX_BATCH = 4
@@ -31,13 +32,7 @@ MAX_BATCH = 4
 
 def _tiny_model() -> UNet:
     """A width-8 U-Net with non-trivial BatchNorm statistics and a head bias that splits classes ~50/50."""
-    torch.manual_seed(0)
-    model = UNet(UNetConfig(width=8))
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 2.0)
-    model.eval()
+    model = tiny_unet(bn_stats=True)
     images = _images(4)
     with torch.inference_mode():
         logits = model(_to_input(images))
@@ -64,8 +59,7 @@ def tiny(tmp_path_factory) -> dict:
     """A tiny checkpoint and its ONNX export (64x64, batch 1..4), plus the model itself."""
     root = tmp_path_factory.mktemp("engines")
     model = _tiny_model()
-    spec = EngineSpec(height=SIZE, width=SIZE, max_batch=MAX_BATCH)
-    ckpt = save_checkpoint(root / "tiny.pt", model, spec, {"command": "test", "heldout_dice": 0.5})
+    ckpt = tiny_checkpoint(root / "tiny.pt", SIZE, MAX_BATCH, model, training={"command": "test", "heldout_dice": 0.5})
     result = export_onnx(ckpt, root / "tiny.onnx", SIZE, SIZE, max_batch=MAX_BATCH)
     return {"model": model, "ckpt": ckpt, "onnx": result.path, "export": result, "root": root}
 

@@ -16,12 +16,11 @@ import pytest
 import torch
 
 from engines.base import EngineError, EngineSpec, metadata_path
-from engines.checkpoint import save_checkpoint
 from engines.loader import KNOWN_SUFFIXES, load_engine, read_spec
 from engines.tensorrt_engine import check_plan_metadata, check_plan_shape, current_setup, rebuild_hint
 from engines.torch2trt_file import is_torch2trt_file, parse_torch2trt
 from engines.torch_engine import TorchEngine
-from engines.unet import UNet, UNetConfig
+from tests.conftest import tiny_checkpoint
 from engines.versions import check_compatible
 
 try:
@@ -51,9 +50,7 @@ def _torch2trt_file(path: Path, prefix: str = "", as_tensor: bool = False) -> Pa
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    spec = EngineSpec(height=64, width=64, max_batch=4)
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", UNet(UNetConfig(width=8)).eval(), spec)
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
 
 
 # -- torch2trt files -----------------------------------------------------------------------------

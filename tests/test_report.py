@@ -11,7 +11,7 @@ from PIL import Image
 
 from broker.store import QueueStore
 from producer.collect import collect_masks
-from report.analysis import _parse_batch, read_logs, throughput, union_seconds
+from report.analysis import parse_batch, read_logs, throughput, union_seconds
 from tests.conftest import write_synthetic_images
 from tests.test_e2e import cli
 from tests.test_worker import enqueue_folder, run_worker
@@ -109,6 +109,6 @@ def test_malformed_lines_never_crash_the_report(tmp_path):
 
 
 def test_parse_batch_reads_the_worker_line_format():
-    record = _parse_batch("x", _event("w", 1_000_000.0, 250.0, images=4))
+    record = parse_batch("x", _event("w", 1_000_000.0, 250.0, images=4))
     assert record.start_s == 1_000_000.0 - 0.25
     assert record.images_ok == 4

@@ -18,7 +18,7 @@ from engines.base import infer
 from engines.onnx_engine import OnnxEngine
 from producer.enqueue import Enqueuer, enqueue_paths, segmentation_queue
 from common.images import decode_image
-from tests.conftest import SMALL_SIZE, write_synthetic_images
+from tests.conftest import SMALL_SIZE, tiny_checkpoint, write_synthetic_images
 from worker.cli import serve
 from worker.settings import WorkerSettings
 
@@ -163,14 +163,9 @@ def test_worker_runs_a_torch_checkpoint_on_cpu(tmp_path, client, redis_url, queu
     """`.pt` engines through the queue: masks equal the same TorchEngine's, run directly."""
     import torch
 
-    from engines.base import EngineSpec
-    from engines.checkpoint import save_checkpoint
     from engines.torch_engine import TorchEngine
-    from engines.unet import UNet, UNetConfig
 
-    torch.manual_seed(1)
-    checkpoint = save_checkpoint(tmp_path / "w8.pt", UNet(UNetConfig(width=8)),
-                                 EngineSpec(height=SMALL_SIZE, width=SMALL_SIZE, max_batch=8))
+    checkpoint = tiny_checkpoint(tmp_path / "w8.pt", max_batch=8, seed=1)
     paths = write_synthetic_images(tmp_path / "images", 5, seed=11)
     report = enqueue_folder(client, queue_name, tmp_path / "images", job_size=2)
 

@@ -151,7 +151,8 @@ def format_table(rows: Sequence[BenchRow], extra: dict[str, Sequence[str]] | Non
     return "\n".join([fmt(header), rule, *(fmt(line) for line in body)])
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -159,12 +160,12 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return platform.processor() or platform.machine()
 
 
 def machine_info() -> dict[str, object]:
     """{"host", "platform", "cpu", "cores"} of this machine."""
-    return {"host": socket.gethostname(), "platform": platform.platform(), "cpu": _cpu_model(),
+    return {"host": socket.gethostname(), "platform": platform.platform(), "cpu": cpu_model(),
             "cores": os.cpu_count()}
 
 

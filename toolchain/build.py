@@ -72,12 +72,9 @@ def build(
     if calib is not None and precision != "int8":
         raise _unsupported(source, output, "--calib applies to --precision int8 only")
     if precision == "int8" and not compile and out_suffix == ".onnx":
-        from toolchain.int8 import CALIB_METHODS, INT8_TARGETS
+        from toolchain.int8 import check_int8_options
 
-        if calib_method not in CALIB_METHODS:
-            raise EngineError(f"unknown calibration method {calib_method!r} (use {', '.join(CALIB_METHODS)})")
-        if target not in INT8_TARGETS:
-            raise EngineError(f"unknown INT8 target {target!r} (use {', '.join(INT8_TARGETS)})")
+        check_int8_options(calib_method, target)
         _check_calib(source, calib, calib_count)
 
     if compile:

@@ -5,7 +5,6 @@ Errors about files or settings print one line to stderr and exit with status 2 (
 
 from __future__ import annotations
 
-import functools
 import shlex
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from common.cli import exit_2_on
 from engines.base import EngineError
 
 app = typer.Typer(
@@ -23,18 +23,8 @@ app = typer.Typer(
 )
 
 
-def _errors_exit_2(fn):
-    """Turn EngineError/ValueError/OSError into `error: ...` on stderr and exit status 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (EngineError, ValueError, OSError) as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
+#: errors about files or settings: one line on stderr and exit status 2 (common.cli)
+_errors_exit_2 = exit_2_on(EngineError, ValueError, OSError)
 
 
 def _command_line() -> str:
@@ -253,7 +243,6 @@ def bench(
     json_out: Annotated[
         Optional[Path], typer.Option("--json", help="Also write the results as JSON (date, machine, versions, command).")
     ] = None,
-    iters: Annotated[Optional[int], typer.Option(hidden=True, help="Old form: timed batches (samples = iters x batch).")] = None,
 ) -> None:
     """Engine-only throughput in the study's table shape: variant, batch size, samples, runtime (s), FPS.
 
@@ -266,7 +255,7 @@ def bench(
 
     batches = parse_batches(batch)
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    n = samples if samples is not None else (iters * max(batches) if iters else DEFAULT_SAMPLES[kind])
+    n = samples if samples is not None else DEFAULT_SAMPLES[kind]
     loaded = []
     try:
         for file in files:

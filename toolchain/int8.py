@@ -63,6 +63,14 @@ DEFAULT_CALIB_COUNT = 64
 NOISE_SEED = 20261121
 
 
+def check_int8_options(method: str, target: str) -> None:
+    """EngineError unless `method` is one of CALIB_METHODS and `target` one of INT8_TARGETS."""
+    if method not in CALIB_METHODS:
+        raise EngineError(f"unknown calibration method {method!r} (use {', '.join(CALIB_METHODS)})")
+    if target not in INT8_TARGETS:
+        raise EngineError(f"unknown INT8 target {target!r} (use {', '.join(INT8_TARGETS)})")
+
+
 def fold_batchnorm_onnx(model) -> int:
     """Fold BatchNormalization nodes into the Conv/ConvTranspose that feeds them, in place.
 
@@ -300,10 +308,7 @@ def quantize_int8(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     source, output = Path(source), Path(output)
-    if method not in CALIB_METHODS:
-        raise EngineError(f"unknown calibration method {method!r} (use {', '.join(CALIB_METHODS)})")
-    if target not in INT8_TARGETS:
-        raise EngineError(f"unknown INT8 target {target!r} (use {', '.join(INT8_TARGETS)})")
+    check_int8_options(method, target)
     spec = source_spec(source, output)
     data_free = calib is None or str(calib).lower() == "none"
     if data_free:
