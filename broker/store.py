@@ -175,13 +175,22 @@ class QueueStore:
         fields = self.client.hgetall(self._mask_key(image_id))
         return decode_mask(image_id, fields) if fields else None
 
-    def load_result(self, image_id: str) -> StoredMask:
-        """An image's mask and original size in one round trip; an undecodable mask gives `error`, not an exception."""
+    def load_results(self, image_ids: Sequence[str]) -> list[StoredMask]:
+        """Each image's mask and original size, in one round trip; an undecodable mask gives `error`, not an exception."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(self._mask_key(image_id))
-        pipe.hmget(self._image_key(image_id), ["original_height", "original_width"])
-        fields, (height, width) = pipe.execute()
-        size = None if height is None or width is None else (int(height), int(width))
+        for image_id in image_ids:
+            pipe.hgetall(self._mask_key(image_id))
+            pipe.hmget(self._image_key(image_id), ["original_height", "original_width"])
+        replies = pipe.execute()
+        return [self._stored_mask(image_id, replies[2 * i], replies[2 * i + 1]) for i, image_id in enumerate(image_ids)]
+
+    @staticmethod
+    def _stored_mask(image_id: str, fields: dict, size_fields: list) -> StoredMask:
+        height, width = size_fields
+        try:
+            size = None if height is None or width is None else (int(height), int(width))
+        except ValueError:
+            return StoredMask(None, None, f"image {image_id} is malformed in Redis: original size {size_fields!r}")
         if not fields:
             return StoredMask(None, size)
         try:
@@ -199,6 +208,13 @@ class QueueStore:
     def manifest(self) -> dict[str, str]:
         """Every image enqueued on the queue and not forgotten: id -> relative name."""
         return {k.decode(): v.decode() for k, v in self.client.hgetall(self._manifest).items()}
+
+    def names(self, image_ids: Sequence[str]) -> dict[str, str]:
+        """id -> relative name for those of `image_ids` still in the manifest (one command)."""
+        if not image_ids:
+            return {}
+        values = self.client.hmget(self._manifest, list(image_ids))
+        return {i: v.decode() for i, v in zip(image_ids, values) if v is not None}
 
     def manifest_size(self) -> int:
         """How many images the manifest holds."""
@@ -244,14 +260,22 @@ class QueueStore:
         masks = sum(1 for _ in self.client.scan_iter(match=self._mask_key("*"), count=1000))
         return images, masks
 
-    def forget(self, image_id: str) -> None:
-        """Delete everything the store holds about one image (pixels, mask, manifest and done entries)."""
+    def forget(self, image_ids: Sequence[str]) -> None:
+        """Delete everything the store holds about these images (pixels, mask, manifest, done and failed entries)."""
+        if not image_ids:
+            return
         pipe = self.client.pipeline(transaction=True)
-        pipe.delete(self._image_key(image_id), self._mask_key(image_id))
-        pipe.hdel(self._manifest, image_id)
-        pipe.srem(self._done, image_id)
-        pipe.hdel(self._failed, image_id)
+        pipe.delete(*(key for i in image_ids for key in (self._image_key(i), self._mask_key(i))))
+        pipe.hdel(self._manifest, *image_ids)
+        pipe.srem(self._done, *image_ids)
+        pipe.hdel(self._failed, *image_ids)
         pipe.execute()
+
+    def still_stored(self, image_ids: Sequence[str]) -> list[bool]:
+        """For each image, whether the manifest still holds it (not yet forgotten), in one command."""
+        if not image_ids:
+            return []
+        return [name is not None for name in self.client.hmget(self._manifest, list(image_ids))]
 
     # --- job arguments ----------------------------------------------------------------------
 

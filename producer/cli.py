@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -14,10 +15,12 @@ from tqdm import tqdm
 from broker.connection import BrokerSettings, connect
 from broker.errors import SegqueueError
 from broker.store import QueueStore
-from producer.collect import CollectReport, collect_masks
+from common.images import ImageError
+from producer.collect import CollectReport, absorb
 from producer.enqueue import Enqueuer, enqueue_paths, segmentation_queue
-from common.images import ImageError, ImageSource
+from producer.pool import ProducerPool
 from producer.status import queue_status
+from producer.stream import COLLECT_CHUNK, PendingImages
 
 app = typer.Typer(help="Push images into the segmentation queue, get masks back, see where things stand.",
                   no_args_is_help=True, add_completion=False)
@@ -35,61 +38,65 @@ def _connect(redis_url: str | None, queue: str | None) -> tuple[BrokerSettings, 
         raise typer.Exit(2) from None
 
 
+def _default_workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+Workers = Annotated[int, typer.Option(min=1, help="Processes that decode files and write masks (default: one per CPU core).")]
+
+
 @app.command()
 def enqueue(
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders (PNG, JPEG, TIFF, BMP; searched recursively).")],
     job_size: Annotated[int, typer.Option(min=1, help="Images per rq job.")] = 8,
     size: Annotated[int, typer.Option(min=16, help="The engine's input size: images are resized to size x size.")] = 512,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for the masks, then write them to --out.")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="With --wait: where the masks go.")] = None,
-    timeout: Annotated[float, typer.Option(help="With --wait: give up after this many seconds.")] = 3600.0,
+    workers: Workers = _default_workers(),
+    max_pending: Annotated[Optional[int], typer.Option(min=1, help="Wait while this many of this run's images are held in Redis, not yet collected (bounds Redis memory).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write each mask here as it finishes (as collect does), free it from Redis, and return when all are done.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Older spelling of --out DIR; needs --out.")] = False,
+    timeout: Annotated[float, typer.Option(help="With --out or --max-pending: give up after this many seconds without progress.")] = 3600.0,
     redis_url: RedisUrl = None,
     queue: QueueName = None,
 ) -> None:
     """Validate, decode and store images, and enqueue jobs of --job-size images.
 
     Each image becomes uint8 grayscale at --size x --size; its original size is kept so that its
-    mask comes back at that size. A bad file is reported with its problem and skipped; the exit
-    status is 1 if any file was rejected.
+    mask comes back at that size. Files are decoded by --workers processes. A bad file is reported
+    with its problem and skipped; the exit status is 1 if any file was rejected or any image failed.
+    For a huge folder: `producer enqueue DIR --out MASKS --max-pending 2000` streams it through Redis.
     """
     if wait and out is None:
         typer.echo("error: --wait needs --out DIR", err=True)
         raise typer.Exit(2)
     settings, client = _connect(redis_url, queue)
-    rq_queue = segmentation_queue(client, settings.queue)
-    enqueuer = Enqueuer(client, rq_queue, job_size)
-    with tqdm(desc="enqueue", unit="img") as bar:
+    enqueuer = Enqueuer(client, segmentation_queue(client, settings.queue), job_size)
+    tqdm.monitor_interval = 0  # no monitor thread: the pool forks
+    with ProducerPool(settings, enqueuer.store, workers) as pool:
+        masks_bar = tqdm(desc="masks", unit="img", position=1, disable=out is None)
+        pending = PendingImages(enqueuer.store, pool, out, on_collected=masks_bar.update)
+        with tqdm(desc="enqueue", unit="img") as bar:
 
-        def progress(source: ImageSource | None, error: ImageError | None) -> None:
-            if error is not None:
-                bar.write(f"rejected: {error}")
-            if source is not None:
-                bar.update(1)
+            def progress(files: int, error: ImageError | None) -> None:
+                if error is not None:
+                    bar.write(f"rejected: {error}")
+                bar.update(files)
 
-        report = enqueue_paths(enqueuer, paths, size, size, progress)
-    typer.echo(f"enqueued {len(report.image_ids)} images in {len(report.job_ids)} jobs on queue "
-               f"'{settings.queue}' ({settings.describe()}); rejected {len(report.rejected)}")
-    exit_code = 1 if report.rejected else 0
-    if wait and report.image_ids:
-        if not _wait_for(QueueStore(client, settings.queue), report.image_ids, timeout):
-            typer.echo(f"error: timed out after {timeout:.0f} s; masks so far are collected", err=True)
-            exit_code = 1
-        exit_code = max(exit_code, _print_collect(collect_masks(QueueStore(client, settings.queue), out, report.image_ids)))
+            try:
+                report = enqueue_paths(enqueuer, paths, size, size, progress, pool=pool, pending=pending,
+                                       max_pending=max_pending, pending_timeout_s=timeout)
+            except SegqueueError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(1) from None
+        typer.echo(f"enqueued {len(report.image_ids)} images in {len(report.job_ids)} jobs on queue "
+                   f"'{settings.queue}' ({settings.describe()}); rejected {len(report.rejected)}")
+        exit_code = 1 if report.rejected else 0
+        if out is not None:
+            if not pending.drain(time.monotonic() + timeout):
+                typer.echo(f"error: timed out after {timeout:.0f} s; {len(pending)} images have no mask yet", err=True)
+                exit_code = 1
+            masks_bar.close()
+            exit_code = max(exit_code, _print_collect(pending.report))
     raise typer.Exit(exit_code)
-
-
-def _wait_for(store: QueueStore, image_ids: list[str], timeout_s: float) -> bool:
-    """Block (polling, bounded by timeout_s) until every image has a mask or a failure; True if all did."""
-    deadline = time.monotonic() + timeout_s
-    with tqdm(total=len(image_ids), desc="waiting", unit="img") as bar:
-        while True:
-            resolved = sum(store.resolved(image_ids))
-            bar.update(resolved - bar.n)
-            if resolved == len(image_ids):
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.5)
 
 
 def _print_collect(report: CollectReport) -> int:
@@ -103,6 +110,7 @@ def _print_collect(report: CollectReport) -> int:
 def collect(
     out: Annotated[Path, typer.Option(help="Folder for the masks (same relative names, .png).")],
     delete: Annotated[bool, typer.Option("--delete", help="After writing each mask file, delete that image and its mask from Redis.")] = False,
+    workers: Workers = _default_workers(),
     redis_url: RedisUrl = None,
     queue: QueueName = None,
 ) -> None:
@@ -113,8 +121,15 @@ def collect(
     """
     settings, client = _connect(redis_url, queue)
     store = QueueStore(client, settings.queue)
-    with tqdm(total=store.manifest_size(), desc="collect", unit="img") as bar:
-        report = collect_masks(store, out, on_progress=lambda: bar.update(1), delete=delete)
+    image_ids = list(store.manifest())
+    report = CollectReport()
+    tqdm.monitor_interval = 0
+    with ProducerPool(settings, store, workers) as pool, tqdm(total=len(image_ids), desc="collect", unit="img") as bar:
+        tasks = [(len(chunk), pool.submit_collect(chunk, out, delete))
+                 for chunk in (image_ids[i:i + COLLECT_CHUNK] for i in range(0, len(image_ids), COLLECT_CHUNK))]
+        for count, task in tasks:
+            absorb(report, task.result())
+            bar.update(count)
     raise typer.Exit(_print_collect(report))
 
 

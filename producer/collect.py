@@ -41,6 +41,9 @@ def mask_to_png_values(mask: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarr
     return (mask.astype(np.uint16) * (255 // max(1, classes - 1))).astype(np.uint8)
 
 
+ROUND_TRIP_IMAGES = 64  # masks read (and forgotten) per Redis round trip
+
+
 def collect_masks(
     store: QueueStore,
     out_dir: Path,
@@ -50,30 +53,40 @@ def collect_masks(
 ) -> CollectReport:
     """Write a PNG for every image (or every one of `image_ids`) that has a mask; report the rest.
 
-    A mask that cannot be read (stored by an older segqueue version, or corrupt) is reported as
-    failed with the reason, and collect goes on with the others.
+    Masks are read ROUND_TRIP_IMAGES at a time. A mask that cannot be read (stored by an older
+    segqueue version, or corrupt) is reported as failed with the reason, and collect goes on.
     delete: once a mask file is written, delete the image and its mask from Redis (failed and
     unfinished images stay), so that a long-running queue does not grow without bound.
     """
-    names = store.manifest()
+    names = store.manifest() if image_ids is None else store.names(image_ids)
     wanted = list(names) if image_ids is None else image_ids
     failures = store.failures()
     report = CollectReport()
-    for image_id in wanted:
-        name = names.get(image_id, image_id)
-        result = store.load_result(image_id)
-        if result.error is not None:
-            report.failed[name] = result.error
-        elif result.mask is not None and result.original_size is not None:
-            path = mask_path(out_dir, name)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(mask_to_png_values(resize_mask(result.mask, *result.original_size))).save(path)
-            report.written.append(path)
-            if delete:
-                store.forget(image_id)
-        elif image_id in failures:
-            report.failed[name] = failures[image_id]
-        else:
-            report.pending.append(name)
-        on_progress()
+    for start in range(0, len(wanted), ROUND_TRIP_IMAGES):
+        chunk = wanted[start:start + ROUND_TRIP_IMAGES]
+        written_ids = []
+        for image_id, result in zip(chunk, store.load_results(chunk)):
+            name = names.get(image_id) or image_id
+            if result.error is not None:
+                report.failed[name] = result.error
+            elif result.mask is not None and result.original_size is not None:
+                path = mask_path(out_dir, name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(mask_to_png_values(resize_mask(result.mask, *result.original_size))).save(path)
+                report.written.append(path)
+                written_ids.append(image_id)
+            elif image_id in failures:
+                report.failed[name] = failures[image_id]
+            else:
+                report.pending.append(name)
+            on_progress()
+        if delete:
+            store.forget(written_ids)
     return report
+
+
+def absorb(into: CollectReport, report: CollectReport) -> None:
+    """Add one collect task's report to a running total (collect tasks run in parallel)."""
+    into.written.extend(report.written)
+    into.failed.update(report.failed)
+    into.pending.extend(report.pending)

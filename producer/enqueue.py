@@ -1,13 +1,20 @@
 """Enqueue stage: validate and decode image files, store each under its own key, enqueue rq jobs of several images.
 
-Images are written before the job that names them, so a worker never sees a job whose images are
-not there yet. Jobs are JSON-serialized and carry `Retry`, so a job whose worker died is taken up
-again. A bad file is reported (file and problem) and skipped; the good ones are still enqueued.
+Files are decoded and stored in chunks by the producer pool (producer/pool.py: `workers` processes,
+each with its own Redis connection); this process then enqueues the jobs naming the stored images,
+many jobs per round trip. Images are written before the job that names them, so a worker never sees
+a job whose images are not there yet. Jobs are JSON-serialized and carry `Retry`, so a job whose
+worker died is taken up again. A bad file is reported (file and problem) and skipped; the good ones
+are still enqueued. With `max_pending`, storing waits while that many of this run's images are held
+in Redis (producer/stream.py), so memory stays bounded however large the input.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,13 +22,21 @@ import redis
 from rq import Queue, Retry
 from rq.serializers import JSONSerializer
 
-from broker.store import JOB_FUNC, QueueStore, StoredImage, new_image_id, now
-from common.images import DecodedImage, ImageError, ImageSource, decode_image, find_images
+from broker.errors import SegqueueError
+from broker.store import JOB_FUNC, QueueStore, StoredImage
+from common.images import ImageError, find_images
+from producer.pool import ProducerPool, StoredChunk
+from producer.stream import PendingImages
 
 JOB_RETRIES = 3
 JOB_TIMEOUT_S = 3600  # rq's own limit on one job; the worker's heartbeat TTL is what detects dead workers
 RESULT_TTL_S = 7 * 24 * 3600
 FAILURE_TTL_S = 30 * 24 * 3600
+CHUNK_FILES = 16  # files per store task: one Redis round trip each
+
+
+class PendingTimeout(SegqueueError):
+    """--max-pending: Redis stayed full (nothing collected) for longer than the timeout."""
 
 
 @dataclass
@@ -39,7 +54,7 @@ def segmentation_queue(client: redis.Redis, name: str) -> Queue:
 
 
 class Enqueuer:
-    """Stores decoded images and enqueues a job every `job_size` images."""
+    """Enqueues a job every `job_size` stored images, writing many jobs per round trip."""
 
     def __init__(self, client: redis.Redis, queue: Queue, job_size: int) -> None:
         if job_size < 1:
@@ -49,46 +64,51 @@ class Enqueuer:
         self.store = QueueStore(client, queue.name)
         self.job_size = job_size
         self.report = EnqueueReport()
-        self._pending: list[StoredImage] = []
-
-    def add(self, source: ImageSource, decoded: DecodedImage) -> None:
-        """Keep one decoded image; a job is enqueued once `job_size` images are kept."""
-        self.add_stored(
-            StoredImage(
-                image_id=new_image_id(),
-                name=source.name,
-                pixels=decoded.pixels,
-                original_height=decoded.original_height,
-                original_width=decoded.original_width,
-                enqueued_at=now(),
-            )
-        )
+        self._images: list[tuple[str, str]] = []
 
     def add_stored(self, image: StoredImage) -> None:
-        """Keep one image already at the engine's size; enqueue a job once `job_size` are kept."""
-        self._pending.append(image)
-        if len(self._pending) >= self.job_size:
-            self.flush()
+        """Store one image already at the engine's size, and keep it for the next job (benchmarks, tests)."""
+        self.store.store_images([image])
+        self.add_ids([(image.image_id, image.name)])
+        self.enqueue_full_jobs()
+
+    def add_ids(self, stored: Sequence[tuple[str, str]]) -> None:
+        """Images already stored, (image_id, name) pairs; they go into jobs at the next enqueue."""
+        self._images.extend(stored)
+
+    def enqueue_full_jobs(self) -> None:
+        """Enqueue every full job of kept images, in one round trip."""
+        self._enqueue(len(self._images) - len(self._images) % self.job_size)
 
     def flush(self) -> None:
-        """Store the kept images, then enqueue one job naming them."""
-        if not self._pending:
+        """Enqueue every kept image, the last job possibly short."""
+        self._enqueue(len(self._images))
+
+    def _enqueue(self, count: int) -> None:
+        if count <= 0:
             return
-        images, self._pending = self._pending, []
-        self.store.store_images(images)
-        ids = [image.image_id for image in images]
-        job = self.queue.enqueue_call(
-            JOB_FUNC,
-            args=QueueStore.job_arguments(ids),
-            timeout=JOB_TIMEOUT_S,
-            result_ttl=RESULT_TTL_S,
-            failure_ttl=FAILURE_TTL_S,
-            retry=Retry(max=JOB_RETRIES),
-            description=f"segment {len(ids)} images: {images[0].name} ...",
-            meta={"images": len(ids)},
-        )
-        self.report.image_ids.extend(ids)
-        self.report.job_ids.append(job.id)
+        taken, self._images = self._images[:count], self._images[count:]
+        datas = []
+        for start in range(0, count, self.job_size):
+            job = taken[start:start + self.job_size]
+            datas.append(Queue.prepare_data(
+                JOB_FUNC,
+                args=QueueStore.job_arguments([image_id for image_id, _ in job]),
+                timeout=JOB_TIMEOUT_S,
+                result_ttl=RESULT_TTL_S,
+                failure_ttl=FAILURE_TTL_S,
+                retry=Retry(max=JOB_RETRIES),
+                description=f"segment {len(job)} images: {job[0][1]} ...",
+                meta={"images": len(job)},
+            ))
+        with self.client.pipeline() as pipe:
+            jobs = self.queue.enqueue_many(datas, pipeline=pipe)
+            pipe.execute()
+        self.report.image_ids.extend(image_id for image_id, _ in taken)
+        self.report.job_ids.extend(job.id for job in jobs)
+
+
+ProgressCallback = Callable[[int, "ImageError | None"], None]
 
 
 def enqueue_paths(
@@ -96,25 +116,66 @@ def enqueue_paths(
     paths: Iterable[Path],
     height: int,
     width: int,
-    on_progress: Callable[[ImageSource | None, ImageError | None], None] = lambda source, error: None,
+    on_progress: ProgressCallback = lambda files, error: None,
+    pool: ProducerPool | None = None,
+    pending: PendingImages | None = None,
+    max_pending: int | None = None,
+    pending_timeout_s: float = 3600.0,
 ) -> EnqueueReport:
     """Decode every image under `paths` at height x width and enqueue them; bad files are reported, not fatal.
 
-    `on_progress(source, error)` is called once per file (error set if it was rejected) and once per
-    path that could not be expanded (source None).
+    pool: where files are decoded and stored (default: this process). pending: this run's images
+    held in Redis; with max_pending, no chunk is stored while max_pending images are pending
+    (PendingTimeout if none leaves for pending_timeout_s). `on_progress(files, error)` is called
+    with the number of files handled (0 for a path that could not be expanded) and the rejection, if any.
     """
     sources, problems = find_images(list(paths))
     for problem in problems:
         enqueuer.report.rejected.append(problem)
-        on_progress(None, problem)
-    for source in sources:
-        try:
-            decoded = decode_image(source.path, height, width)
-        except ImageError as problem:
+        on_progress(0, problem)
+    own_pool = pool is None
+    pool = pool or ProducerPool(None, enqueuer.store, workers=1)
+    chunk_files = CHUNK_FILES if max_pending is None else max(1, min(CHUNK_FILES, max_pending))
+    window: deque[tuple[int, Future]] = deque()
+    window_files = 2 * pool.workers * chunk_files  # decoded ahead, at most
+
+    def take_oldest() -> None:
+        files, future = window.popleft()
+        chunk: StoredChunk = future.result()
+        for problem in chunk.rejected:
             enqueuer.report.rejected.append(problem)
-            on_progress(source, problem)
-            continue
-        enqueuer.add(source, decoded)
-        on_progress(source, None)
-    enqueuer.flush()
+            on_progress(1, problem)
+        enqueuer.add_ids(chunk.stored)
+        enqueuer.enqueue_full_jobs()
+        if pending is not None:
+            pending.add(chunk.stored)
+        on_progress(len(chunk.stored), None)
+
+    try:
+        for start in range(0, len(sources), chunk_files):
+            chunk = sources[start:start + chunk_files]
+            if pending is not None:
+                pending.look()
+                if max_pending is not None:
+                    in_flight = sum(files for files, _ in window)
+                    while window and len(pending) + in_flight + len(chunk) > max_pending:
+                        take_oldest()
+                        in_flight = sum(files for files, _ in window)
+                    if not pending.wait_below(max(1, max_pending - len(chunk) + 1), time.monotonic() + pending_timeout_s):
+                        raise PendingTimeout(f"{len(pending)} images still pending in Redis after "
+                                             f"{pending_timeout_s:.0f} s (--max-pending {max_pending}): "
+                                             "are workers running, and is anyone collecting?")
+            window.append((len(chunk), pool.submit_store(chunk, height, width)))
+            while sum(files for files, _ in window) > window_files:
+                take_oldest()
+        while window:
+            take_oldest()
+    finally:  # images already stored get their jobs, even when the run stops early
+        try:
+            while window:
+                take_oldest()
+        finally:
+            enqueuer.flush()
+            if own_pool:
+                pool.close()
     return enqueuer.report

@@ -205,22 +205,27 @@ def test_sigkill_mid_batch_loses_nothing(tmp_path, redis_url, queue_name, client
         assert Job.fetch(job_id, connection=client, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
 
 
-def test_enqueue_wait_writes_masks_as_collect_does(tmp_path, redis_url, queue_name, small_engine):
+def test_enqueue_out_writes_masks_as_collect_does_and_frees_them(tmp_path, redis_url, queue_name, small_engine, client):
     write_synthetic_images(tmp_path / "in", 5, seed=9)
-    common = ["--redis-url", redis_url, "--queue", queue_name]
-    worker = start("worker", "run", "--engine", str(small_engine), *common)
+    streamed, collected = ["--redis-url", redis_url, "--queue", queue_name], ["--redis-url", redis_url, "--queue", queue_name + "c"]
+    workers = [start("worker", "run", "--engine", str(small_engine), *common) for common in (streamed, collected)]
     try:
         enq = cli("producer", "enqueue", str(tmp_path / "in"), "--size", str(SMALL_SIZE), "--job-size", "2",
-                  "--wait", "--out", str(tmp_path / "waited"), "--timeout", "120", *common)
+                  "--out", str(tmp_path / "streamed"), "--timeout", "120", *streamed)
         assert enq.returncode == 0, enq.stderr
         assert "wrote 5 masks; 0 failed" in enq.stdout
+        assert QueueStore(client, queue_name).record_counts() == (0, 0)  # freed as they were written
+        assert cli("producer", "enqueue", str(tmp_path / "in"), "--size", str(SMALL_SIZE), "--job-size", "2",
+                   *collected).returncode == 0
+        wait_until(lambda: QueueStore(client, queue_name + "c").counts().done == 5, 120, "5 masks")
     finally:
-        worker.send_signal(signal.SIGTERM)
-        assert worker.wait(timeout=60) == 0
-    got = cli("producer", "collect", "--out", str(tmp_path / "collected"), *common)
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        assert [worker.wait(timeout=60) for worker in workers] == [0, 0]
+    got = cli("producer", "collect", "--out", str(tmp_path / "collected"), *collected)
     assert got.returncode == 0, got.stderr
     for name in (f"img_{i:03d}.png" for i in range(5)):
-        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "waited" / name)),
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "streamed" / name)),
                                       np.asarray(Image.open(tmp_path / "collected" / name)))
 
 

@@ -58,13 +58,17 @@ def test_store_load_save_collect_forget(client, queue_name, tmp_path):
     for image_id, mask in masks:
         np.testing.assert_array_equal(store.load_mask(image_id), mask)
     assert store.load_mask(images[2].image_id) is None
-    result = store.load_result(images[0].image_id)
+    result, pending = store.load_results([images[0].image_id, images[2].image_id])
     assert result.original_size == (100, 80) and result.error is None
+    np.testing.assert_array_equal(result.mask, masks[0][1])
+    assert pending.mask is None and pending.error is None
     assert store.load_original_size(images[0].image_id) == (100, 80)
     assert store.record_counts() == (3, 2)
 
-    store.forget(images[0].image_id)
+    assert store.still_stored([images[0].image_id, "gone"]) == [True, False]
+    store.forget([images[0].image_id])
     assert store.record_counts() == (2, 1)
+    assert store.still_stored([images[0].image_id, images[1].image_id]) == [False, True]
     assert images[0].image_id not in store.manifest() and not store.is_done(images[0].image_id)
     assert store.load_original_size(images[0].image_id) is None
     other = QueueStore(client, queue_name + "x")  # queues are separate

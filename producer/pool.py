@@ -1,0 +1,148 @@
+"""The producer's parallel hands: decode-and-store and write-masks tasks, run in worker processes.
+
+Decoding a 512x512 PNG and compressing it takes a few milliseconds of CPU, and so does writing a
+mask PNG: one process tops out at a few hundred images a second. `ProducerPool` runs these tasks in
+`workers` processes, each with its own Redis connection, so that only small results (image ids,
+names, errors) cross between processes, never pixels. With `workers=1` the same functions run in the
+calling process, with no pool (small inputs, tests, machines with one core).
+
+A store task decodes a chunk of files, stores the good ones in one pipelined round trip and returns
+their ids; the caller enqueues the jobs naming them only after that, so a worker never sees a job
+whose images are not stored yet. A collect task writes the masks of a chunk of images (see
+producer/collect.py).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from broker.connection import BrokerSettings, connect
+from broker.store import QueueStore, StoredImage, new_image_id, now
+from common.images import ImageError, ImageSource, decode_image
+from producer.collect import CollectReport, collect_masks
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    """What a store task did with its files: (image_id, name) of each image stored, and each file rejected."""
+
+    stored: list[tuple[str, str]] = field(default_factory=list)
+    rejected: list[ImageError] = field(default_factory=list)
+
+    @property
+    def files(self) -> int:
+        """Files handled (stored or rejected)."""
+        return len(self.stored) + len(self.rejected)
+
+
+def store_files(store: QueueStore, sources: Sequence[ImageSource], height: int, width: int) -> StoredChunk:
+    """Decode each file at height x width (uint8 gray) and store the good ones in one round trip."""
+    images: list[StoredImage] = []
+    rejected: list[ImageError] = []
+    for source in sources:
+        try:
+            decoded = decode_image(source.path, height, width)
+        except ImageError as problem:
+            rejected.append(problem)
+            continue
+        images.append(StoredImage(new_image_id(), source.name, decoded.pixels,
+                                  decoded.original_height, decoded.original_width, now()))
+    if images:
+        store.store_images(images)
+    return StoredChunk([(image.image_id, image.name) for image in images], rejected)
+
+
+# --- inside a pool process -------------------------------------------------------------------
+
+_process_store: QueueStore | None = None
+
+
+def _open_process_store(settings: BrokerSettings) -> None:
+    """Pool initializer: one Redis connection and store per worker process."""
+    global _process_store
+    _process_store = QueueStore(connect(settings), settings.queue)
+
+
+def _require_store() -> QueueStore:
+    if _process_store is None:
+        raise RuntimeError("producer pool process started without its Redis store")
+    return _process_store
+
+
+def _store_task(sources: list[ImageSource], height: int, width: int) -> StoredChunk:
+    return store_files(_require_store(), sources, height, width)
+
+
+def _collect_task(image_ids: list[str], out_dir: Path, delete: bool) -> CollectReport:
+    return collect_masks(_require_store(), out_dir, image_ids, delete=delete)
+
+
+# --- the pool ---------------------------------------------------------------------------------
+
+
+def _done(value: object) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def _failed(exc: BaseException) -> Future:
+    future: Future = Future()
+    future.set_exception(exc)
+    return future
+
+
+class ProducerPool:
+    """Store and collect tasks on `workers` processes (or inline when workers == 1). Use as a context manager.
+
+    Every submit returns a Future; an inline task has already run when submit returns.
+    """
+
+    def __init__(self, settings: BrokerSettings | None, store: QueueStore, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
+        self._store = store
+        self._executor: ProcessPoolExecutor | None = None
+        if workers > 1:
+            if settings is None:
+                raise ValueError("a pool of worker processes needs the broker settings to connect")
+            # fork where there is one: children start in milliseconds and inherit the imports
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+            self._executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                                                 initializer=_open_process_store, initargs=(settings,))
+
+    def submit_store(self, sources: list[ImageSource], height: int, width: int) -> Future:
+        """Decode and store `sources`; the Future gives a StoredChunk."""
+        if self._executor is None:
+            return self._inline(store_files, self._store, sources, height, width)
+        return self._executor.submit(_store_task, sources, height, width)
+
+    def submit_collect(self, image_ids: list[str], out_dir: Path, delete: bool) -> Future:
+        """Write the masks of `image_ids` under out_dir (and forget them if delete); the Future gives a CollectReport."""
+        if self._executor is None:
+            return self._inline(collect_masks, self._store, out_dir, image_ids, delete=delete)
+        return self._executor.submit(_collect_task, image_ids, out_dir, delete)
+
+    @staticmethod
+    def _inline(function, *args, **kwargs) -> Future:
+        try:
+            return _done(function(*args, **kwargs))
+        except Exception as exc:  # delivered through the Future, as a pool would
+            return _failed(exc)
+
+    def close(self, cancel: bool = False) -> None:
+        """Stop the worker processes (waiting for running tasks unless cancel)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=cancel)
+            self._executor = None
+
+    def __enter__(self) -> "ProducerPool":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(cancel=exc_type is not None)
