@@ -11,7 +11,7 @@ import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 
@@ -51,14 +51,49 @@ class BrokerSettings:
 
 
 def redact(url: str) -> str:
-    """`redis://user:secret@host:6379/0` -> `redis://user:***@host:6379/0`; other URLs unchanged."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    """`redis://user:secret@host:6379/0` -> `redis://user:***@host:6379/0`; URLs without a password unchanged.
+
+    Never raises: a URL that urlsplit refuses (say, an unclosed IPv6 bracket) has everything between
+    `://` and its last `@` hidden (`redis://***@[::1/0`). The port is never parsed here, so a bad
+    one is shown as written (`redis://:***@host:notaport/0`).
+    """
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return _redact_unparsed(url)
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _redact_unparsed(url: str) -> str:
+    """Hide everything between `://` and the last `@` of a URL that urlsplit refuses."""
+    scheme, separator, rest = url.partition("://")
+    if not separator or "@" not in rest:
+        return url
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+def _passwords(url: str) -> list[str]:
+    """The URL's password as written and percent-decoded (as redis-py sends it), longest first; [] if none."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        userinfo = url.partition("://")[2].rpartition("@")[0]
+        password = userinfo.partition(":")[2] or None
+    if not password:
+        return []
+    return sorted({password, unquote(password)}, key=len, reverse=True)
+
+
+def _detail(exc: Exception, url: str) -> str:
+    """The error's text on one line, with the URL's password (if it appears) replaced by `***`."""
+    message = str(exc)
+    for password in _passwords(url):
+        message = message.replace(password, "***")
+    return " ".join(message.split())
 
 
 def embedded_server(state_dir: Path) -> RedisServer:
@@ -74,7 +109,11 @@ def embedded_server(state_dir: Path) -> RedisServer:
 
 
 def connect(settings: BrokerSettings) -> redis.Redis:
-    """An open, checked connection (raw bytes, as rq needs); BrokerUnavailable if Redis doesn't answer."""
+    """An open, checked connection (raw bytes, as rq needs).
+
+    Raises BrokerUnavailable, with a one-line message that names the URL with its password hidden,
+    if the URL is malformed, Redis doesn't answer, or it refuses the connection.
+    """
     url = settings.redis_url or embedded_server(settings.state_dir).url
     try:
         client = redis.Redis.from_url(
@@ -85,7 +124,9 @@ def connect(settings: BrokerSettings) -> redis.Redis:
         )
         client.ping()
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        raise BrokerUnavailable(f"cannot reach Redis at {settings.describe()}: {exc}") from None
+        raise BrokerUnavailable(f"cannot reach Redis at {settings.describe()}: {_detail(exc, url)}") from None
+    except redis.RedisError as exc:  # answered, but refused (e.g. a database number out of range)
+        raise BrokerUnavailable(f"Redis at {settings.describe()} refused the connection: {_detail(exc, url)}") from None
     except ValueError as exc:  # malformed URL
-        raise BrokerUnavailable(f"bad Redis URL {redact(url)}: {exc}") from None
+        raise BrokerUnavailable(f"bad Redis URL {redact(url)}: {_detail(exc, url)}") from None
     return client

@@ -40,14 +40,18 @@ Decoding rules
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import stat
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tifffile
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import BmpImagePlugin, Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin
 
 __all__ = [
     "MAX_PIXELS",
@@ -57,6 +61,7 @@ __all__ = [
     "ImageSource",
     "decode_image",
     "find_images",
+    "printable",
     "resize_mask",
 ]
 
@@ -68,8 +73,9 @@ SUPPORTED_SUFFIXES: frozenset[str] = frozenset(
 MAX_PIXELS: int = 64 * 1024 * 1024
 """Default limit on ``height * width`` of a source image (pixels), ~8192x8192.
 
-Below Pillow's own decompression-bomb threshold, so oversized images get our
-error message rather than Pillow's warning."""
+This is the one limit enforced: Pillow's own decompression-bomb check (another
+number, with a warning between its two thresholds) is not used; the header's
+size is checked against ``max_pixels`` before any pixel data is decoded."""
 
 _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -99,6 +105,9 @@ _PIL_TO_L: dict[str, tuple[str, ...]] = {
 # Pillow modes whose numbers go through the numpy bit-depth rules.
 _PIL_NUMERIC = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 
+# Lone surrogates: what a str holds that UTF-8 cannot encode.
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
 # ITU-R 601 luma in 16-bit fixed point, exactly as Pillow's convert("L").
 _LUMA_R, _LUMA_G, _LUMA_B, _LUMA_HALF = 19595, 38470, 7471, 0x8000
 
@@ -110,13 +119,15 @@ class ImageError(Exception):
         path: the offending file or directory, as given or found.
         problem: human-readable, specific description of what is wrong.
 
-    ``str(error)`` is ``"<path>: <problem>"``.
+    ``str(error)`` is ``"<path>: <problem>"``, always encodable as UTF-8:
+    bytes of a file name that are not valid UTF-8 are shown escaped
+    (``caf\\xe9.png``); ``path`` keeps the name as the file system has it.
     """
 
     def __init__(self, path: Path, problem: str) -> None:
-        super().__init__(f"{path}: {problem}")
         self.path = Path(path)
-        self.problem = problem
+        self.problem = printable(problem)
+        super().__init__(f"{printable(os.fspath(path))}: {self.problem}")
 
     def __reduce__(self) -> tuple[type[ImageError], tuple[Path, str]]:
         return (type(self), (self.path, self.problem))
@@ -167,6 +178,30 @@ class DecodedImage:
             raise ValueError("original size must be positive")
 
 
+def _escape_surrogate(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """``text`` with its lone surrogates escaped, so that it always encodes as UTF-8.
+
+    A file-name byte that is not valid UTF-8 (decoded by Python as a
+    surrogate escape, U+DC80..U+DCFF) is shown as ``\\xNN``; any other lone
+    surrogate as ``\\uNNNN``.
+    """
+    return _SURROGATES.sub(_escape_surrogate, text)
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether a file name (as os.fsdecode gives it) came from valid UTF-8 bytes."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class _BadPixels(Exception):
     """Internal: the pixel array cannot be converted (message = problem)."""
 
@@ -183,67 +218,127 @@ def _supported_text() -> str:
     return ", ".join(sorted(SUPPORTED_SUFFIXES))
 
 
-def _walk_directory(root: Path) -> list[ImageSource]:
-    """Supported, non-hidden regular files under ``root``, sorted by name.
+def _unsupported_type(path: Path) -> str:
+    shown = f"'{path.suffix}'" if path.suffix else "(no suffix)"
+    return f"unsupported file type {shown} (supported: {_supported_text()})"
 
-    Hidden files and directories (name starting with ".") are skipped, as are
-    files with unsupported suffixes; symlinked directories are not followed.
+
+def _link_problem(path: Path, error: OSError) -> str:
+    """Why ``path`` (a name that exists) cannot be followed to a file."""
+    if error.errno == errno.ELOOP:
+        return "symbolic link loop"
+    try:
+        target = os.readlink(path)
+    except OSError:  # not a symbolic link (or no longer one)
+        return f"cannot read file: {error.strerror or error}"
+    return f"broken symbolic link (points to {printable(target)}, which does not exist)"
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why the non-directory ``path`` cannot be enqueued, or None if it can.
+
+    Checked in order: file name not valid UTF-8, broken symbolic link or link
+    loop, not a regular file, unsupported suffix.
+    """
+    if not _is_utf8(path.name):
+        return "file name is not valid UTF-8; rename it"
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        return _link_problem(path, error)
+    if not stat.S_ISREG(mode):
+        return "not a regular file or directory"
+    if not _suffix_ok(path):
+        return _unsupported_type(path)
+    return None
+
+
+def _directory_problem(path: Path) -> str | None:
+    """Why the subdirectory ``path`` met in a walk is not searched, or None."""
+    if not _is_utf8(path.name):
+        return "directory name is not valid UTF-8; rename it"
+    if path.is_symlink():
+        return "symbolic link to a directory (not followed; give the directory itself)"
+    return None
+
+
+def _walk_directory(root: Path) -> tuple[list[ImageSource], list[ImageError]]:
+    """Images under ``root`` sorted by name, and every entry not taken, sorted by path.
+
+    Hidden files and directories (name starting with ".") are skipped
+    silently.  Anything else that is not a supported image is reported: other
+    suffixes, broken symbolic links, link loops, symlinked directories (not
+    followed), unreadable directories and names that are not valid UTF-8.
     """
     found: list[ImageSource] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    problems: list[ImageError] = []
+
+    def unreadable(error: OSError) -> None:
+        problems.append(ImageError(Path(error.filename), f"cannot read directory: {error.strerror}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         base = Path(dirpath)
-        for filename in filenames:
-            file = base / filename
-            if filename.startswith(".") or not _suffix_ok(file) or not file.is_file():
-                continue
-            found.append(ImageSource(file, file.relative_to(root).as_posix()))
+        searched = []
+        for dirname in (d for d in dirnames if not d.startswith(".")):
+            problem = _directory_problem(base / dirname)
+            if problem is None:
+                searched.append(dirname)
+            else:
+                problems.append(ImageError(base / dirname, problem))
+        dirnames[:] = searched
+        for file in (base / f for f in filenames if not f.startswith(".")):
+            problem = _file_problem(file)
+            if problem is None:
+                found.append(ImageSource(file, file.relative_to(root).as_posix()))
+            else:
+                problems.append(ImageError(file, problem))
     found.sort(key=lambda s: s.name)
-    return found
+    problems.sort(key=lambda e: os.fsencode(e.path))
+    return found, problems
 
 
-def _expand(path: Path) -> tuple[list[ImageSource], ImageError | None]:
-    """Sources for one command-line argument, or the error it causes."""
+def _expand(path: Path) -> tuple[list[ImageSource], list[ImageError]]:
+    """Sources for one command-line argument, and the errors it causes."""
     if path.is_dir():
-        found = _walk_directory(path)
+        found, problems = _walk_directory(path)
         if not found:
-            return [], ImageError(
+            problems.append(ImageError(
                 path, f"no supported images in directory (looked for {_supported_text()})"
-            )
-        return found, None
-    if not path.exists():
-        return [], ImageError(path, "no such file or directory")
-    if not path.is_file():
-        return [], ImageError(path, "not a regular file or directory")
-    if not _suffix_ok(path):
-        shown = f"'{path.suffix}'" if path.suffix else "(no suffix)"
-        return [], ImageError(
-            path, f"unsupported file type {shown} (supported: {_supported_text()})"
-        )
-    return [ImageSource(path, path.name)], None
+            ))
+        return found, problems
+    if not os.path.lexists(path):
+        return [], [ImageError(path, "no such file or directory")]
+    problem = _file_problem(path)
+    if problem is not None:
+        return [], [ImageError(path, problem)]
+    return [ImageSource(path, path.name)], []
 
 
 def find_images(paths: Sequence[Path]) -> tuple[list[ImageSource], list[ImageError]]:
     """Expand files and directories into image sources.
 
     Arguments are processed in order; a directory is searched recursively and
-    its files are listed sorted by their relative name (hidden entries and
-    unsupported suffixes skipped silently).  A missing path, a file given
-    explicitly with an unsupported suffix, a directory without supported
-    images, and a name already produced by an earlier argument
-    ("duplicate name ...") are reported as errors instead.
+    its files are listed sorted by their relative name.  Hidden entries (name
+    starting with ".") inside a directory are skipped silently.  Everything
+    else that is not taken is reported as an error: a missing path, a file
+    with an unsupported suffix (given directly or found in a directory), a
+    broken symbolic link, a symbolic link loop, a symlinked directory (not
+    followed), something that is not a regular file, a file or directory name
+    that is not valid UTF-8 (names are stored in Redis as UTF-8), a directory
+    without supported images, and a name already produced by an earlier
+    argument ("duplicate name ...").
 
     Returns:
         ``(sources, errors)``: sources in a deterministic order, and the
-        errors in the order met.  Pixel data is not read.
+        errors in the order met (sorted by path within a directory).  Pixel
+        data is not read.
     """
     sources: list[ImageSource] = []
     errors: list[ImageError] = []
     taken: dict[str, Path] = {}
     for arg in paths:
-        found, error = _expand(Path(arg))
-        if error is not None:
-            errors.append(error)
+        found, problems = _expand(Path(arg))
+        errors.extend(problems)
         for source in found:
             if source.name in taken:
                 errors.append(
@@ -396,24 +491,42 @@ def _sniff(path: Path) -> str:
 
 
 def _check_pixels(path: Path, height: int, width: int, max_pixels: int) -> None:
+    """ImageError unless ``height * width`` is within ``max_pixels`` (the project's limit)."""
     if height * width > max_pixels:
+        megapixels = f" ({max_pixels // 2**20} megapixels)" if max_pixels % 2**20 == 0 else ""
         raise ImageError(
             path,
             f"image too large: {width}x{height} = {height * width} pixels "
-            f"exceeds the limit of {max_pixels}",
+            f"exceeds the limit of {max_pixels} pixels{megapixels}",
         )
+
+
+# Pillow's openers for the formats _sniff names: what Image.open(formats=[fmt])
+# calls, minus Image.open's own decompression-bomb check (MAX_IMAGE_PIXELS).
+_PILLOW_OPENERS = {
+    "PNG": PngImagePlugin.PngImageFile,
+    "JPEG": JpegImagePlugin.jpeg_factory,  # a JPEG, or an MPO (camera JPEG + previews)
+    "BMP": BmpImagePlugin.BmpImageFile,
+}
+
+
+def _open_pillow(path: Path, fmt: str) -> ImageFile.ImageFile:
+    """Parse the header of a PNG/JPEG/BMP (no pixel data read); ImageError if corrupt.
+
+    Pillow's decompression-bomb check is not run: the caller checks the size
+    against ``max_pixels`` before loading, so that limit alone applies.
+    """
+    try:
+        return _PILLOW_OPENERS[fmt](path)
+    except (SyntaxError, IndexError, TypeError, struct.error) as exc:  # Pillow's "not parsable"
+        raise ImageError(path, f"corrupt {fmt} file: header cannot be parsed") from exc
+    except Exception as exc:  # untrusted input: any decoder failure is the file's
+        raise ImageError(path, f"corrupt {fmt} file: {exc}") from exc
 
 
 def _read_pillow(path: Path, fmt: str, max_pixels: int) -> np.ndarray:
     """PNG/JPEG/BMP -> uint8 (h, w) grayscale at the original (oriented) size."""
-    try:
-        image = Image.open(path, formats=[fmt])
-    except Image.DecompressionBombError as exc:
-        raise ImageError(path, f"image too large: {exc}") from exc
-    except UnidentifiedImageError as exc:
-        raise ImageError(path, f"corrupt {fmt} file: header cannot be parsed") from exc
-    except Exception as exc:  # untrusted input: any decoder failure is the file's
-        raise ImageError(path, f"corrupt {fmt} file: {exc}") from exc
+    image = _open_pillow(path, fmt)
     with image:
         _check_pixels(path, image.height, image.width, max_pixels)
         try:

@@ -155,6 +155,81 @@ def throughput(batches: list[BatchRecord]) -> Throughput:
     return Throughput(images, len(batches), workers, wall, images / wall if wall > 0 else float("nan"))
 
 
+BATCHES_PER_BIN = 5  # the throughput plot's bins hold at least this many batches on average
+MAX_BINS = 400  # and there are never more bins than a plot can show
+
+
+@dataclass(frozen=True)
+class ThroughputSeries:
+    """Images per second in equal time bins: bin i covers [starts_s[i], starts_s[i] + bin_s) since the first batch start."""
+
+    starts_s: np.ndarray
+    img_per_s: np.ndarray
+    bin_s: float
+
+
+def throughput_bin_seconds(batches: list[BatchRecord]) -> float:
+    """Bin width for the throughput plot, from the batch rate.
+
+    At least BATCHES_PER_BIN batches per bin on average, never narrower than the median gap between
+    consecutive batch ends (all workers merged), and at most MAX_BINS bins over the run.
+    """
+    span = max(b.end_s for b in batches) - min(b.start_s for b in batches)
+    ends = np.sort([b.end_s for b in batches])
+    typical_gap = float(np.median(np.diff(ends))) if len(ends) > 1 else span
+    width = max(BATCHES_PER_BIN * span / len(batches), typical_gap, span / MAX_BINS)
+    return width if width > 0 else 1.0
+
+
+def _ramp_sum(times: np.ndarray, points: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """sum_i weights[i] * max(0, t - points[i]) for each t in `times` (sorting and cumulative sums)."""
+    order = np.argsort(points)
+    sorted_points, sorted_weights = points[order], weights[order]
+    cum_w = np.concatenate(([0.0], np.cumsum(sorted_weights)))
+    cum_wp = np.concatenate(([0.0], np.cumsum(sorted_weights * sorted_points)))
+    below = np.searchsorted(sorted_points, times, side="right")
+    return times * cum_w[below] - cum_wp[below]
+
+
+def _step_sum(times: np.ndarray, points: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """sum_i weights[i] for points[i] <= t, for each t in `times`."""
+    order = np.argsort(points)
+    cum_w = np.concatenate(([0.0], np.cumsum(weights[order])))
+    return cum_w[np.searchsorted(points[order], times, side="right")]
+
+
+def images_done_by(batches: list[BatchRecord], times: np.ndarray, t0: float) -> np.ndarray:
+    """Images done by each time in `times` (seconds since t0).
+
+    Each batch's images are spread evenly over its own [start, end], the processing time they took,
+    so a batch is not a spike at its end; a batch with total_ms == 0 counts whole at its end.
+    """
+    starts = np.array([b.start_s - t0 for b in batches])
+    ends = np.array([b.end_s - t0 for b in batches])
+    images = np.array([float(b.images_ok) for b in batches])
+    spread = ends > starts
+    rates = images[spread] / (ends[spread] - starts[spread])
+    ramps = _ramp_sum(times, starts[spread], rates) - _ramp_sum(times, ends[spread], rates)
+    return ramps + _step_sum(times, ends[~spread], images[~spread])
+
+
+def throughput_series(batches: list[BatchRecord], bin_s: float | None = None) -> ThroughputSeries:
+    """Images per second over time, all workers together, in equal bins covering the run exactly.
+
+    bin_s: the wanted width (default: throughput_bin_seconds); it is widened so that a whole number
+    of bins spans first batch start to last batch end, so no bin is a partial one. The series' mean
+    is all images over that span: the table's FPS when no worker idles between its batches.
+    """
+    t0 = min(b.start_s for b in batches)
+    span = max(b.end_s for b in batches) - t0
+    wanted = bin_s or throughput_bin_seconds(batches)
+    count = max(1, int(span // wanted))
+    width = span / count if span > 0 else wanted
+    edges = np.linspace(0.0, count * width, count + 1)
+    done = images_done_by(batches, edges, t0)
+    return ThroughputSeries(edges[:-1], np.diff(done) / width, width)
+
+
 def latency_percentiles(batches: list[BatchRecord], percents: tuple[int, ...] = (50, 95, 99)) -> dict[int, float]:
     """Enqueue-to-mask latency percentiles over every image, in milliseconds."""
     latencies = [ms for b in batches for ms in b.image_latencies_ms()]

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from report.analysis import BatchRecord, latency_percentiles  # noqa: E402
+from report.analysis import BatchRecord, latency_percentiles, throughput_series  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -21,18 +21,15 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 def throughput_over_time(batches: list[BatchRecord], path: Path, bin_s: float | None = None) -> Path:
-    """Images per second (all workers together) in time bins since the first batch started."""
-    t0 = min(b.start_s for b in batches)
-    span = max(b.end_s for b in batches) - t0
-    bin_s = bin_s or max(span / 40, 0.05)
-    edges = np.arange(0, span + bin_s, bin_s)
-    ends = np.array([b.end_s - t0 for b in batches])
-    counts, _ = np.histogram(ends, bins=edges, weights=[b.images_ok for b in batches])
+    """Images per second (all workers together) over time, binned by `analysis.throughput_series`."""
+    series = throughput_series(batches, bin_s)
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.step(edges[:-1], counts / bin_s, where="post")
+    starts = np.append(series.starts_s, series.starts_s[-1] + series.bin_s)
+    ax.stairs(series.img_per_s, starts)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("seconds since first batch")
     ax.set_ylabel("images / s")
-    ax.set_title(f"Throughput over time ({bin_s:.2g} s bins)")
+    ax.set_title(f"Throughput over time ({series.bin_s:.2g} s bins)")
     return _save(fig, path)
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import struct
+import subprocess
+import sys
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -387,18 +392,22 @@ def touch_png(path: Path) -> Path:
     return path
 
 
+UNSUPPORTED_TXT = "unsupported file type '.txt' (supported: .bmp, .jpeg, .jpg, .png, .tif, .tiff)"
+
+
 def test_find_images_expands_directories(tmp_path: Path) -> None:
     root = tmp_path / "in"
     for rel in ["b.png", "a/z.TIF", "a/sub/c.jpeg", "a.BMP", ".hidden.png", ".cache/x.png", "notes.txt"]:
         touch_png(root / rel)
     single = touch_png(tmp_path / "other" / "single.JPG")
     sources, errors = find_images([root, single])
-    assert errors == []
+    assert [(e.path, e.problem) for e in errors] == [(root / "notes.txt", UNSUPPORTED_TXT)]
     assert [s.name for s in sources] == ["a.BMP", "a/sub/c.jpeg", "a/z.TIF", "b.png", "single.JPG"]
     assert sources[1] == ImageSource(root / "a" / "sub" / "c.jpeg", "a/sub/c.jpeg")
     assert sources[-1] == ImageSource(single, "single.JPG")
     assert all(s.path.is_file() for s in sources)
-    assert find_images([root, single]) == (sources, [])  # deterministic
+    again, errors_again = find_images([root, single])  # deterministic
+    assert (again, [str(e) for e in errors_again]) == (sources, [str(e) for e in errors])
 
 
 def test_supported_suffixes() -> None:
@@ -428,8 +437,10 @@ def test_find_images_empty_directory(tmp_path: Path) -> None:
     (tmp_path / "empty" / "readme.txt").write_text("x")
     sources, errors = find_images([tmp_path / "empty"])
     assert sources == []
-    assert len(errors) == 1 and "empty" in str(errors[0])
-    assert "no supported images in directory" in errors[0].problem
+    assert [(e.path, e.problem) for e in errors] == [
+        (tmp_path / "empty" / "readme.txt", UNSUPPORTED_TXT),
+        (tmp_path / "empty", "no supported images in directory (looked for .bmp, .jpeg, .jpg, .png, .tif, .tiff)"),
+    ]
 
 
 def test_find_images_duplicate_names(tmp_path: Path) -> None:
@@ -456,3 +467,151 @@ def test_lzw_compressed_tiff_decodes(tmp_path: Path) -> None:
     path = tmp_path / "lzw.tif"
     Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(path, compression="tiff_lzw")
     np.testing.assert_array_equal(decode_image(path, 8, 8).pixels, np.arange(64, dtype=np.uint8).reshape(8, 8))
+
+
+# ---------------------------------------------------------------- names that are not UTF-8
+
+
+def raw_named_png(folder: Path, raw_name: bytes) -> Path:
+    """Write a real PNG whose file name is the bytes `raw_name` (created through a bytes path)."""
+    Image.new("L", (2, 2)).save(folder / "tmp.png")
+    data = (folder / "tmp.png").read_bytes()
+    (folder / "tmp.png").unlink()
+    fd = os.open(os.path.join(os.fsencode(folder), raw_name), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    return folder / os.fsdecode(raw_name)
+
+
+def test_find_images_rejects_file_name_that_is_not_utf8(tmp_path: Path) -> None:
+    good = touch_png(tmp_path / "good.png")
+    bad = raw_named_png(tmp_path, b"caf\xe9.png")
+    sources, errors = find_images([tmp_path])
+    assert sources == [ImageSource(good, "good.png")]
+    assert len(errors) == 1
+    assert errors[0].path == bad and bad.exists()  # the real name, to open or rename the file
+    assert errors[0].problem == "file name is not valid UTF-8; rename it"
+    message = str(errors[0])
+    assert message == f"{tmp_path}/caf\\xe9.png: file name is not valid UTF-8; rename it"
+    assert message.encode("utf-8").decode("utf-8") == message  # printable, storable
+    assert str(pickle.loads(pickle.dumps(errors[0]))) == message  # crosses to pool processes
+
+    direct_sources, direct_errors = find_images([bad, good])
+    assert direct_sources == [ImageSource(good, "good.png")]
+    assert [str(e) for e in direct_errors] == [message]
+
+
+def test_find_images_rejects_directory_name_that_is_not_utf8(tmp_path: Path) -> None:
+    good = touch_png(tmp_path / "good.png")
+    os.mkdir(os.path.join(os.fsencode(tmp_path), b"d\xff"))
+    bad_dir = tmp_path / os.fsdecode(b"d\xff")
+    touch_png(bad_dir / "inside.png")
+    sources, errors = find_images([tmp_path])
+    assert sources == [ImageSource(good, "good.png")]
+    assert [str(e) for e in errors] == [f"{tmp_path}/d\\xff: directory name is not valid UTF-8; rename it"]
+
+
+def test_image_error_message_escapes_any_lone_surrogate() -> None:
+    error = ImageError(Path("a\udce9b\ud800.png"), "bad \udcff")
+    assert str(error) == "a\\xe9b\\ud800.png: bad \\xff"
+    str(error).encode("utf-8")
+
+
+def test_enqueue_rejects_a_non_utf8_name_and_enqueues_the_rest(tmp_path: Path, redis_url: str, queue_name: str) -> None:
+    touch_png(tmp_path / "good.png")
+    raw_named_png(tmp_path, b"caf\xe9.png")
+    result = subprocess.run(
+        [sys.executable, "-m", "producer", "enqueue", str(tmp_path), "--size", "16",
+         "--redis-url", redis_url, "--queue", queue_name],
+        cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output
+    assert f"rejected: {tmp_path}/caf\\xe9.png: file name is not valid UTF-8; rename it" in output
+    assert "enqueued 1 images in 1 jobs" in output and "rejected 1" in output
+
+
+# ---------------------------------------------------------------- entries skipped in a walk
+
+
+def test_find_images_reports_links_and_other_files_found_in_a_directory(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    good = touch_png(root / "good.png")
+    touch_png(root / "sub" / "deep.png")
+    (root / "notes.txt").write_text("x")
+    (root / ".hidden.txt").write_text("x")  # hidden: skipped without a word
+    (root / "broken.png").symlink_to("missing.png")
+    (root / "loop.png").symlink_to("loop.png")
+    (root / "ping.tif").symlink_to("pong.tif")
+    (root / "pong.tif").symlink_to("ping.tif")
+    (root / "linked").symlink_to(root / "sub", target_is_directory=True)
+    (root / "alias.png").symlink_to("good.png")  # a link to a good file is a good file
+    sources, errors = find_images([root])
+    assert [s.name for s in sources] == ["alias.png", "good.png", "sub/deep.png"]
+    assert [(e.path.name, e.problem) for e in errors] == [
+        ("broken.png", "broken symbolic link (points to missing.png, which does not exist)"),
+        ("linked", "symbolic link to a directory (not followed; give the directory itself)"),
+        ("loop.png", "symbolic link loop"),
+        ("notes.txt", UNSUPPORTED_TXT),
+        ("ping.tif", "symbolic link loop"),
+        ("pong.tif", "symbolic link loop"),
+    ]
+    assert str(errors[0]) == f"{root}/broken.png: broken symbolic link (points to missing.png, which does not exist)"
+    assert sources[1] == ImageSource(good, "good.png")
+
+
+def test_find_images_names_link_problems_of_files_given_directly(tmp_path: Path) -> None:
+    (tmp_path / "broken.png").symlink_to("missing.png")
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    sources, errors = find_images([tmp_path / "broken.png", tmp_path / "loop.png", tmp_path / "gone.png"])
+    assert sources == []
+    assert [e.problem for e in errors] == [
+        "broken symbolic link (points to missing.png, which does not exist)",
+        "symbolic link loop",
+        "no such file or directory",
+    ]
+
+
+# ---------------------------------------------------------------- decompression bombs
+
+
+def with_claimed_size(source: Path, path: Path, width: int, height: int) -> Path:
+    """Copy the small image `source` to `path` with a header that claims width x height (CRC fixed for PNG)."""
+    data = bytearray(source.read_bytes())
+    if data.startswith(b"\x89PNG"):
+        data[16:24] = struct.pack(">II", width, height)  # IHDR data starts at byte 16
+        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # CRC of type + 13 data bytes
+    else:  # BMP: BITMAPINFOHEADER width and height
+        data[18:26] = struct.pack("<ii", width, height)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP"])
+@pytest.mark.parametrize("side", [10_000, 20_000])  # over Pillow's warning (89 M) and error (179 M) thresholds
+def test_image_over_pillows_bomb_limit_gets_the_projects_limit_message(tmp_path: Path, fmt: str, side: int) -> None:
+    small = tmp_path / f"small.{fmt.lower()}"
+    Image.new("L", (1, 1)).save(small, format=fmt)
+    path = with_claimed_size(small, tmp_path / f"big.{fmt.lower()}", side, side)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning either
+        with pytest.raises(ImageError) as excinfo:
+            decode_image(path, 8, 8)
+    assert excinfo.value.problem == (
+        f"image too large: {side}x{side} = {side * side} pixels exceeds the limit of 67108864 pixels (64 megapixels)"
+    )
+    assert str(excinfo.value) == f"{path}: {excinfo.value.problem}"
+
+
+def test_pillows_bomb_limit_does_not_override_a_higher_limit(tmp_path: Path) -> None:
+    """Only max_pixels decides: a header over Pillow's limit but within max_pixels is read on (here: truncated)."""
+    small = tmp_path / "small.png"
+    Image.new("L", (1, 1)).save(small)
+    path = with_claimed_size(small, tmp_path / "big.png", 20_000, 10_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageError) as excinfo:
+            decode_image(path, 8, 8, max_pixels=300_000_000)
+    assert "too large" not in excinfo.value.problem
+    assert excinfo.value.problem.startswith("corrupt or truncated PNG file")

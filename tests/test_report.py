@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from datetime import datetime, timezone
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from broker.store import QueueStore
 from producer.collect import collect_masks
-from report.analysis import parse_batch, read_logs, throughput, union_seconds
+from report.analysis import (BATCHES_PER_BIN, parse_batch, read_logs, throughput, throughput_series,
+                             union_seconds)
+from report.writer import write_report
 from tests.conftest import write_synthetic_images
 from tests.test_e2e import cli
 from tests.test_worker import enqueue_folder, run_worker
@@ -112,3 +116,51 @@ def test_parse_batch_reads_the_worker_line_format():
     record = parse_batch("x", _event("w", 1_000_000.0, 250.0, images=4))
     assert record.start_s == 1_000_000.0 - 0.25
     assert record.images_ok == 4
+
+
+def write_log(path, batches: list[tuple[float, float]], worker: str = "w", images: int = 8):
+    """A worker log of `batch` events, one per (end second, total_ms), at a fixed date."""
+    path.write_text("".join(json.dumps(_event(worker, 1_800_000_000 + end, ms, images)) + "\n" for end, ms in batches))
+    return path
+
+
+def check_series_against_table(tmp_path, log) -> None:
+    """The plotted series has no zero bin and no spike, and its mean is the report table's FPS (within 20%)."""
+    data = read_logs([log])
+    write_report(tmp_path / "report", data)
+    table_fps = float(table_row((tmp_path / "report" / "report.md").read_text(), "workers")[4])
+    series = throughput_series(data.batches)
+    assert (series.img_per_s > 0).all(), series.img_per_s
+    assert abs(series.img_per_s.mean() - table_fps) <= 0.2 * table_fps, (series.img_per_s.mean(), table_fps)
+    assert series.img_per_s.max() <= 1.5 * table_fps, series.img_per_s
+    mean_gap = (data.batches[-1].end_s - data.batches[0].start_s) / len(data.batches)
+    assert series.bin_s >= BATCHES_PER_BIN * mean_gap * 0.999
+    assert series.img_per_s.sum() * series.bin_s == pytest.approx(sum(b.images_ok for b in data.batches))
+
+
+def test_short_run_throughput_plot_has_no_spikes_or_empty_bins(tmp_path):
+    """A 6 s run, batches of 8 every 1.16 s (6.9 img/s): 1/40-of-the-run bins plotted 0 and 55 img/s."""
+    log = write_log(tmp_path / "w.log", [(0.3 + 1.16 * (i + 1), 1160.0) for i in range(5)])
+    check_series_against_table(tmp_path, log)
+
+
+def test_longer_run_throughput_plot_is_steady_and_keeps_its_bins_wide(tmp_path):
+    rng = random.Random(7)
+    batches, end = [], 0.0
+    for _ in range(120):  # ~95 ms batches with 0..20 ms idle between them
+        total_ms = rng.uniform(85.0, 105.0)
+        end += rng.uniform(0.0, 0.02) + total_ms / 1000
+        batches.append((end, total_ms))
+    check_series_against_table(tmp_path, write_log(tmp_path / "w.log", batches))
+    series = throughput_series(read_logs([tmp_path / "w.log"]).batches)
+    assert len(series.img_per_s) >= 10
+
+
+def test_throughput_series_of_several_workers_counts_every_image_once():
+    # the merge test's workers: a busy 0..10 s, b 5..15 s, c 20..25 s; idle 15..20 s is plotted as 0
+    batches = [parse_batch("x", _event(w, 1_000_000 + end, 1000.0))
+               for w, ends in {"a": (1, 10), "b": (6, 15), "c": (21, 25)}.items() for end in ends]
+    series = throughput_series(batches, bin_s=1.0)
+    assert series.bin_s == 1.0 and len(series.img_per_s) == 25
+    assert series.img_per_s.sum() * series.bin_s == pytest.approx(48)
+    assert series.img_per_s[16:19].tolist() == [0.0, 0.0, 0.0]

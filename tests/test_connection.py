@@ -1,0 +1,92 @@
+"""broker.connection: passwords hidden in every message, malformed URLs as one-line errors (real redis-server, real CLI)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker.connection import BrokerSettings, connect, redact
+from broker.errors import BrokerUnavailable
+from broker.server import RedisServer
+from tests.conftest import free_port
+
+ROOT = Path(__file__).parents[1]
+BAD_PORT_URL = "redis://:secret@127.0.0.1:notaport/0"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://user:secret@host:6379/0", "redis://user:***@host:6379/0"),
+        ("rediss://:secret@host:6380/2", "rediss://:***@host:6380/2"),
+        ("redis://:secret@[::1]:6379/0", "redis://:***@[::1]:6379/0"),
+        ("redis://:se%40cret@host/0", "redis://:***@host/0"),
+        ("redis://:a:secret@host/0", "redis://:***@host/0"),
+        ("redis://host:6379/0", "redis://host:6379/0"),
+        ("unix:///tmp/redis.sock", "unix:///tmp/redis.sock"),
+        (BAD_PORT_URL, "redis://:***@127.0.0.1:notaport/0"),
+        ("redis://user:secret@host:99999/0", "redis://user:***@host:99999/0"),
+        ("redis://user:secret@[::1/0", "redis://***@[::1/0"),  # urlsplit refuses it: all userinfo hidden
+        ("redis://user:sec@ret@[::1/0", "redis://***@[::1/0"),
+        ("not a url", "not a url"),
+        ("", ""),
+    ],
+)
+def test_redact_hides_the_password_and_never_raises(url: str, shown: str) -> None:
+    assert redact(url) == shown
+    assert "sec" not in redact(url)
+
+
+def connect_error(url: str) -> str:
+    """The message of the BrokerUnavailable that connecting to `url` raises."""
+    with pytest.raises(BrokerUnavailable) as excinfo:
+        connect(BrokerSettings(redis_url=url))
+    message = str(excinfo.value)
+    assert "secret" not in message and "\n" not in message, message
+    return message
+
+
+def test_malformed_port_is_a_one_line_error_without_the_password() -> None:
+    assert connect_error(BAD_PORT_URL) == (
+        "bad Redis URL redis://:***@127.0.0.1:notaport/0: Port could not be cast to integer value as 'notaport'"
+    )
+
+
+def test_unparsable_url_is_a_one_line_error_without_the_password() -> None:
+    assert connect_error("redis://user:secret@[::1/0") == "bad Redis URL redis://***@[::1/0: Invalid IPv6 URL"
+
+
+def test_wrong_scheme_is_a_one_line_error_without_the_password() -> None:
+    assert connect_error("http://:secret@127.0.0.1:6379/0").startswith(
+        "bad Redis URL http://:***@127.0.0.1:6379/0: Redis URL must specify one of the following schemes"
+    )
+
+
+def test_unreachable_redis_names_the_url_without_the_password() -> None:
+    port = free_port()
+    message = connect_error(f"redis://:secret@127.0.0.1:{port}/0")
+    assert message.startswith(f"cannot reach Redis at redis://:***@127.0.0.1:{port}/0: ")
+    assert "refused" in message.lower()
+
+
+def test_redis_that_refuses_the_database_is_a_one_line_error(redis_server: RedisServer) -> None:
+    message = connect_error(f"redis://:secret@127.0.0.1:{redis_server.port}/99")
+    assert message == (
+        f"Redis at redis://:***@127.0.0.1:{redis_server.port}/99 refused the connection: DB index is out of range"
+    )
+
+
+def test_cli_prints_one_error_line_for_a_malformed_url() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "producer", "status", "--redis-url", BAD_PORT_URL],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "error: bad Redis URL redis://:***@127.0.0.1:notaport/0: Port could not be cast to integer value as 'notaport'"
+    ]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "secret" not in result.stdout + result.stderr
