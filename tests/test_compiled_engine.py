@@ -129,7 +129,14 @@ def test_compiled_engine_builds_loads_and_matches_eager(tmp_path: Path) -> None:
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt", SIZE, 4, _model())
     out = build_compiled(ckpt, tmp_path / "tiny.ptc", batch_sizes=(4,))
     images = np.stack([img for img, _ in generate(4, SIZE, seed=5)])
+    with CompiledTorchEngine(out, cuda_graphs=False) as launched:
+        direct = [infer(launched, images[:n]) for n in (1, 3, 4)]
+        assert not launched.uses_cuda_graphs
     with CompiledTorchEngine(out) as engine:
+        assert engine.uses_cuda_graphs and engine.name.endswith("+graphs")
+        # the per-slot CUDA graphs give exactly the masks of the kernels launched one by one
+        for expected, n in zip(direct, (1, 3, 4)):
+            assert np.array_equal(infer(engine, images[:n]), expected)
         assert engine.spec.precision == "fp16" and engine.spec.max_batch == 4
         assert engine.load_timings["compile_warm_s"] > 0
         with TorchEngine(ckpt, device="cuda", precision="fp16") as eager16, TorchEngine(ckpt) as cpu32:

@@ -176,6 +176,9 @@ def serve(settings: WorkerSettings, plan: DevicePlan | None = None) -> int:
         log.info("worker_started", queue=settings.broker.queue, broker=settings.broker.describe(),
                  max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, device=settings.device,
                  burst=settings.burst, pid=os.getpid(), load_s=round(load_s, 3), **gpu)
+        if getattr(loaded, "cuda_graphs_error", None):
+            log.warning("cuda_graphs_off", reason=loaded.cuda_graphs_error,
+                        effect="kernels are launched one by one: slower feeding")
         try:
             warmup_s = _warm_up(loaded, settings.max_batch)
         except EngineError as exc:

@@ -26,6 +26,8 @@ class WorkerSettings:
     precision: str | None = None
     max_batch: int = 8
     max_wait_ms: float = 20.0
+    fetch_threads: int = 2  # threads that read and decode batches from Redis
+    prefetch_batches: int = 2  # batches being fetched ahead of the engine, besides those in flight on it
     burst: bool = False
     log_file: Path | None = None
     name: str = ""
