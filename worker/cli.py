@@ -15,6 +15,7 @@ from engines.base import EngineError
 from engines.loader import load_engine
 from worker.devices import DeviceError, DevicePlan, child_labels, expand_devices, is_pool, pin_process, suffixed
 from worker.logs import configure_logging
+from worker.metrics import MetricsServer, WorkerMetrics
 from worker.pipeline import BatchPipeline
 from worker.rq_source import RqJobSource
 from worker.settings import WorkerSettings
@@ -53,6 +54,8 @@ def run(
     name: Annotated[str, typer.Option(help="Worker name shown by rq (default host.pid).")] = "",
     job_heartbeat_ttl: Annotated[int, typer.Option(min=5, help="Seconds before a silent worker's jobs are re-enqueued.")] = 40,
     maintenance_interval: Annotated[int, typer.Option(min=2, help="Seconds between rq registry maintenance runs (re-enqueues abandoned jobs).")] = 15,
+    metrics_port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="Serve Prometheus /metrics, /readyz (engine loaded and warm) and /livez (loop not stuck) on this port; a pool gives its children PORT, PORT+1, ...")] = None,
+    liveness_timeout: Annotated[float, typer.Option(min=1, help="/livez fails once the worker loop has not passed for this many seconds.")] = 60.0,
 ) -> None:
     """Serve a queue: claim jobs, batch their images across jobs, run the engine, write masks back.
 
@@ -86,17 +89,20 @@ def run(
         name=name,
         job_heartbeat_ttl_s=job_heartbeat_ttl,
         maintenance_interval_s=maintenance_interval,
+        metrics_port=metrics_port,
+        liveness_timeout_s=liveness_timeout,
     )
     sys.exit(serve(settings, plan))
 
 
 def _child_argv(ctx: typer.Context, options: dict[str, object], device: str, log_file: Path | None,
-                name: str) -> list[str]:
+                name: str, metrics_port: int | None = None) -> list[str]:
     """`python -m worker.cli run` with this command's `options` (name -> value), but --device,
-    --log-file and --name as given."""
+    --log-file, --name and --metrics-port as given."""
     argv = [sys.executable, "-m", "worker.cli", "run"]
     for param in ctx.command.params:
-        if getattr(param, "param_type_name", "") != "option" or param.name in ("device", "log_file", "name"):
+        if getattr(param, "param_type_name", "") != "option" or param.name in ("device", "log_file", "name",
+                                                                                 "metrics_port"):
             continue
         value = options.get(param.name)
         if value is None:
@@ -112,7 +118,15 @@ def _child_argv(ctx: typer.Context, options: dict[str, object], device: str, log
         argv += ["--log-file", str(log_file)]
     if name:
         argv += ["--name", name]
+    if metrics_port is not None:
+        argv += ["--metrics-port", str(metrics_port)]
     return argv
+
+
+def _child_port(options: dict[str, object], index: int) -> int | None:
+    """The index-th pool child's metrics port: --metrics-port + index (None without --metrics-port)."""
+    base = options.get("metrics_port")
+    return None if base is None else int(base) + index  # type: ignore[arg-type]
 
 
 def _run_pool(ctx: typer.Context, options: dict[str, object], device: str, log_file: Path | None, name: str) -> int:
@@ -126,8 +140,8 @@ def _run_pool(ctx: typer.Context, options: dict[str, object], device: str, log_f
     labels = child_labels(devices)
     children = [
         ChildSpec(label, dev, _child_argv(ctx, options, dev, suffixed(log_file, label) if log_file else None,
-                                          f"{name}.{label}" if name else ""))
-        for label, dev in zip(labels, devices)
+                                          f"{name}.{label}" if name else "", _child_port(options, index)))
+        for index, (label, dev) in enumerate(zip(labels, devices))
     ]
     log = configure_logging(suffixed(log_file, "pool") if log_file else None).bind(pool=os.getpid())
     return WorkerPool(children, log).run()
@@ -153,6 +167,27 @@ def serve(settings: WorkerSettings, plan: DevicePlan | None = None) -> int:
     """
     log = configure_logging(settings.log_file)
     started = time.perf_counter()
+    metrics = WorkerMetrics(liveness_timeout_s=settings.liveness_timeout_s)
+    server = _serve_metrics(metrics, settings.metrics_port)
+    try:
+        return _serve(settings, plan, log, started, metrics)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _serve_metrics(metrics: WorkerMetrics, port: int | None) -> MetricsServer | None:
+    """Start the /metrics, /readyz, /livez server on `port` (None: no server); exit 2 if the port is taken."""
+    if port is None:
+        return None
+    try:
+        return MetricsServer(metrics, port)
+    except OSError as exc:
+        _fail(f"cannot serve metrics on port {port}: {exc.strerror or exc}")
+    return None
+
+
+def _serve(settings: WorkerSettings, plan: DevicePlan | None, log, started: float, metrics: WorkerMetrics) -> int:
     try:
         client = connect(settings.broker)
         loaded = load_engine(settings.engine_path, device=settings.device, precision=settings.precision)
@@ -184,11 +219,13 @@ def serve(settings: WorkerSettings, plan: DevicePlan | None = None) -> int:
         except EngineError as exc:
             _fail(f"{settings.engine_path}: warm-up batch failed: {exc}")
         source.open()
+        metrics.queue_depth = source.queued
+        metrics.set_ready()
         log.info("worker_ready", pid=os.getpid(), device=settings.device, load_s=round(load_s, 3),
                  warmup_s=round(warmup_s, 3), ready_s=round(time.perf_counter() - started, 3), **gpu)
         try:
             with stop_on_signals() as stop:
-                images = BatchPipeline(settings, loaded, source, client, log, stop).run()
+                images = BatchPipeline(settings, loaded, source, client, log, stop, metrics=metrics).run()
         finally:
             source.close()
         log.info("worker_stopped", images=images)

@@ -30,6 +30,7 @@ from worker.batch import BatchItem, SubmittedBatch, claims_of
 from worker.batcher import Batcher
 from worker.claims import OpenClaims
 from worker.job_source import Claim, JobSource
+from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
 from worker.signals import StopFlag
 from worker.writer import ComputedBatch, ResultWriter
@@ -61,8 +62,10 @@ class BatchPipeline:
         log: structlog.stdlib.BoundLogger,
         stop: StopFlag,
         clock: Callable[[], float] = time.monotonic,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or WorkerMetrics(clock=clock)
         self.engine = engine
         self.source = source
         self.stop = stop
@@ -75,7 +78,7 @@ class BatchPipeline:
         self.fetching: deque[tuple[list[BatchItem], Future[FetchedBatch]]] = deque()
         self.fetcher = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="fetch")
         self.claims = OpenClaims()
-        self.writer = ResultWriter(client, self.store, source, self.claims, log, clock)
+        self.writer = ResultWriter(client, self.store, source, self.claims, log, clock, metrics=self.metrics)
         self._last_keepalive = clock()
         self._images_per_job = self.settings.max_batch  # until a job is seen: claim one at a time
 
@@ -109,6 +112,7 @@ class BatchPipeline:
 
     def _step(self) -> bool:
         """One pass of the loop: claim and start fetches, submit, finish or wait. False when the worker should stop."""
+        self.metrics.beat()
         self._keep_alive_if_due()
         self._start_fetches()
         if self.fetching and len(self.inflight) < self.engine.slots:
@@ -220,21 +224,27 @@ class BatchPipeline:
                 self._fail_batch(submitted, f"engine {self.engine.name} failed: {type(exc).__name__}: {exc}")
                 return
         self.inflight.append(submitted)
+        self.metrics.engine_busy(True)
 
     def _finish(self, submitted: SubmittedBatch) -> None:
         """Wait for a batch's masks and hand them to the writer thread."""
         masks = None
-        if submitted.inflight is not None:
-            try:
-                masks = submitted.inflight.result()
-            except Exception as exc:
-                self._fail_batch(submitted, f"engine {self.engine.name} failed: {type(exc).__name__}: {exc}")
-                return
+        try:
+            if submitted.inflight is not None:
+                try:
+                    masks = submitted.inflight.result()
+                except Exception as exc:
+                    self._fail_batch(submitted, f"engine {self.engine.name} failed: {type(exc).__name__}: {exc}")
+                    return
+        finally:
+            if not self.inflight:
+                self.metrics.engine_busy(False)
         compute_ms = (time.perf_counter() - submitted.timings["submitted"]) * 1000
         self.writer.put(ComputedBatch(submitted, masks, compute_ms))
 
     def _fail_batch(self, submitted: SubmittedBatch, reason: str) -> None:
         """A batch failed as a whole: fail every open job that had an image in it (rq retries)."""
         self.log.error("batch_failed", reason=reason, batch_size=submitted.size)
-        self.source.fail([claim for claim in claims_of(submitted.all_items) if self.claims.close(claim)],
-                         reason, retry=True)
+        failed = [claim for claim in claims_of(submitted.all_items) if self.claims.close(claim)]
+        self.source.fail(failed, reason, retry=True)
+        self.metrics.jobs.labels("retried").inc(len(failed))

@@ -155,6 +155,10 @@ class RqJobSource:
                     handle.job.heartbeat(now(), ttl, pipeline=pipe, xx=True)
             pipe.execute()
 
+    def queued(self) -> int:
+        """Jobs waiting in the queue (one LLEN)."""
+        return self.queue.count
+
     def maintain(self) -> None:
         """rq's own registry maintenance, on rq's schedule (re-enqueues jobs of dead workers)."""
         if self._rq.should_run_maintenance_tasks:

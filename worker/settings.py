@@ -29,6 +29,8 @@ class WorkerSettings:
     fetch_threads: int = 2  # threads that read and decode batches from Redis
     prefetch_batches: int = 2  # batches being fetched ahead of the engine, besides those in flight on it
     burst: bool = False
+    metrics_port: int | None = None  # serve /metrics, /readyz, /livez here (worker/metrics.py)
+    liveness_timeout_s: float = 60.0  # /livez fails once the main loop has not passed for this long
     log_file: Path | None = None
     name: str = ""
     job_heartbeat_ttl_s: int = 40

@@ -22,6 +22,7 @@ from broker.store import QueueStore
 from worker.batch import BatchItem, SubmittedBatch, claims_of
 from worker.claims import OpenClaims
 from worker.job_source import ImageOutcome, JobSource
+from worker.metrics import WorkerMetrics
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class ResultWriter:
         clock,
         depth: int = 4,
         put_timeout_s: float = 1.0,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.client = client
         self.store = store
@@ -54,6 +56,7 @@ class ResultWriter:
         self.log = log
         self.clock = clock
         self.put_timeout_s = put_timeout_s
+        self.metrics = metrics or WorkerMetrics(clock=clock)
         self.images_done = 0
         self.batches_done = 0
         self._queue: queue.Queue[ComputedBatch | None] = queue.Queue(maxsize=depth)
@@ -89,9 +92,13 @@ class ResultWriter:
     def _write_one(self, batch: ComputedBatch) -> None:
         write_start = time.perf_counter()
         self._store(batch.submitted, batch.masks)
-        jobs_completed = self._complete_finished_jobs()
+        jobs_completed, jobs_failed = self._complete_finished_jobs()
         write_ms = (time.perf_counter() - write_start) * 1000
-        self._log_batch(batch.submitted, batch.compute_ms, write_ms, jobs_completed)
+        total_ms = self._log_batch(batch.submitted, batch.compute_ms, write_ms, jobs_completed)
+        submitted = batch.submitted
+        self.metrics.observe_batch(len(submitted.items), len(submitted.rejected), jobs_completed - jobs_failed,
+                                   jobs_failed, [wait / 1000 for wait in submitted.image_wait_ms],
+                                   batch.compute_ms / 1000, total_ms / 1000)
 
     def _store(self, submitted: SubmittedBatch, masks: np.ndarray | None) -> None:
         """Store masks and failures in one round trip, and note each image's outcome on its job."""
@@ -103,13 +110,13 @@ class ResultWriter:
             item.claim.outcomes[item.image_id] = ImageOutcome(item.image_id, ok=False, error=reason)
         self.images_done += len(submitted.items)
 
-    def _complete_finished_jobs(self) -> int:
-        """Finish (or, if every image failed, fail) each job whose images all have an outcome."""
+    def _complete_finished_jobs(self) -> tuple[int, int]:
+        """Finish (or, if every image failed, fail) each job whose images all have an outcome; (ended, failed)."""
         # a claim the main loop failed meanwhile is already closed, and skipped here
         done = [claim for claim in self.claims.complete() if self.claims.close(claim)]
         if done:
             self.source.complete(done)
-        return len(done)
+        return len(done), sum(1 for claim in done if not claim.any_ok)
 
     def abandon(self, items: list[BatchItem], reason: str) -> None:
         """Stop heartbeating these images' jobs, so that rq re-enqueues them after their heartbeat TTL."""
@@ -117,7 +124,8 @@ class ResultWriter:
         for claim in claims_of(items):
             self.claims.close(claim)
 
-    def _log_batch(self, submitted: SubmittedBatch, compute_ms: float, write_ms: float, jobs_completed: int) -> None:
+    def _log_batch(self, submitted: SubmittedBatch, compute_ms: float, write_ms: float, jobs_completed: int) -> float:
+        """Log the batch's line; returns its total_ms (taken from the batcher to written)."""
         total_ms = (self.clock() - submitted.taken_at) * 1000
         self.batches_done += 1
         job_ids = sorted({claim.job_id for claim in claims_of(submitted.all_items)})
@@ -137,3 +145,4 @@ class ResultWriter:
             total_ms=round(total_ms, 3),
             img_per_s=round(submitted.size / max(total_ms / 1000, 1e-9), 2),
         )
+        return total_ms
