@@ -12,7 +12,7 @@ import typer
 from broker.connection import BrokerSettings, connect
 from broker.errors import SegqueueError
 from engines.base import EngineError
-from engines.loader import load_engine
+from engines.loader import load_engine, verify_sha256
 from worker.devices import DeviceError, DevicePlan, child_labels, expand_devices, is_pool, pin_process, suffixed
 from worker.logs import configure_logging
 from worker.metrics import MetricsServer, WorkerMetrics
@@ -43,6 +43,7 @@ def _fail(message: str) -> None:
 def run(
     ctx: typer.Context,
     engine: Annotated[Path, typer.Option(help="Engine file: .onnx (ONNX Runtime), .pt/.pth (torch checkpoint or torch2trt), .ptc (compiled torch, CUDA), .trt/.engine/.plan (TensorRT).")],
+    engine_sha256: Annotated[Optional[str], typer.Option(envvar="SEGQUEUE_ENGINE_SHA256", show_envvar=True, help="Refuse to load the engine file unless its SHA-256 is this (64 hex digits, as `sha256sum FILE` prints). Loading an engine can run code from it: pin the file you trust.")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Most images per engine call (across jobs).")] = 8,
     max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest wait for a batch to fill, from its oldest image.")] = 20.0,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:<index>: one worker; cuda:N sees only GPU N (CUDA_VISIBLE_DEVICES, mapped through one you set) and runs as cuda:0. 'all', or a list such as cuda:0,cuda:1 or cpu,cpu: a pool, one worker process per entry (all: per visible GPU), see below.")] = "cpu",
@@ -52,8 +53,8 @@ def run(
     redis_url: Annotated[Optional[str], typer.Option(help="Redis URL; default $REDIS_URL, else the embedded server.")] = None,
     queue: Annotated[Optional[str], typer.Option(help="Queue name (default: segment).")] = None,
     name: Annotated[str, typer.Option(help="Worker name shown by rq (default host.pid).")] = "",
-    job_heartbeat_ttl: Annotated[int, typer.Option(min=5, help="Seconds before a silent worker's jobs are re-enqueued.")] = 40,
-    maintenance_interval: Annotated[int, typer.Option(min=2, help="Seconds between rq registry maintenance runs (re-enqueues abandoned jobs).")] = 15,
+    job_heartbeat_ttl: Annotated[int, typer.Option(min=5, help="Seconds before a silent worker's jobs are re-enqueued (its lease thread renews them every 2 s).")] = 8,
+    maintenance_interval: Annotated[int, typer.Option(min=2, help="Seconds between rq registry maintenance runs (re-enqueues abandoned jobs).")] = 2,
     metrics_port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="Serve Prometheus /metrics, /readyz (engine loaded and warm) and /livez (loop not stuck) on this port; a pool gives its children PORT, PORT+1, ...")] = None,
     liveness_timeout: Annotated[float, typer.Option(min=1, help="/livez fails once the worker loop has not passed for this many seconds.")] = 60.0,
 ) -> None:
@@ -80,6 +81,7 @@ def run(
     settings = WorkerSettings(
         broker=BrokerSettings.resolve(redis_url, queue),
         engine_path=engine,
+        engine_sha256=engine_sha256,
         device=plan.engine_device,
         precision=precision,
         max_batch=max_batch,
@@ -189,6 +191,8 @@ def _serve_metrics(metrics: WorkerMetrics, port: int | None) -> MetricsServer | 
 
 def _serve(settings: WorkerSettings, plan: DevicePlan | None, log, started: float, metrics: WorkerMetrics) -> int:
     try:
+        if settings.engine_sha256 is not None:  # before anything reads the file as an engine
+            verify_sha256(settings.engine_path, settings.engine_sha256)
         client = connect(settings.broker)
         loaded = load_engine(settings.engine_path, device=settings.device, precision=settings.precision)
     except (SegqueueError, EngineError) as exc:

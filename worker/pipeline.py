@@ -14,6 +14,7 @@ size) fails that image alone; an engine error fails the jobs of that batch, whic
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -79,7 +80,9 @@ class BatchPipeline:
         self.fetcher = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="fetch")
         self.claims = OpenClaims()
         self.writer = ResultWriter(client, self.store, source, self.claims, log, clock, metrics=self.metrics)
-        self._last_keepalive = clock()
+        self._last_maintenance = clock()
+        self._halt = threading.Event()
+        self._leases = threading.Thread(target=self._renew_leases, name="job-leases", daemon=True)
         self._images_per_job = self.settings.max_batch  # until a job is seen: claim one at a time
 
     # --- the loop --------------------------------------------------------------------------
@@ -90,6 +93,7 @@ class BatchPipeline:
         backoff_s = 0.5
         saved_interval = sys.getswitchinterval()
         sys.setswitchinterval(self.settings.gil_switch_interval_s)
+        self._leases.start()
         try:
             while True:
                 try:
@@ -104,6 +108,8 @@ class BatchPipeline:
         finally:
             self.fetcher.shutdown(wait=True, cancel_futures=True)
             self.writer.close()
+            self._halt.set()
+            self._leases.join(timeout=30)
             sys.setswitchinterval(saved_interval)
         elapsed = self.clock() - started
         self.log.info("worker_drained", images=self.writer.images_done, batches=self.writer.batches_done,
@@ -113,7 +119,7 @@ class BatchPipeline:
     def _step(self) -> bool:
         """One pass of the loop: claim and start fetches, submit, finish or wait. False when the worker should stop."""
         self.metrics.beat()
-        self._keep_alive_if_due()
+        self._maintain_if_due()
         self._start_fetches()
         if self.fetching and len(self.inflight) < self.engine.slots:
             self._submit(*self.fetching.popleft())
@@ -135,13 +141,27 @@ class BatchPipeline:
             items = self.batcher.take()
             self.fetching.append((items, self.fetcher.submit(self._fetch, items, self.clock())))
 
-    def _keep_alive_if_due(self) -> None:
-        """Heartbeat the worker and its open jobs, and run rq maintenance, every heartbeat interval."""
-        if self.clock() - self._last_keepalive < self.settings.heartbeat_interval_s:
+    def _maintain_if_due(self) -> None:
+        """Run rq maintenance (re-enqueues jobs of dead workers) every heartbeat interval, on this thread."""
+        if self.clock() - self._last_maintenance < self.settings.heartbeat_interval_s:
             return
-        self._last_keepalive = self.clock()
-        self.source.keep_alive(self.claims.snapshot())
+        self._last_maintenance = self.clock()
         self.source.maintain()
+
+    def _renew_leases(self) -> None:
+        """Lease thread: heartbeat the worker and its open jobs every heartbeat interval until the run ends.
+
+        Independent of the main loop, so a slow batch keeps its jobs; but only while the main loop
+        is alive (metrics.alive), so a stuck worker lets its leases lapse and others recover the jobs.
+        """
+        interval = max(0.01, self.settings.heartbeat_interval_s)
+        while not self._halt.wait(interval):
+            if not self.metrics.alive():
+                continue
+            try:
+                self.source.keep_alive(self.claims.snapshot())
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                self.log.warning("lease_renewal_failed", error=str(exc))
 
     def _claim_available(self) -> None:
         """Claim queued jobs without blocking until a full batch of images waits.

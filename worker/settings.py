@@ -17,11 +17,15 @@ class WorkerSettings:
     job_heartbeat_ttl_s: how long a claimed job stays "started" without a heartbeat; after that a
     live worker's maintenance re-enqueues it (rq Retry). maintenance_interval_s: how often this
     worker runs rq's registry maintenance. Together they bound recovery from a dead worker at
-    about job_heartbeat_ttl_s + maintenance_interval_s.
+    about job_heartbeat_ttl_s + maintenance_interval_s (10 s by default). The heartbeats come from
+    their own thread every heartbeat_interval_s, so a slow batch never lets its jobs' leases lapse;
+    they stop when the main loop has not passed for liveness_timeout_s (a stuck worker gives its
+    jobs back).
     """
 
     broker: BrokerSettings
     engine_path: Path
+    engine_sha256: str | None = None  # if set, the engine file must have this SHA-256 (hex) or the worker refuses it
     device: str = "cpu"
     precision: str | None = None
     max_batch: int = 8
@@ -33,9 +37,9 @@ class WorkerSettings:
     liveness_timeout_s: float = 60.0  # /livez fails once the main loop has not passed for this long
     log_file: Path | None = None
     name: str = ""
-    job_heartbeat_ttl_s: int = 40
-    heartbeat_interval_s: float = 5.0
-    maintenance_interval_s: int = 15
+    job_heartbeat_ttl_s: int = 8
+    heartbeat_interval_s: float = 2.0  # a lease thread renews the claimed jobs this often, whatever the engine does
+    maintenance_interval_s: int = 2
     idle_poll_s: float = 1.0
     # The main loop and the writer thread both make many short Redis round trips; Python's default
     # 5 ms GIL switch interval makes each reply wait for the other thread's time slice.
