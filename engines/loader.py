@@ -9,10 +9,18 @@
 Files that record what built them (TensorRT plans, compiled engines) are checked at load against
 this machine (engines.versions.check_compatible): another GPU, compute capability, TensorRT or torch
 version is refused with a message saying what to rebuild and how.
+
+Loading an engine file can run code from it (a compiled engine's `.ptc` cache is unpickled by
+torch's compiler), and every format is parsed by native runtimes (ONNX Runtime, TensorRT) that are
+not built for hostile input: an engine file must be trusted as much as the worker's own code.
+`verify_sha256` pins one: the worker refuses a file whose SHA-256 is not the one it was given
+(`worker run --engine-sha256`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 import warnings
 from pathlib import Path
 
@@ -25,7 +33,36 @@ COMPILED_SUFFIXES = (".ptc",)
 TENSORRT_SUFFIXES = (".trt", ".engine", ".plan")
 KNOWN_SUFFIXES = ONNX_SUFFIXES + TORCH_SUFFIXES + COMPILED_SUFFIXES + TENSORRT_SUFFIXES
 
-__all__ = ["load_engine", "read_spec", "check_compatible", "KNOWN_SUFFIXES"]
+__all__ = ["load_engine", "read_spec", "check_compatible", "file_sha256", "verify_sha256", "KNOWN_SUFFIXES"]
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def file_sha256(path: Path | str) -> str:
+    """The SHA-256 of a file's bytes, as 64 lowercase hex digits (read in chunks, any size)."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def verify_sha256(path: Path | str, expected: str) -> str:
+    """Check that the engine file `path` has the SHA-256 `expected` (64 hex digits, any case); return it.
+
+    Only the file itself is hashed: the metadata JSON beside an `.onnx` or TensorRT file is data,
+    not code. Raises EngineError, one line naming the file and both hashes, if they differ;
+    EngineError too if `expected` is not 64 hex digits or the file cannot be read.
+    """
+    path = Path(path)
+    wanted = expected.strip().lower()
+    if not _SHA256_HEX.fullmatch(wanted):
+        raise EngineError(f"{path}: the expected SHA-256 {expected!r} is not 64 hex digits")
+    try:
+        actual = file_sha256(path)
+    except OSError as exc:
+        raise EngineError(f"{path}: cannot read the engine file to check its SHA-256: {exc.strerror or exc}") from None
+    if actual != wanted:
+        raise EngineError(f"{path}: SHA-256 is {actual}, expected {wanted}; refusing to load an engine file "
+                          "that is not the pinned one")
+    return actual
 
 
 def _check_precision(path: Path, engine: Engine, precision: str | None) -> Engine:
