@@ -111,6 +111,53 @@ class Enqueuer:
 ProgressCallback = Callable[[int, "ImageError | None"], None]
 
 
+class _StoreWindow:
+    """Store tasks in flight, oldest first. Settling one enqueues jobs for its images and reports its rejections."""
+
+    def __init__(self, enqueuer: Enqueuer, pending: PendingImages | None, on_progress: ProgressCallback) -> None:
+        self.enqueuer = enqueuer
+        self.pending = pending
+        self.on_progress = on_progress
+        self._tasks: deque[tuple[int, Future]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def files(self) -> int:
+        """Files in the tasks not yet settled."""
+        return sum(files for files, _ in self._tasks)
+
+    def add(self, files: int, task: Future) -> None:
+        self._tasks.append((files, task))
+
+    def settle_oldest(self) -> None:
+        """Wait for the oldest task; enqueue the full jobs of its images (they are stored now)."""
+        _, task = self._tasks.popleft()
+        chunk: StoredChunk = task.result()
+        for problem in chunk.rejected:
+            self.enqueuer.report.rejected.append(problem)
+            self.on_progress(1, problem)
+        self.enqueuer.add_ids(chunk.stored)
+        self.enqueuer.enqueue_full_jobs()
+        if self.pending is not None:
+            self.pending.add(chunk.stored)
+        self.on_progress(len(chunk.stored), None)
+
+    def settle_all(self) -> None:
+        while self._tasks:
+            self.settle_oldest()
+
+
+def _make_room(window: _StoreWindow, pending: PendingImages, files: int, max_pending: int, timeout_s: float) -> None:
+    """Block until `files` more images fit under max_pending (counting those being stored); PendingTimeout if not in time."""
+    while len(window) and len(pending) + window.files + files > max_pending:
+        window.settle_oldest()
+    if not pending.wait_below(max(1, max_pending - files + 1), time.monotonic() + timeout_s):
+        raise PendingTimeout(f"{len(pending)} images still pending in Redis after {timeout_s:.0f} s "
+                             f"(--max-pending {max_pending}): are workers running, and is anyone collecting?")
+
+
 def enqueue_paths(
     enqueuer: Enqueuer,
     paths: Iterable[Path],
@@ -125,10 +172,13 @@ def enqueue_paths(
     """Decode every image under `paths` at height x width and enqueue them; bad files are reported, not fatal.
 
     pool: where files are decoded and stored (default: this process). pending: this run's images
-    held in Redis; with max_pending, no chunk is stored while max_pending images are pending
-    (PendingTimeout if none leaves for pending_timeout_s). `on_progress(files, error)` is called
-    with the number of files handled (0 for a path that could not be expanded) and the rejection, if any.
+    held in Redis; with max_pending (which needs pending), no chunk is stored while max_pending
+    images are pending (PendingTimeout if none leaves for pending_timeout_s). `on_progress(files,
+    error)` is called with the number of files handled (0 for a path that could not be expanded)
+    and the rejection, if any.
     """
+    if max_pending is not None and pending is None:
+        raise ValueError("max_pending needs a PendingImages to watch")
     sources, problems = find_images(list(paths))
     for problem in problems:
         enqueuer.report.rejected.append(problem)
@@ -136,44 +186,21 @@ def enqueue_paths(
     own_pool = pool is None
     pool = pool or ProducerPool(None, enqueuer.store, workers=1)
     chunk_files = CHUNK_FILES if max_pending is None else max(1, min(CHUNK_FILES, max_pending))
-    window: deque[tuple[int, Future]] = deque()
-    window_files = 2 * pool.workers * chunk_files  # decoded ahead, at most
-
-    def take_oldest() -> None:
-        files, future = window.popleft()
-        chunk: StoredChunk = future.result()
-        for problem in chunk.rejected:
-            enqueuer.report.rejected.append(problem)
-            on_progress(1, problem)
-        enqueuer.add_ids(chunk.stored)
-        enqueuer.enqueue_full_jobs()
-        if pending is not None:
-            pending.add(chunk.stored)
-        on_progress(len(chunk.stored), None)
-
+    window = _StoreWindow(enqueuer, pending, on_progress)
+    ahead_files = 2 * pool.workers * chunk_files  # decoded ahead of the jobs, at most
     try:
         for start in range(0, len(sources), chunk_files):
             chunk = sources[start:start + chunk_files]
             if pending is not None:
                 pending.look()
-                if max_pending is not None:
-                    in_flight = sum(files for files, _ in window)
-                    while window and len(pending) + in_flight + len(chunk) > max_pending:
-                        take_oldest()
-                        in_flight = sum(files for files, _ in window)
-                    if not pending.wait_below(max(1, max_pending - len(chunk) + 1), time.monotonic() + pending_timeout_s):
-                        raise PendingTimeout(f"{len(pending)} images still pending in Redis after "
-                                             f"{pending_timeout_s:.0f} s (--max-pending {max_pending}): "
-                                             "are workers running, and is anyone collecting?")
-            window.append((len(chunk), pool.submit_store(chunk, height, width)))
-            while sum(files for files, _ in window) > window_files:
-                take_oldest()
-        while window:
-            take_oldest()
+            if max_pending is not None and pending is not None:
+                _make_room(window, pending, len(chunk), max_pending, pending_timeout_s)
+            window.add(len(chunk), pool.submit_store(chunk, height, width))
+            while window.files > ahead_files:
+                window.settle_oldest()
     finally:  # images already stored get their jobs, even when the run stops early
         try:
-            while window:
-                take_oldest()
+            window.settle_all()
         finally:
             enqueuer.flush()
             if own_pool:
