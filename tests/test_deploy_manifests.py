@@ -26,7 +26,6 @@ DOCKER = ROOT / "docker"
 K8S = ROOT / "deploy" / "k8s"
 K8S_VERSION = "1.30"  # oldest Kubernetes these manifests target (probes, startupProbe, PVC fields)
 
-kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[test]'")
 
 
 def _docs(path: Path) -> list[dict]:
