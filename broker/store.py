@@ -14,6 +14,8 @@ Per queue Q (all keys start with `segq:Q:`):
     manifest    hash  <id> -> name, every image enqueued on Q and not yet forgotten
     done        set   ids whose mask is written
     failed      hash  <id> -> reason, images that failed (removed again if a retry succeeds)
+    bad_jobs    hash  <job id> -> reason, queued jobs so unreadable that rq cannot even record them as
+                      failed (e.g. an id rq refuses); `producer status` counts them as failed jobs
 
 The encodings are in broker/payloads.py: a 512x512 image takes about 200 KB (noisy synthetic images)
 or 150 KB (real microscopy) instead of 256 KB, and its 2-class mask about 4 KB instead of 256 KB.
@@ -92,6 +94,7 @@ class QueueStore:
         self._manifest = f"{self._prefix}manifest"
         self._done = f"{self._prefix}done"
         self._failed = f"{self._prefix}failed"
+        self.bad_jobs_key = f"{self._prefix}bad_jobs"
 
     def __repr__(self) -> str:
         return f"QueueStore(queue={self.queue!r})"
@@ -186,11 +189,11 @@ class QueueStore:
 
     @staticmethod
     def _stored_mask(image_id: str, fields: dict, size_fields: list) -> StoredMask:
-        height, width = size_fields
         try:
-            size = None if height is None or width is None else (int(height), int(width))
+            size = _original_size(size_fields)
         except ValueError:
-            return StoredMask(None, None, f"image {image_id} is malformed in Redis: original size {size_fields!r}")
+            return StoredMask(None, None, f"image {image_id} is malformed in Redis: original size (height, width) "
+                                          f"{size_fields!r} is not two positive integers")
         if not fields:
             return StoredMask(None, size)
         try:
@@ -199,22 +202,23 @@ class QueueStore:
             return StoredMask(None, size, str(exc))
 
     def load_original_size(self, image_id: str) -> tuple[int, int] | None:
-        """(original_height, original_width) of an image, or None if its record is gone."""
-        height, width = self.client.hmget(self._image_key(image_id), ["original_height", "original_width"])
-        if height is None or width is None:
-            return None
-        return int(height), int(width)
+        """(original_height, original_width) of an image, or None if its record is gone.
+
+        Raises ValueError if the stored size is not two positive integers.
+        """
+        return _original_size(self.client.hmget(self._image_key(image_id), ["original_height", "original_width"]))
 
     def manifest(self) -> dict[str, str]:
         """Every image enqueued on the queue and not forgotten: id -> relative name."""
-        return {k.decode(): v.decode() for k, v in self.client.hgetall(self._manifest).items()}
+        return {k.decode(errors="backslashreplace"): v.decode(errors="backslashreplace")
+                for k, v in self.client.hgetall(self._manifest).items()}
 
     def names(self, image_ids: Sequence[str]) -> dict[str, str]:
         """id -> relative name for those of `image_ids` still in the manifest (one command)."""
         if not image_ids:
             return {}
         values = self.client.hmget(self._manifest, list(image_ids))
-        return {i: v.decode() for i, v in zip(image_ids, values) if v is not None}
+        return {i: v.decode(errors="backslashreplace") for i, v in zip(image_ids, values) if v is not None}
 
     def manifest_size(self) -> int:
         """How many images the manifest holds."""
@@ -277,6 +281,21 @@ class QueueStore:
             return []
         return [name is not None for name in self.client.hmget(self._manifest, list(image_ids))]
 
+    # --- jobs rq cannot record -------------------------------------------------------------
+
+    def record_bad_job(self, job_id: str, reason: str) -> None:
+        """Note a queued job that rq cannot load nor record as failed, with the reason."""
+        self.client.hset(self.bad_jobs_key, job_id, reason)
+
+    def bad_jobs(self) -> dict[str, str]:
+        """Jobs recorded by `record_bad_job`: job id -> reason."""
+        return {k.decode(errors="backslashreplace"): v.decode(errors="backslashreplace")
+                for k, v in self.client.hgetall(self.bad_jobs_key).items()}
+
+    def bad_job_count(self) -> int:
+        """How many jobs `record_bad_job` recorded."""
+        return self.client.hlen(self.bad_jobs_key)
+
     # --- job arguments ----------------------------------------------------------------------
 
     @staticmethod
@@ -296,6 +315,20 @@ class QueueStore:
         ):
             raise BadJob(f"job arguments must be [[image_id, ...]] with at least one id, got {args!r:.200}")
         return list(args[0])
+
+
+def _original_size(size_fields: Sequence[bytes | None]) -> tuple[int, int] | None:
+    """(height, width) from the stored original_height/original_width; None if either is missing.
+
+    Raises ValueError unless both are positive integers.
+    """
+    height, width = size_fields
+    if height is None or width is None:
+        return None
+    size = int(height), int(width)
+    if min(size) <= 0:
+        raise ValueError(f"original size must be positive, got {size[0]}x{size[1]}")
+    return size
 
 
 # Module-level names for the rq adapter (worker/rq_source.py), which parses arguments without a store.

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from broker.store import QueueStore
-from common.images import resize_mask
+from broker.store import QueueStore, StoredMask
+from common.images import MAX_PIXELS, resize_mask
 
 NUM_CLASSES = 2
 
@@ -28,12 +28,38 @@ class CollectReport:
     pending: list[str] = field(default_factory=list)
 
 
+class MaskNotWritten(Exception):
+    """One image's mask file cannot be written; the message says why. Collect lists it and goes on."""
+
+
 def mask_path(out_dir: Path, name: str) -> Path:
-    """Where the mask of the image named `name` (a relative POSIX path) is written."""
+    """Where the mask of the image named `name` (a relative POSIX path) is written.
+
+    Raises ValueError for a name that is absolute, climbs out with `..`, or has no file name.
+    """
     relative = Path(*Path(name).parts).with_suffix(".png")
     if relative.is_absolute() or ".." in relative.parts:
         raise ValueError(f"refusing to write outside {out_dir}: {name}")
     return out_dir / relative
+
+
+def write_mask(out_dir: Path, name: str, mask: np.ndarray, original_size: tuple[int, int]) -> Path:
+    """Write one mask as a PNG at its original size under `out_dir`; MaskNotWritten says why not."""
+    try:
+        path = mask_path(out_dir, name)
+    except ValueError as exc:  # absolute, `..`, or no file name at all
+        raise MaskNotWritten(str(exc)) from None
+    height, width = original_size
+    if height * width > MAX_PIXELS:
+        raise MaskNotWritten(f"its stored original size {height}x{width} is over the {MAX_PIXELS}-pixel limit "
+                             "that enqueue enforces: the record is malformed")
+    try:
+        pixels = mask_to_png_values(resize_mask(mask, height, width))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path)
+    except (OSError, ValueError) as exc:  # a file in the way, a full disk, a NUL in the name, ...
+        raise MaskNotWritten(f"cannot write {path}: {exc}") from None
+    return path
 
 
 def mask_to_png_values(mask: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
@@ -54,7 +80,9 @@ def collect_masks(
     """Write a PNG for every image (or every one of `image_ids`) that has a mask; report the rest.
 
     Masks are read ROUND_TRIP_IMAGES at a time. A mask that cannot be read (stored by an older
-    segqueue version, or corrupt) is reported as failed with the reason, and collect goes on.
+    segqueue version, or corrupt), a malformed image record (original size not positive integers)
+    or a name that would be written outside `out_dir` is reported as failed with the reason, and
+    collect goes on with the other images.
     delete: once a mask file is written, delete the image and its mask from Redis (failed and
     unfinished images stay), so that a long-running queue does not grow without bound.
     """
@@ -66,23 +94,29 @@ def collect_masks(
         chunk = wanted[start:start + ROUND_TRIP_IMAGES]
         written_ids = []
         for image_id, result in zip(chunk, store.load_results(chunk)):
-            name = names.get(image_id) or image_id
-            if result.error is not None:
-                report.failed[name] = result.error
-            elif result.mask is not None and result.original_size is not None:
-                path = mask_path(out_dir, name)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(mask_to_png_values(resize_mask(result.mask, *result.original_size))).save(path)
-                report.written.append(path)
+            if _collect_one(report, out_dir, names.get(image_id) or image_id, result, failures.get(image_id)):
                 written_ids.append(image_id)
-            elif image_id in failures:
-                report.failed[name] = failures[image_id]
-            else:
-                report.pending.append(name)
             on_progress()
         if delete:
             store.forget(written_ids)
     return report
+
+
+def _collect_one(report: CollectReport, out_dir: Path, name: str, result: StoredMask, failure: str | None) -> bool:
+    """Write one image's mask or note why not in `report`; True if its mask file was written."""
+    if result.error is not None:
+        report.failed[name] = result.error
+    elif result.mask is not None and result.original_size is not None:
+        try:
+            report.written.append(write_mask(out_dir, name, result.mask, result.original_size))
+            return True
+        except MaskNotWritten as exc:
+            report.failed[name] = str(exc)
+    elif failure is not None:
+        report.failed[name] = failure
+    else:
+        report.pending.append(name)
+    return False
 
 
 def absorb(into: CollectReport, report: CollectReport) -> None:

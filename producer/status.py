@@ -1,15 +1,20 @@
-"""Queue status in jobs and in images: queued / started / finished / failed."""
+"""Queue status in jobs and in images: queued / started / finished / failed, and the live workers."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 import redis
-from rq import Queue
+from rq import Queue, worker_registration
 from rq.job import Job
-from rq.worker import Worker
+from rq.utils import utcparse
 
 from broker.store import QueueStore
+
+# A worker heartbeats its rq record (field `last_heartbeat`) every few seconds (WorkerSettings.
+# heartbeat_interval_s, 5 s or less); one silent for three such intervals is dead (SIGKILLed,
+# host lost), even though rq keeps its record until the record's TTL of a minute or more runs out.
+WORKER_ALIVE_WITHIN_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -41,9 +46,34 @@ def _images_in(queue: Queue, job_ids: list[str]) -> int:
     return sum(int(job.meta.get("images", 0)) for job in jobs if job is not None)
 
 
+def live_workers(client: redis.Redis, queue: Queue, within_s: float = WORKER_ALIVE_WITHIN_S) -> int:
+    """Workers registered with rq on `queue` whose last heartbeat is at most `within_s` old (Redis's clock)."""
+    keys = sorted(worker_registration.get_keys(queue=queue, connection=client))
+    pipe = client.pipeline(transaction=False)
+    pipe.time()
+    for key in keys:
+        pipe.hget(key, "last_heartbeat")
+    (seconds, micros), *beats = pipe.execute()
+    now_s = seconds + micros / 1e6
+    return sum(1 for beat in beats if beat is not None and now_s - _timestamp(beat) <= within_s)
+
+
+def _timestamp(beat: bytes) -> float:
+    """Unix seconds of rq's `last_heartbeat` (a UTC time as rq.utils.utcformat writes it); -inf if unreadable."""
+    try:
+        return utcparse(beat.decode()).timestamp()
+    except (UnicodeDecodeError, ValueError):
+        return float("-inf")
+
+
 def queue_status(client: redis.Redis, queue: Queue) -> QueueStatus:
-    """A snapshot of the queue. Images "started" are those of started jobs that have no outcome yet."""
-    counts = QueueStore(client, queue.name).counts()
+    """A snapshot of the queue. Images "started" are those of started jobs that have no outcome yet.
+
+    Failed jobs are those of rq's failed registry plus those too unreadable for rq to record
+    (QueueStore.bad_jobs); workers are those heartbeating (live_workers).
+    """
+    store = QueueStore(client, queue.name)
+    counts = store.counts()
     total_images, done, failed = counts.total, counts.done, counts.failed
     started_job_ids = queue.started_job_registry.get_job_ids()
     started_images = min(_images_in(queue, started_job_ids), max(0, total_images - done - failed))
@@ -51,7 +81,7 @@ def queue_status(client: redis.Redis, queue: Queue) -> QueueStatus:
         queued=queue.count,
         started=len(started_job_ids),
         finished=queue.finished_job_registry.count,
-        failed=queue.failed_job_registry.count,
+        failed=queue.failed_job_registry.count + store.bad_job_count(),
     )
     images = Counts(
         queued=max(0, total_images - done - failed - started_images),
@@ -59,4 +89,4 @@ def queue_status(client: redis.Redis, queue: Queue) -> QueueStatus:
         finished=done,
         failed=failed,
     )
-    return QueueStatus(queue=queue.name, jobs=jobs, images=images, workers=Worker.count(queue=queue))
+    return QueueStatus(queue=queue.name, jobs=jobs, images=images, workers=live_workers(client, queue))

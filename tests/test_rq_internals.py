@@ -91,3 +91,46 @@ def test_queue_keys_the_adapter_moves_jobs_between(client):
     assert queue.intermediate_queue_key.startswith("rq:")
     assert queue.registry_cleaning_key.startswith("rq:")
     assert isinstance(queue.key, str)
+
+
+def test_what_recording_an_unreadable_job_relies_on():
+    # RqJobSource._fetch_one reads a job as fetch_many does; _record_failed replaces an unreadable
+    # record by a failed Job.create'd job through rq's own failure records
+    from rq.exceptions import DeserializationError
+    from rq.utils import str_to_date
+
+    assert "job.restore(results[i])" in inspect.getsource(Job.fetch_many)
+    assert params(Job.restore) == ["self", "raw_data"]
+    assert "validate_job_id(id)" in inspect.getsource(Job.__init__)
+    for name in ("id", "status", "origin", "description", "serializer", "connection"):
+        assert name in params(Job.create), name
+    assert params(Job._handle_failure)[:4] == ["self", "exc_string", "pipeline", "worker_name"]
+    handle = inspect.getsource(Job._handle_failure)
+    assert "failed_job_registry.add(" in handle and "Result.create_failure(" in handle
+    assert params(SimpleWorker.increment_failed_job_count) == ["self", "pipeline"]
+    # job.args raises a DeserializationError without a message, chained from the serializer's error
+    assert "raise DeserializationError() from e" in inspect.getsource(Job._deserialize_data)
+    assert issubclass(DeserializationError, Exception)
+    assert str_to_date("2026-01-02T03:04:05.000006Z").microsecond == 6
+
+
+def test_worker_heartbeat_that_producer_status_reads():
+    # producer.status.live_workers reads the worker hash's last_heartbeat (rq.utils.utcformat, UTC)
+    from rq import worker_registration
+    from rq.utils import utcparse
+
+    beat = inspect.getsource(SimpleWorker.heartbeat)
+    assert "hset(self.key, 'last_heartbeat', utcformat(self.last_heartbeat))" in beat
+    assert params(worker_registration.get_keys) == ["queue", "connection"]
+    assert utcparse("2026-01-02T03:04:05.000006Z").tzinfo is not None
+
+
+def test_status_counts_a_worker_alive_for_three_of_its_heartbeat_intervals():
+    from pathlib import Path
+
+    from broker.connection import BrokerSettings
+    from producer.status import WORKER_ALIVE_WITHIN_S
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings(broker=BrokerSettings(redis_url="redis://x", queue="q"), engine_path=Path("e.onnx"))
+    assert 3 * settings.heartbeat_interval_s <= WORKER_ALIVE_WITHIN_S

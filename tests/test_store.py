@@ -139,3 +139,29 @@ def test_collect_reports_an_old_format_mask_and_writes_the_others(tmp_path, clie
     assert list(collected.failed) == ["img_001.png"]
     assert "older segqueue version" in collected.failed["img_001.png"] and victim in collected.failed["img_001.png"]
     assert list(store.manifest()) == [victim]  # the unreadable one is kept, the written ones are forgotten
+
+
+def test_a_malformed_original_size_is_an_error_naming_the_image_not_an_exception(client, queue_name):
+    store = QueueStore(client, queue_name)
+    images = [stored(new_image_id(), np.zeros((8, 8), np.uint8)) for _ in range(4)]
+    store.store_images(images)
+    store.save_results([(i.image_id, np.ones((8, 8), np.uint8)) for i in images])
+    for image, height in zip(images, (-3, 0, "abc")):
+        client.hset(store._image_key(image.image_id), "original_height", height)
+
+    results = store.load_results([i.image_id for i in images])
+
+    for image, result, height in zip(images, results, ("-3", "0", "abc")):
+        assert result.mask is None and result.original_size is None
+        assert result.error == (f"image {image.image_id} is malformed in Redis: original size (height, width) "
+                                f"[b'{height}', b'80'] is not two positive integers")
+        with pytest.raises(ValueError):
+            store.load_original_size(image.image_id)
+    assert results[3].error is None and results[3].original_size == (100, 80)
+
+
+def test_bad_jobs_are_kept_with_their_reason(client, queue_name):
+    store = QueueStore(client, queue_name)
+    store.record_bad_job("bad id!", "bad job: rq refuses its id")
+    assert store.bad_jobs() == {"bad id!": "bad job: rq refuses its id"} and store.bad_job_count() == 1
+    assert store.bad_jobs_key == f"segq:{queue_name}:bad_jobs"

@@ -195,3 +195,73 @@ def test_unreadable_and_vanished_jobs_do_not_stop_the_worker(tmp_path, client, r
     for job_id in good.job_ids:
         assert Job.fetch(job_id, connection=client, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
     assert QueueStore(client, queue_name).counts().done == 4
+
+
+def _log_text(log_file: Path) -> str:
+    return log_file.read_text(encoding="utf-8", errors="replace")
+
+
+def test_jobs_rq_cannot_read_are_recorded_as_failed_with_the_reason(tmp_path, client, redis_url, queue_name, small_engine):
+    """A job hash rq cannot load is failed where users look (rq's failed registry, status), not dropped."""
+    from producer.status import queue_status
+
+    write_synthetic_images(tmp_path / "images", 6)
+    report = enqueue_folder(client, queue_name, tmp_path / "images", job_size=2)
+    dated, undecodable, good = report.job_ids
+    queue = segmentation_queue(client, queue_name)
+    client.hset(Job.key_for(dated), "created_at", "not a date")
+    client.hset(Job.key_for(undecodable), "origin", b"\xff\xfe")
+    stringly = queue.enqueue_call("worker.jobs.segment_images", args=[["x"]])
+    client.delete(stringly.key)
+    client.set(stringly.key, "hello")  # the job key holds a string, not a hash
+    client.rpush(queue.key, "bad id!", b"\xff\xfeid")  # ids rq refuses to build a Job for
+
+    log_file = tmp_path / "worker.log"
+    run_worker(redis_url, queue_name, small_engine, log_file)
+
+    expected = {dated: "created_at='not a date' is not a date", undecodable: r"origin=b'\xff\xfe' is not UTF-8",
+                stringly.id: "is a Redis string, not the hash rq keeps jobs in: b'hello'"}
+    assert set(expected) <= set(queue.failed_job_registry.get_job_ids())
+    for job_id, words in expected.items():
+        job = Job.fetch(job_id, connection=client, serializer=JSONSerializer)  # readable again
+        assert job.get_status() == JobStatus.FAILED
+        reason = job.latest_result().exc_string
+        assert reason.startswith("bad job: ") and words in reason, reason
+        assert job_id in _log_text(log_file) and "cannot be read by rq" in _log_text(log_file)
+    store = QueueStore(client, queue_name)
+    assert store.bad_jobs() == {"bad id!": "bad job: rq refuses its id: ValueError: Job ID must only contain "
+                                           "letters, numbers, underscores and dashes",
+                                r"\xff\xfeid": "bad job: its id is not UTF-8 text"}
+    failures = store.failures()  # the unreadable jobs' images: failed with the reason, not queued forever
+    bad_images = report.image_ids[:4]
+    assert set(failures) == set(bad_images)
+    assert all(dated in failures[i] or undecodable in failures[i] for i in bad_images)
+    assert all(store.is_done(i) for i in report.image_ids[4:])
+    assert Job.fetch(good, connection=client, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
+    assert client.llen(queue.intermediate_queue_key) == 0 and queue.count == 0
+    status = queue_status(client, queue)
+    assert status.jobs.failed == 5 and status.jobs.finished == 1
+    assert (status.images.queued, status.images.finished, status.images.failed) == (0, 2, 4)
+
+
+def test_a_job_whose_data_is_garbage_or_a_pickle_fails_with_a_reason(tmp_path, client, redis_url, queue_name, small_engine):
+    import pickle
+
+    queue = segmentation_queue(client, queue_name)
+    data = {"garbage": b"\x00 not json", "pickle": pickle.dumps(("f", None, [["x"]], {})), "shape": b"[1, 2]"}
+    jobs = {}
+    for kind, payload in data.items():
+        jobs[kind] = queue.enqueue_call("worker.jobs.segment_images", args=[["x"]]).id
+        client.hset(Job.key_for(jobs[kind]), "data", payload)
+
+    run_worker(redis_url, queue_name, small_engine, tmp_path / "worker.log")
+
+    reasons = {kind: Job.fetch(job_id, connection=client, serializer=JSONSerializer).latest_result().exc_string
+               for kind, job_id in jobs.items()}
+    assert reasons["garbage"] == ("bad job: its data is not valid JSON (rq's JSON serializer could not read it: "
+                                  "JSONDecodeError: Expecting value: line 1 column 1 (char 0)): b'\\x00 not json'")
+    assert reasons["pickle"].startswith("bad job: its data looks like a Python pickle, which segqueue never "
+                                        "unpickles (jobs are written with rq's JSON serializer): b'\\x80")
+    assert reasons["shape"] == ("bad job: its data is JSON but not rq's [function, instance, args, kwargs] "
+                                "(ValueError: not enough values to unpack (expected 4, got 2)): b'[1, 2]'")
+    assert queue.failed_job_registry.count == 3

@@ -8,25 +8,36 @@ behave as for any rq job. Claims and completions are pipelined over many jobs, s
 do not each pay rq's round trips. rq features the batched completion does not replay, because
 `producer enqueue` never uses them: dependents, repeats, rate-limit slots and webhooks.
 
+A queued job rq cannot load (a date it cannot parse, bytes that are not UTF-8, a key that is not a
+hash, no data) is taken off the queue and its record replaced, in the claim's transaction, by a
+failed rq job whose result and exc_info give the reason: it shows in the failed registry, `rq info`
+and `producer status`. One rq cannot even build a job for (an id it refuses) is recorded in the
+queue's store instead (QueueStore.record_bad_job). Either way the reason is logged with the job id,
+and the images its data still names are failed with it. A job whose arguments rq loads but cannot
+be used fails (no retry) with a reason that says what is wrong with them.
+
 Every rq internal used here is pinned by tests/test_rq_internals.py.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 from rq import Queue
+from rq.exceptions import DeserializationError
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.results import Result
 from rq.serializers import JSONSerializer
-from rq.utils import now
+from rq.utils import now, str_to_date
 from rq.worker import SimpleWorker, WorkerStatus
 
-from broker.store import parse_job_arguments
+from broker.store import JOB_FUNC, QueueStore, job_arguments, parse_job_arguments
 from worker.job_source import Claim
 
 log = logging.getLogger("segqueue.worker.rq")
@@ -40,6 +51,102 @@ class _RqHandle:
     execution: Execution
 
 
+@dataclass(frozen=True)
+class _Unreadable:
+    """A claimed job rq cannot load. `record` is the failed rq job written in its place (None when
+    rq cannot build one, e.g. for an id rq refuses); `image_ids` are those its data still names."""
+
+    job_id: str
+    reason: str
+    image_ids: list[str] = field(default_factory=list)
+    record: Job | None = None
+
+
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)  # transient: never a reason to fail a job
+_BINARY_FIELDS = {"data", "result", "exc_info"}  # job hash fields rq stores compressed or serialized
+_DATE_FIELDS = ("created_at", "enqueued_at", "started_at", "ended_at", "last_heartbeat")
+_PREVIEW = 80  # bytes of a bad value quoted in a reason
+_ERROR_CHARS = 200  # of rq's own error message (some quote the whole job hash)
+
+
+def _exc_text(exc: BaseException) -> str:
+    """`Type: message`, falling back on the cause's message: never just a bare or empty name."""
+    text = str(exc) or (f"{type(exc.__cause__).__name__}: {exc.__cause__}" if exc.__cause__ else "")
+    return f"{type(exc).__name__}: {text}" if text else f"{type(exc).__name__} (no message)"
+
+
+def _bad_data_reason(data: bytes, cause: BaseException | None) -> str:
+    """Why a job's `data` (rq's serialized [function, instance, args, kwargs]) cannot be read."""
+    preview = repr(bytes(data[:_PREVIEW]))
+    if data[:1] == b"\x80":  # the opcode every pickle of protocol 2 or later starts with
+        return ("bad job: its data looks like a Python pickle, which segqueue never unpickles (jobs are "
+                f"written with rq's JSON serializer): {preview}")
+    detail = _exc_text(cause) if cause is not None else "no detail"
+    if isinstance(cause, (UnicodeDecodeError, json.JSONDecodeError)):
+        return f"bad job: its data is not valid JSON (rq's JSON serializer could not read it: {detail}): {preview}"
+    return f"bad job: its data is JSON but not rq's [function, instance, args, kwargs] ({detail}): {preview}"
+
+
+def _bad_arguments_reason(job: Job, exc: Exception) -> str:
+    """The failure reason of a claimed job whose arguments cannot be used (never empty)."""
+    if isinstance(exc, DeserializationError):  # rq raises it without a message, from the real error
+        return _bad_data_reason(job.data, exc.__cause__)
+    return f"bad job: {_exc_text(exc)}"
+
+
+def _suspect_fields(raw: dict[bytes, bytes]) -> list[str]:
+    """Fields of a job hash that rq cannot read: names or text values that are not UTF-8, bad dates."""
+    suspects = []
+    for name, value in raw.items():
+        try:
+            text_name = name.decode()
+        except UnicodeDecodeError:
+            suspects.append(f"field name {bytes(name[:_PREVIEW])!r} is not UTF-8")
+            continue
+        if text_name in _BINARY_FIELDS:
+            continue
+        try:
+            text = value.decode()
+        except UnicodeDecodeError:
+            suspects.append(f"{text_name}={bytes(value[:_PREVIEW])!r} is not UTF-8")
+            continue
+        if text_name in _DATE_FIELDS and text and not _is_date(text):
+            suspects.append(f"{text_name}={text[:_PREVIEW]!r} is not a date")
+    if b"data" not in raw:
+        suspects.append("there is no data field")
+    return suspects
+
+
+def _is_date(text: str) -> bool:
+    """Whether rq can read `text` as one of its job dates."""
+    try:
+        str_to_date(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _unreadable_record_reason(raw: dict[bytes, bytes], exc: Exception) -> str:
+    """Why rq could not load a job hash: the suspect fields, then rq's own error."""
+    suspects = "; ".join(_suspect_fields(raw))
+    named = f" ({suspects})" if suspects else ""
+    return f"bad job: rq cannot read its record{named}: {_exc_text(exc)[:_ERROR_CHARS]}"
+
+
+def _salvaged_image_ids(raw: dict[bytes, bytes]) -> list[str]:
+    """The image ids an unreadable job's data still names, or [] if its data cannot be read either."""
+    data = raw.get(b"data") or b""
+    try:
+        data = zlib.decompress(data)
+    except zlib.error:
+        pass  # rq falls back on uncompressed data the same way
+    try:
+        _func, _instance, args, _kwargs = JSONSerializer.loads(data)
+        return parse_job_arguments(args)
+    except Exception:  # anything unreadable: no ids to salvage
+        return []
+
+
 class RqJobSource:
     """JobSource over one rq queue. `open()` registers the worker with rq, `close()` deregisters it.
 
@@ -51,6 +158,7 @@ class RqJobSource:
                  job_heartbeat_ttl_s: int, maintenance_interval_s: int) -> None:
         self.queue = Queue(queue_name, connection=client, serializer=JSONSerializer)
         self.client = client
+        self.store = QueueStore(client, queue_name)
         self.name = name
         self.job_heartbeat_ttl_s = job_heartbeat_ttl_s
         self._rq = SimpleWorker([self.queue], name=name, connection=client, serializer=JSONSerializer,
@@ -72,15 +180,15 @@ class RqJobSource:
     def claim(self, max_jobs: int, timeout_s: float) -> list[Claim]:
         """Start up to `max_jobs` queued jobs, waiting at most `timeout_s` for the first."""
         while True:
-            job_ids = self._move(max(1, max_jobs), timeout_s)
-            if not job_ids:
+            raw_ids = self._move(max(1, max_jobs), timeout_s)
+            if not raw_ids:
                 return []
-            claims = self._start(job_ids)
+            claims = self._start(raw_ids)
             if claims:
                 return claims
             timeout_s = 0.0  # every moved job was unusable: look again, without waiting
 
-    def _move(self, count: int, timeout_s: float) -> list[str]:
+    def _move(self, count: int, timeout_s: float) -> list[bytes]:
         """Move up to `count` job ids onto rq's intermediate list (rq's reliable dequeue)."""
         moved: list[bytes] = []
         if timeout_s > 0:
@@ -94,52 +202,120 @@ class RqJobSource:
             for _ in range(count):
                 pipe.lmove(self.queue.key, self.queue.intermediate_queue_key)
             moved.extend(raw for raw in pipe.execute() if raw is not None)
-        return [raw.decode() for raw in moved]
+        return moved
 
-    def _fetch(self, job_ids: list[str]) -> list[Job | None]:
-        """The jobs in one round trip; None for a job that is gone or that rq cannot read."""
+    def _fetch(self, raw_ids: list[bytes]) -> list[Job | _Unreadable | None]:
+        """The jobs in one round trip; None for a job that is gone, _Unreadable for one rq cannot load."""
         try:
-            return Job.fetch_many(job_ids, connection=self.client, serializer=JSONSerializer)
-        except Exception:  # one unreadable job hash spoils fetch_many: read them one by one
-            jobs: list[Job | None] = []
-            for job_id in job_ids:
-                try:
-                    jobs.append(Job.fetch(job_id, connection=self.client, serializer=JSONSerializer))
-                except Exception as exc:
-                    log.error("job %s cannot be read by rq and is dropped: %s", job_id, exc)
-                    jobs.append(None)
-            return jobs
+            return Job.fetch_many([raw.decode() for raw in raw_ids], connection=self.client,
+                                  serializer=JSONSerializer)
+        except _REDIS_DOWN:
+            raise
+        except Exception:  # one unreadable job spoils fetch_many: read them one by one
+            return [self._fetch_one(raw) for raw in raw_ids]
 
-    def _start(self, job_ids: list[str]) -> list[Claim]:
+    def _fetch_one(self, raw_id: bytes) -> Job | _Unreadable | None:
+        """One job, read as rq's fetch_many reads it, or why rq cannot read it."""
+        try:
+            job_id = raw_id.decode()
+        except UnicodeDecodeError:
+            return _Unreadable(raw_id.decode(errors="backslashreplace"), "bad job: its id is not UTF-8 text")
+        try:
+            job = Job(job_id, connection=self.client, serializer=JSONSerializer)
+        except (TypeError, ValueError) as exc:
+            return _Unreadable(job_id, f"bad job: rq refuses its id: {_exc_text(exc)}")
+        try:
+            raw = self.client.hgetall(job.key)
+        except redis.ResponseError:  # WRONGTYPE: the key holds something other than a hash
+            return self._unreadable(job_id, self._not_a_hash_reason(job.key), [])
+        if not raw:
+            return None
+        try:
+            job.restore(raw)
+        except Exception as exc:  # whatever rq's restore trips on: a bad date, bytes, a number, ...
+            return self._unreadable(job_id, _unreadable_record_reason(raw, exc), _salvaged_image_ids(raw))
+        return job
+
+    def _not_a_hash_reason(self, key: str) -> str:
+        """Why a job key that is not a hash cannot be read, quoting a string's first bytes."""
+        kind = self.client.type(key).decode()
+        preview = f": {self.client.getrange(key, 0, _PREVIEW - 1)!r}" if kind == "string" else ""
+        return f"bad job: its record {key} is a Redis {kind}, not the hash rq keeps jobs in{preview}"
+
+    def _unreadable(self, job_id: str, reason: str, image_ids: list[str]) -> _Unreadable:
+        """An unreadable job, with the failed rq job that is to replace its record (if rq can build one)."""
+        try:
+            record = Job.create(JOB_FUNC, args=job_arguments(image_ids) if image_ids else [], id=job_id,
+                                connection=self.client, serializer=JSONSerializer, origin=self.queue.name,
+                                status=JobStatus.FAILED, description=f"unreadable job {job_id}, recorded as failed")
+        except Exception as exc:  # rq cannot build a job for it: recorded in the queue's store instead
+            log.warning("rq cannot build a failed record for job %s: %s", job_id, _exc_text(exc))
+            record = None
+        else:
+            record.ended_at = now()
+        return _Unreadable(job_id, reason, image_ids, record)
+
+    def _start(self, raw_ids: list[bytes]) -> list[Claim]:
         """Start jobs already on the intermediate list, in one more round trip whatever their number.
 
         These are the steps of rq's prepare_execution + prepare_job_execution (an Execution in the
         started registry, job status "started", off the intermediate list), pipelined over the jobs.
+        A job rq cannot load is taken off the list and recorded as failed in the same transaction.
         """
-        intermediate_key = self.queue.intermediate_queue_key
-        ttl = self.job_heartbeat_ttl_s
-        handles = []
+        handles, unreadable = [], []
         with self.client.pipeline() as pipe:
-            for job_id, job in zip(job_ids, self._fetch(job_ids)):
-                pipe.lrem(intermediate_key, 1, job_id)
-                if job is None:
-                    continue
-                execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
-                job.heartbeat(now(), ttl, pipeline=pipe)
-                job.prepare_for_execution(self.name, pipeline=pipe)
-                pipe.persist(job.key)
-                handles.append(_RqHandle(job, execution))
+            for raw_id, job in zip(raw_ids, self._fetch(raw_ids)):
+                pipe.lrem(self.queue.intermediate_queue_key, 1, raw_id)
+                if isinstance(job, Job):
+                    handles.append(self._prepare(job, pipe))
+                elif isinstance(job, _Unreadable):
+                    self._record_failed(job, pipe)
+                    unreadable.append(job)
+                else:
+                    log.warning("job %s was queued but its record is gone; skipped",
+                                raw_id.decode(errors="backslashreplace"))
             self._rq.set_state(WorkerStatus.BUSY, pipeline=pipe)
             self._rq.heartbeat(self._rq.worker_ttl + 60, pipeline=pipe)
             pipe.execute()
-        claims = []
-        for handle in handles:
-            try:
-                claims.append(Claim(handle.job.id, parse_job_arguments(handle.job.args), handle))
-            except Exception as exc:  # BadJob, or rq's DeserializationError on garbled arguments
-                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                self.fail([Claim(handle.job.id, [], handle)], f"bad job: {reason}", retry=False)
-        return claims
+        for bad in unreadable:
+            self._report_unreadable(bad)
+        return [claim for handle in handles if (claim := self._claim_or_fail(handle)) is not None]
+
+    def _prepare(self, job: Job, pipe: redis.client.Pipeline) -> _RqHandle:
+        """Queue rq's steps that start one job (Execution, heartbeat, status, no expiry) on `pipe`."""
+        ttl = self.job_heartbeat_ttl_s
+        execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
+        job.heartbeat(now(), ttl, pipeline=pipe)
+        job.prepare_for_execution(self.name, pipeline=pipe)
+        pipe.persist(job.key)
+        return _RqHandle(job, execution)
+
+    def _record_failed(self, bad: _Unreadable, pipe: redis.client.Pipeline) -> None:
+        """Replace an unreadable job's record by a failed rq job: status, reason, result, failed registry."""
+        if bad.record is None:
+            return
+        pipe.delete(bad.record.key)
+        bad.record._handle_failure(bad.reason, pipeline=pipe, worker_name=self.name)
+        self._rq.increment_failed_job_count(pipeline=pipe)
+
+    def _report_unreadable(self, bad: _Unreadable) -> None:
+        """Log an unreadable job; fail its images still waiting; keep it in the store if rq has no record of it."""
+        where = "rq's failed job registry" if bad.record is not None else self.store.bad_jobs_key
+        log.error("job %s cannot be read by rq and is recorded as failed in %s: %s", bad.job_id, where, bad.reason)
+        if bad.record is None:
+            self.store.record_bad_job(bad.job_id, bad.reason)
+        waiting = [i for i, seen in zip(bad.image_ids, self.store.resolved(bad.image_ids)) if not seen]
+        waiting = [i for i, kept in zip(waiting, self.store.still_stored(waiting)) if kept]
+        if waiting:
+            self.store.save_results([], [(i, f"its job {bad.job_id} failed: {bad.reason}") for i in waiting])
+
+    def _claim_or_fail(self, handle: _RqHandle) -> Claim | None:
+        """The Claim of a started job, or None after failing it (no retry) if its arguments are unusable."""
+        try:
+            return Claim(handle.job.id, parse_job_arguments(handle.job.args), handle)
+        except Exception as exc:  # BadJob, or rq's DeserializationError on garbled arguments
+            self.fail([Claim(handle.job.id, [], handle)], _bad_arguments_reason(handle.job, exc), retry=False)
+            return None
 
     # --- keeping alive ---------------------------------------------------------------------
 

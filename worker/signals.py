@@ -1,12 +1,15 @@
 """Stop requests: SIGTERM or SIGINT (Ctrl-C, or rq's `shutdown` command, which sends SIGINT).
 
 The first signal asks the worker to finish the work it has claimed and stop; a second one exits at
-once (the claimed jobs are then re-enqueued by another worker after their heartbeat TTL). The
-handlers are installed for the life of a `with stop_on_signals()` block and restored after it.
+once, with status 128 + the signal's number (143 for SIGTERM, 130 for SIGINT), without waiting for
+the batches in flight, the result writer or the engine: the claimed jobs are then re-enqueued by
+another worker after their heartbeat TTL. The handlers are installed for the life of a
+`with stop_on_signals()` block and restored after it.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,7 +34,24 @@ class StopFlag:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.request()
         if self.signals > 1:
-            raise SystemExit(128 + signum)
+            exit_now(signum)
+
+
+def exit_now(signum: int) -> None:
+    """End the process at once with status 128 + signum, saying so on stderr.
+
+    os._exit, not SystemExit: SystemExit would unwind through every `finally` (drain the result
+    writer, wait for the engine's batches in flight, join threads), which is exactly the wait a
+    second signal asks to skip. os.write, not logging: a handler must not take locks the
+    interrupted code may hold.
+    """
+    name = signal.Signals(signum).name
+    message = (f"worker: second {name}: exiting now; the jobs it had claimed are re-enqueued after "
+               "their heartbeat TTL\n")
+    try:
+        os.write(2, message.encode())
+    finally:
+        os._exit(128 + signum)
 
 
 @contextmanager
