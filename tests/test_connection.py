@@ -33,6 +33,10 @@ BAD_PORT_URL = "redis://:secret@127.0.0.1:notaport/0"
         ("redis://user:sec@ret@[::1/0", "redis://***@[::1/0"),
         ("not a url", "not a url"),
         ("", ""),
+        ("redis://host/0?password=secret", "redis://host/0?password=***"),  # redis-py reads it from the query too
+        ("rediss://u:secret@host/0?ssl_ca_certs=/ca.pem&ssl_password=secret",
+         "rediss://u:***@host/0?ssl_ca_certs=/ca.pem&ssl_password=***"),
+        ("rediss://host/0?ssl_ca_certs=/ca.pem", "rediss://host/0?ssl_ca_certs=/ca.pem"),
     ],
 )
 def test_redact_hides_the_password_and_never_raises(url: str, shown: str) -> None:
@@ -90,3 +94,30 @@ def test_cli_prints_one_error_line_for_a_malformed_url() -> None:
     ]
     assert "Traceback" not in result.stdout + result.stderr
     assert "secret" not in result.stdout + result.stderr
+
+
+def test_a_password_in_the_query_never_reaches_the_message() -> None:
+    port = free_port()
+    message = connect_error(f"redis://127.0.0.1:{port}/0?password=secret")
+    assert message.startswith(f"cannot reach Redis at redis://127.0.0.1:{port}/0?password=***: ")
+
+
+def test_tls_arguments_on_a_plain_url_are_a_one_line_error() -> None:
+    assert connect_error("redis://:secret@127.0.0.1:6379/0?ssl_ca_certs=/ca.pem") == (
+        "bad Redis URL redis://:***@127.0.0.1:6379/0?ssl_ca_certs=/ca.pem: "
+        "TLS arguments (ssl_ca_certs) need a rediss:// URL, not redis://"
+    )
+
+
+def test_a_missing_ca_file_is_named_before_connecting(tmp_path: Path) -> None:
+    missing = tmp_path / "ca.pem"
+    assert connect_error(f"rediss://:secret@127.0.0.1:{free_port()}/0?ssl_ca_certs={missing}").endswith(
+        f": ssl_ca_certs file {missing} not found"
+    )
+
+
+def test_an_unknown_url_argument_is_a_one_line_error() -> None:
+    port = free_port()
+    assert connect_error(f"rediss://:secret@127.0.0.1:{port}/0?ssl_ca_cert=/ca.pem") == (
+        f"bad Redis URL rediss://:***@127.0.0.1:{port}/0?ssl_ca_cert=/ca.pem: unknown argument 'ssl_ca_cert'"
+    )
