@@ -37,7 +37,7 @@ SOCKET_TIMEOUT_S = 30.0  # every Redis call returns or fails within this (blocki
 # seen with MONITOR while `producer enqueue` (also with --out and --max-pending), `worker run`
 # (--burst, a SIGTERM drain, a SIGKILLed worker's jobs recovered by another's maintenance, per-image
 # and whole-job failures, an rq retry, garbled and vanished jobs), `producer status` and
-# `producer collect --delete` ran, and nothing else. INFO is allowed for its `server` section only
+# `producer collect --delete` ran, and nothing else (GET and TTL: the worker's maintenance, see worker/rq_source.py). INFO is allowed for its `server` section only
 # (rq reads the version there; Redis 7 logs that first-argument rule as deprecated). AUTH and HELLO
 # need no rule. Left out on purpose:
 # - CLIENT SETINFO and CLIENT MAINT_NOTIFICATIONS, which redis-py tries on every new connection and
@@ -51,7 +51,7 @@ LEAST_PRIVILEGE_ACL = (
     "user segqueue on >CHANGE-ME resetkeys ~segq:* ~rq:* resetchannels &rq:pubsub:* -@all"
     " +ping +info|server +client|setname +client|info"
     " +multi +exec +watch +unwatch +subscribe +unsubscribe"
-    " +time +exists +del +expire +persist +set"
+    " +time +exists +del +expire +persist +set +get +ttl"
     " +hset +hget +hgetall +hmget +hdel +hexists +hlen +hincrby +hincrbyfloat"
     " +sadd +srem +scard +sismember +smembers"
     " +rpush +llen +lrange +lrem +lmove +blmove"

@@ -44,9 +44,20 @@ def test_worker_methods_the_adapter_calls_keep_their_signatures():
     for name in ("default_result_ttl", "worker_ttl"):
         assert name in inspect.getsource(SimpleWorker.__init__), name
     assert WorkerStatus.BUSY
-    # maintenance is rq's own: registries (abandoned jobs re-enqueued with Retry) and the intermediate list
+    # maintenance replays rq's steps (RqJobSource.maintain) with a short lock of its own
     source = inspect.getsource(SimpleWorker.clean_registries)
-    assert "intermediate_queue.cleanup" in source and "release_maintenance_lock" in source
+    for step in ("acquire_maintenance_lock", "clean_registries(queue", "worker_registration.clean_worker_registry(queue)",
+                 "intermediate_queue.cleanup", "release_maintenance_lock", "self.last_cleaned_at = now()"):
+        assert step in source, step
+    assert "registry_cleaning_key" in inspect.getsource(Queue.acquire_maintenance_lock)
+    from rq.intermediate_queue import IntermediateQueue
+    from rq.registry import clean_registries
+    from rq.worker_registration import clean_worker_registry
+
+    assert params(clean_registries)[:1] == ["queue"] and params(clean_worker_registry) == ["queue"]
+    for name in ("get_job_ids", "set_first_seen", "get_first_seen", "remove"):
+        assert callable(getattr(IntermediateQueue, name)), name
+    assert isinstance(inspect.getattr_static(Queue, "intermediate_queue"), property)
 
 
 def test_claim_replays_rqs_own_preparation_steps():

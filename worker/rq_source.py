@@ -32,15 +32,20 @@ from rq import Queue
 from rq.exceptions import DeserializationError
 from rq.executions import Execution
 from rq.job import Job, JobStatus
+from rq.registry import clean_registries
 from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import now, str_to_date
 from rq.worker import SimpleWorker, WorkerStatus
+from rq.worker_registration import clean_worker_registry
 
 from broker.store import JOB_FUNC, QueueStore, job_arguments, parse_job_arguments
 from worker.job_source import Claim
 
 log = logging.getLogger("segqueue.worker.rq")
+
+MAINTENANCE_LOCK_S = 5  # cleaning takes milliseconds; rq's own lock lasts 899 s (see RqJobSource.maintain)
+STUCK_CLAIM_S = 5.0  # a job on the intermediate list this long was claimed by a worker that died
 
 
 @dataclass(frozen=True)
@@ -336,9 +341,44 @@ class RqJobSource:
         return self.queue.count
 
     def maintain(self) -> None:
-        """rq's own registry maintenance, on rq's schedule (re-enqueues jobs of dead workers)."""
-        if self._rq.should_run_maintenance_tasks:
-            self._rq.run_maintenance_tasks()
+        """Registry maintenance on rq's schedule, with rq's own steps but a short lock (re-enqueues jobs of dead workers).
+
+        rq's run_maintenance_tasks takes a 899 s lock and deletes it when done: a worker killed while
+        cleaning (the soak did it) stops every worker's maintenance on the queue for 15 minutes, and
+        rq recovers a job left on the intermediate list only after a fixed minute. Here the lock
+        lasts MAINTENANCE_LOCK_S (a longer one is such a leftover, and is cleared), and such a job is
+        recovered after STUCK_CLAIM_S (this adapter moves a job off that list within one round trip
+        of putting it there).
+        """
+        if not self._rq.should_run_maintenance_tasks:
+            return
+        self._rq.last_cleaned_at = now()
+        lock = self.queue.registry_cleaning_key
+        if self.client.ttl(lock) > MAINTENANCE_LOCK_S:
+            self.client.delete(lock)  # rq's 899 s lock, left by a worker that died while cleaning
+        if not self.client.set(lock, self.name, nx=True, ex=MAINTENANCE_LOCK_S):
+            return  # another worker is cleaning
+        try:
+            clean_registries(self.queue)
+            clean_worker_registry(self.queue)
+            self._recover_stuck_claims()
+        finally:
+            self.client.delete(lock)
+
+    def _recover_stuck_claims(self) -> None:
+        """Fail (rq retries them) jobs left on the intermediate list by a worker that died between claim round trips."""
+        intermediate = self.queue.intermediate_queue
+        started = set(self.queue.started_job_registry.get_job_ids())
+        for job_id in intermediate.get_job_ids():
+            if job_id in started or intermediate.set_first_seen(job_id):
+                continue  # being started, or seen for the first time now
+            first_seen = intermediate.get_first_seen(job_id)
+            if first_seen is None or (now() - first_seen).total_seconds() < STUCK_CLAIM_S:
+                continue
+            job = self.queue.fetch_job(job_id)
+            if job is not None:
+                self._rq.handle_job_failure(job, self.queue, exc_string="the worker that claimed it died before starting it")
+            intermediate.remove(job_id)
 
     # --- completing ------------------------------------------------------------------------
 
