@@ -132,7 +132,8 @@ print(r.info('server')['redis_version'], 'appendonly', r.config_get('appendonly'
 log "redis $redis_version on 127.0.0.1:$REDIS_PORT: PING with the password ok, refused without it"
 
 # 5. Two CPU workers, as the compose file's worker-cpu service, each with its metrics port.
-if "${TOOLS[@]}" worker run --help 2>/dev/null | grep -q -- '--metrics-port'; then
+worker_help=$("${TOOLS[@]}" env COLUMNS=200 worker run --help 2>&1 || true)  # not piped into grep -q: SIGPIPE + pipefail
+if grep -q -- '--metrics-port' <<< "$worker_help"; then
     HAS_METRICS=1
 else
     HAS_METRICS=0
