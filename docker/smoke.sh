@@ -14,7 +14,7 @@
 #
 #   sudo bash docker/smoke.sh 2>&1 | tee docker/smoke_last_run.txt
 #
-# Needs root, podman, runc, mmdebstrap (only if the image segq-base does not exist yet) and curl.
+# Needs root. Installs what it lacks of podman, runc, mmdebstrap and curl from Debian's packages.
 # Environment: SMOKE_IMAGES (24), SMOKE_REDIS_PORT (16379), SMOKE_METRICS_PORT (19100: workers get +1, +2),
 # SMOKE_CONTEXT (head: build from `git archive HEAD`, so other people's uncommitted edits stay out;
 # worktree: build from the working tree as it is), SMOKE_WHEELS (a local wheel folder bind-mounted into the build as PIP_FIND_LINKS; default /opt/wheels
@@ -50,6 +50,14 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+missing=()
+for tool in podman runc mmdebstrap curl; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]} (Debian packages)"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" uidmap >/dev/null \
+        || fail "could not install ${missing[*]}"
+fi
 
 log "podman $("${P[@]}" version --format '{{.Client.Version}}'), runc $(runc --version | head -n 1 | awk '{print $3}'), host $(uname -m), $(nproc) CPUs"
 
