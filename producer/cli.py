@@ -54,7 +54,7 @@ def enqueue(
     max_pending: Annotated[Optional[int], typer.Option(min=1, help="Wait while this many of this run's images are held in Redis, not yet collected (bounds Redis memory).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write each mask here as it finishes (as collect does), free it from Redis, and return when all are done.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Older spelling of --out DIR; needs --out.")] = False,
-    timeout: Annotated[float, typer.Option(help="With --out or --max-pending: give up after this many seconds without progress.")] = 3600.0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait, with --out, for the last masks once everything is enqueued, and with --max-pending, for room each time Redis is full.")] = 3600.0,
     redis_url: RedisUrl = None,
     queue: QueueName = None,
 ) -> None:
@@ -84,7 +84,7 @@ def enqueue(
             try:
                 report = enqueue_paths(enqueuer, paths, size, size, progress, pool=pool, pending=pending,
                                        max_pending=max_pending, pending_timeout_s=timeout)
-            except SegqueueError as exc:
+            except (SegqueueError, redis.RedisError) as exc:  # every image stored so far has its job
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(1) from None
         typer.echo(f"enqueued {len(report.image_ids)} images in {len(report.job_ids)} jobs on queue "
@@ -128,7 +128,11 @@ def collect(
         tasks = [(len(chunk), pool.submit_collect(chunk, out, delete))
                  for chunk in (image_ids[i:i + COLLECT_CHUNK] for i in range(0, len(image_ids), COLLECT_CHUNK))]
         for count, task in tasks:
-            absorb(report, task.result())
+            try:
+                absorb(report, task.result())
+            except (OSError, redis.RedisError) as exc:  # disk full, Redis gone: what was written stays written
+                typer.echo(f"error: collect stopped: {exc}", err=True)
+                raise typer.Exit(1) from None
             bar.update(count)
     raise typer.Exit(_print_collect(report))
 
