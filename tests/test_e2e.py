@@ -207,8 +207,10 @@ def test_sigkill_mid_batch_loses_nothing(tmp_path, redis_url, queue_name, client
 
 def test_default_settings_recover_a_sigkilled_workers_jobs_within_15_s(tmp_path, redis_url, queue_name, client,
                                                                         engine_128):
-    """Two warm workers with the default lease settings share a queue; one is SIGKILLed holding claimed jobs; the
-    other finishes everything within 15 s of the kill, and every image has exactly one mask."""
+    """Two warm workers with the default lease settings; one is SIGKILLed holding claimed jobs; the other finishes
+    everything within 15 s of the kill, and every image has exactly one mask.
+
+    The rescuer is paused (SIGSTOP) while the victim claims, so that the victim surely holds jobs when it dies."""
     from producer.enqueue import JOB_RETRIES, Enqueuer, enqueue_paths
 
     common = ["--engine", str(engine_128), "--redis-url", redis_url, "--queue", queue_name]
@@ -220,15 +222,18 @@ def test_default_settings_recover_a_sigkilled_workers_jobs_within_15_s(tmp_path,
     try:
         wait_until(lambda: log_events(victim_log, "worker_ready") and log_events(rescuer_log, "worker_ready"), 120,
                    "both workers to be ready")
+        rescuer.send_signal(signal.SIGSTOP)
         write_synthetic_images(tmp_path / "in", 12, size=128)
         enqueuer = Enqueuer(client, queue, job_size=2)
-        for _ in range(4):
+        for _ in range(8):
             enqueue_paths(enqueuer, [tmp_path / "in"], 128, 128)
         total, jobs = len(enqueuer.report.image_ids), len(enqueuer.report.job_ids)
-        wait_until(lambda: queue.started_job_registry.count > 0, 30, "jobs to be claimed")
-        time.sleep(0.3)  # both workers are claiming now
+        wait_until(lambda: log_events(victim_log, "batch") and queue.started_job_registry.count > 0, 60,
+                   "the victim to hold claimed jobs")
         victim.kill()
         killed_at = time.monotonic()
+        held = queue.started_job_registry.get_job_ids()
+        rescuer.send_signal(signal.SIGCONT)
         victim.wait(timeout=30)
         wait_until(lambda: store.counts().done == total and queue.finished_job_registry.count == jobs, 120,
                    lambda: f"every image to get a mask: {queue_state(client, queue_name)}")
@@ -236,12 +241,12 @@ def test_default_settings_recover_a_sigkilled_workers_jobs_within_15_s(tmp_path,
     finally:
         if victim.poll() is None:
             victim.kill()
+        rescuer.send_signal(signal.SIGCONT)
         rescuer.send_signal(signal.SIGTERM)
         assert rescuer.wait(timeout=60) == 0
-    retried = [job for job in Job.fetch_many(enqueuer.report.job_ids, connection=client, serializer=JSONSerializer)
-               if job.retries_left is not None and job.retries_left < JOB_RETRIES]
-    assert retried, "the victim held no job when it was killed: nothing was recovered"
-    print(f"recovered in {recovered_s:.1f} s")
+    retried = [job for job in Job.fetch_many(held, connection=client, serializer=JSONSerializer)
+               if job is not None and job.retries_left is not None and job.retries_left < JOB_RETRIES]
+    assert held and retried, f"the victim's jobs {held} should have been recovered through rq's retry"
     assert recovered_s < 15, f"recovery took {recovered_s:.1f} s"
     assert store.record_counts()[1] == total  # exactly one mask per image
     assert queue.failed_job_registry.count == 0
