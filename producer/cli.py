@@ -84,14 +84,19 @@ def enqueue(
             try:
                 report = enqueue_paths(enqueuer, paths, size, size, progress, pool=pool, pending=pending,
                                        max_pending=max_pending, pending_timeout_s=timeout)
-            except (SegqueueError, redis.RedisError) as exc:  # every image stored so far has its job
+            except (SegqueueError, redis.RedisError, OSError) as exc:  # every image stored so far has its job
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(1) from None
         typer.echo(f"enqueued {len(report.image_ids)} images in {len(report.job_ids)} jobs on queue "
                    f"'{settings.queue}' ({settings.describe()}); rejected {len(report.rejected)}")
         exit_code = 1 if report.rejected else 0
         if out is not None:
-            if not pending.drain(time.monotonic() + timeout):
+            try:
+                drained = pending.drain(time.monotonic() + timeout)
+            except (redis.RedisError, OSError) as exc:  # masks written so far stay written
+                typer.echo(f"error: writing masks stopped: {exc}", err=True)
+                raise typer.Exit(1) from None
+            if not drained:
                 typer.echo(f"error: timed out after {timeout:.0f} s; {len(pending)} images have no mask yet", err=True)
                 exit_code = 1
             masks_bar.close()

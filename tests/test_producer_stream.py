@@ -137,3 +137,27 @@ def test_max_pending_with_nobody_collecting_times_out_clearly(tmp_path, redis_ur
 
     queue = segmentation_queue(client, queue_name)
     assert sum(len(queue.fetch_job(job_id).args[0]) for job_id in queue.job_ids) == stored
+
+
+def test_enqueue_out_into_a_file_fails_each_mask_clearly_and_keeps_them_in_redis(tmp_path, redis_url, client,
+                                                                                  queue_name, small_engine):
+    write_synthetic_images(tmp_path / "in", 8)
+    (tmp_path / "not_a_dir").write_text("a file where the masks folder should be")
+    worker = subprocess.Popen([sys.executable, "-m", "worker", "run", "--engine", str(small_engine),
+                               "--redis-url", redis_url, "--queue", queue_name],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        result = cli("producer", "enqueue", str(tmp_path / "in"), "--out", str(tmp_path / "not_a_dir"),
+                     "--workers", "1", "--size", str(SMALL_SIZE), "--timeout", "120",
+                     "--redis-url", redis_url, "--queue", queue_name)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    failed = [line for line in result.stderr.splitlines() if line.startswith("failed: img_")]
+    assert len(failed) == 8 and all("cannot write" in line and "not_a_dir" in line for line in failed)
+    assert "wrote 0 masks; 8 failed" in result.stdout
+    store = QueueStore(client, queue_name)
+    assert store.manifest_size() == 8  # nothing written, nothing freed: a later collect still has every mask
+    assert store.counts().done == 8
