@@ -277,9 +277,8 @@ class QueueStore:
 
     def still_stored(self, image_ids: Sequence[str]) -> list[bool]:
         """For each image, whether the manifest still holds it (not yet forgotten), in one command."""
-        if not image_ids:
-            return []
-        return [name is not None for name in self.client.hmget(self._manifest, list(image_ids))]
+        kept = self.names(image_ids)
+        return [image_id in kept for image_id in image_ids]
 
     # --- jobs rq cannot record -------------------------------------------------------------
 

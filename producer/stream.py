@@ -13,6 +13,7 @@ trips), so its cost does not grow with the size of the folder.
 from __future__ import annotations
 
 import time
+from itertools import islice
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -53,13 +54,13 @@ class PendingImages:
         """Images just stored: (image_id, name) pairs."""
         self._pending.update(stored)
 
-    def look(self, force: bool = False) -> None:
-        """Harvest finished collect tasks, then (at most every poll_s unless force) look at Redis once."""
+    def look(self) -> None:
+        """Harvest finished collect tasks, then (at most every poll_s) look at Redis once."""
         self._harvest()
-        if not force and time.monotonic() - self._last_look < self.poll_s:
+        if time.monotonic() - self._last_look < self.poll_s:
             return
         self._last_look = time.monotonic()
-        candidates = [i for i in self._oldest() if i not in self._collecting]
+        candidates = [i for i in islice(self._pending, LOOK_AHEAD) if i not in self._collecting]
         if not candidates:
             return
         if self.out_dir is None:
@@ -84,14 +85,6 @@ class PendingImages:
     def drain(self, deadline: float) -> bool:
         """Block until nothing is pending (True) or the monotonic deadline passes (False)."""
         return self.wait_below(1, deadline)
-
-    def _oldest(self) -> list[str]:
-        ids = []
-        for image_id in self._pending:
-            ids.append(image_id)
-            if len(ids) >= LOOK_AHEAD:
-                break
-        return ids
 
     def _harvest(self) -> None:
         running = []

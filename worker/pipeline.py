@@ -6,8 +6,9 @@ k+1 and k+2 are read from Redis and decompressed, the main thread claims the job
 the writer thread (worker/writer.py) writes batch k-1's masks and completes its jobs, so Redis I/O
 and payload decoding overlap compute. (On an H200, fetching and decoding a batch of 8 on the main
 thread took 5.7 ms of its 9.8 ms per batch against 7.2 ms of GPU work: the main thread, not the GPU,
-set the pace. The socket reads and zstd decompression release the GIL, so the threads run in parallel.) One image's problem (missing, malformed, wrong
-size) fails that image alone; an engine error fails the jobs of that batch, which rq then retries
+set the pace. The socket reads and zstd decompression release the GIL, so the threads run in parallel.)
+
+One image's problem (missing, malformed, wrong size) fails that image alone; an engine error fails the jobs of that batch, which rq then retries
 (`Retry`); a Redis outage is ridden out with a bounded backoff. Every batch logs one `batch` line.
 """
 
@@ -80,7 +81,6 @@ class BatchPipeline:
         self.fetcher = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="fetch")
         self.claims = OpenClaims()
         self.writer = ResultWriter(client, self.store, source, self.claims, log, clock, metrics=self.metrics)
-        self._last_maintenance = clock()
         self._halt = threading.Event()
         self._leases = threading.Thread(target=self._renew_leases, name="job-leases", daemon=True)
         self._images_per_job = self.settings.max_batch  # until a job is seen: claim one at a time
@@ -119,7 +119,7 @@ class BatchPipeline:
     def _step(self) -> bool:
         """One pass of the loop: claim and start fetches, submit, finish or wait. False when the worker should stop."""
         self.metrics.beat()
-        self._maintain_if_due()
+        self.source.maintain()  # the source runs it only when due
         self._start_fetches()
         if self.fetching and len(self.inflight) < self.engine.slots:
             self._submit(*self.fetching.popleft())
@@ -140,13 +140,6 @@ class BatchPipeline:
                 return
             items = self.batcher.take()
             self.fetching.append((items, self.fetcher.submit(self._fetch, items, self.clock())))
-
-    def _maintain_if_due(self) -> None:
-        """Run rq maintenance (re-enqueues jobs of dead workers) every heartbeat interval, on this thread."""
-        if self.clock() - self._last_maintenance < self.settings.heartbeat_interval_s:
-            return
-        self._last_maintenance = self.clock()
-        self.source.maintain()
 
     def _renew_leases(self) -> None:
         """Lease thread: heartbeat the worker and its open jobs every heartbeat interval until the run ends.
@@ -251,11 +244,10 @@ class BatchPipeline:
         masks = None
         try:
             if submitted.inflight is not None:
-                try:
-                    masks = submitted.inflight.result()
-                except Exception as exc:
-                    self._fail_batch(submitted, f"engine {self.engine.name} failed: {type(exc).__name__}: {exc}")
-                    return
+                masks = submitted.inflight.result()
+        except Exception as exc:
+            self._fail_batch(submitted, f"engine {self.engine.name} failed: {type(exc).__name__}: {exc}")
+            return
         finally:
             if not self.inflight:
                 self.metrics.engine_busy(False)

@@ -94,8 +94,9 @@ class ResultWriter:
         self._store(batch.submitted, batch.masks)
         jobs_completed, jobs_failed = self._complete_finished_jobs()
         write_ms = (time.perf_counter() - write_start) * 1000
-        total_ms = self._log_batch(batch.submitted, batch.compute_ms, write_ms, jobs_completed)
         submitted = batch.submitted
+        total_ms = (self.clock() - submitted.taken_at) * 1000  # taken from the batcher until written
+        self._log_batch(submitted, batch.compute_ms, write_ms, total_ms, jobs_completed)
         self.metrics.observe_batch(len(submitted.items), len(submitted.rejected), jobs_completed - jobs_failed,
                                    jobs_failed, [wait / 1000 for wait in submitted.image_wait_ms],
                                    batch.compute_ms / 1000, total_ms / 1000)
@@ -124,9 +125,8 @@ class ResultWriter:
         for claim in claims_of(items):
             self.claims.close(claim)
 
-    def _log_batch(self, submitted: SubmittedBatch, compute_ms: float, write_ms: float, jobs_completed: int) -> float:
-        """Log the batch's line; returns its total_ms (taken from the batcher to written)."""
-        total_ms = (self.clock() - submitted.taken_at) * 1000
+    def _log_batch(self, submitted: SubmittedBatch, compute_ms: float, write_ms: float, total_ms: float,
+                   jobs_completed: int) -> None:
         self.batches_done += 1
         job_ids = sorted({claim.job_id for claim in claims_of(submitted.all_items)})
         self.log.info(
@@ -145,4 +145,3 @@ class ResultWriter:
             total_ms=round(total_ms, 3),
             img_per_s=round(submitted.size / max(total_ms / 1000, 1e-9), 2),
         )
-        return total_ms
