@@ -6,7 +6,8 @@ its registries, job hashes) are rq's business and stay with rq's `Queue`.
 
 Per queue Q (all keys start with `segq:Q:`):
 
-    img:<id>    hash  format ("segq-image/1"), codec ("zstd1"), height, width, data (the encoded
+    img:<id>    hash  format ("segq-image/1"), codec ("zstd1", or "png": the user's PNG file as it
+                      is, when it already holds the engine input), height, width, data (the encoded
                       uint8 pixels at the engine's input size), original_height, original_width,
                       name (relative path), enqueued_at (unix s)
     mask:<id>   hash  format ("segq-mask/1"), codec ("packbits+zstd1" for 0/1 masks, "zstd1" when
@@ -39,7 +40,7 @@ import numpy as np
 import redis
 
 from broker.errors import BadJob
-from broker.payloads import PayloadError, decode_image, decode_mask, encode_image, encode_mask
+from broker.payloads import Payload, PayloadError, decode_image, decode_mask, encode_image, encode_mask
 
 JOB_FUNC = "worker.jobs.segment_images"
 
@@ -51,6 +52,18 @@ class StoredImage:
     image_id: str
     name: str
     pixels: np.ndarray
+    original_height: int
+    original_width: int
+    enqueued_at: float
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image as the producer stores it: its encoded pixels (broker/payloads.py) and where it came from."""
+
+    image_id: str
+    name: str
+    payload: Payload
     original_height: int
     original_width: int
     enqueued_at: float
@@ -108,12 +121,18 @@ class QueueStore:
     # --- producer: images in ----------------------------------------------------------------
 
     def store_images(self, images: Sequence[StoredImage]) -> None:
-        """Store images (encoded) and add them to the manifest, in one round trip."""
+        """Store images given by their pixels (zstd-encoded here) and add them to the manifest, in one round trip."""
+        self.store_encoded([
+            EncodedImage(image.image_id, image.name, encode_image(np.asarray(image.pixels, dtype=np.uint8)),
+                         image.original_height, image.original_width, image.enqueued_at)
+            for image in images])
+
+    def store_encoded(self, images: Sequence[EncodedImage]) -> None:
+        """Store encoded images and add them to the manifest, in one round trip."""
         pipe = self.client.pipeline(transaction=False)
         for image in images:
-            payload = encode_image(np.asarray(image.pixels, dtype=np.uint8))
             pipe.hset(self._image_key(image.image_id), mapping={
-                **payload.fields(),
+                **image.payload.fields(),
                 "original_height": image.original_height,
                 "original_width": image.original_width,
                 "name": image.name,
@@ -127,8 +146,8 @@ class QueueStore:
     def load_images(self, image_ids: Sequence[str]) -> list[StoredImage | str]:
         """Fetch and decode images in one round trip; each entry is the image or why it cannot be used.
 
-        Decoding runs here, on the caller's thread: about 0.17 ms per 512x512 image, 1.3 ms per batch
-        of 8 (see broker/payloads.py for how that compares with the engine).
+        Decoding runs here, on the caller's thread (the worker's fetch threads): about 0.17 ms per
+        512x512 zstd image, 1.9 ms per png image (see broker/payloads.py).
         """
         pipe = self.client.pipeline(transaction=False)
         for image_id in image_ids:

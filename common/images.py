@@ -53,6 +53,8 @@ import numpy as np
 import tifffile
 from PIL import BmpImagePlugin, Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin
 
+from common import png
+
 __all__ = [
     "MAX_PIXELS",
     "SUPPORTED_SUFFIXES",
@@ -62,6 +64,7 @@ __all__ = [
     "decode_image",
     "find_images",
     "printable",
+    "read_png_as_is",
     "resize_mask",
 ]
 
@@ -670,3 +673,27 @@ def decode_image(
     original_height, original_width = gray.shape
     pixels = np.array(_resize_gray(gray, height, width), dtype=np.uint8, order="C")
     return DecodedImage(pixels, int(original_height), int(original_width))
+
+
+
+def read_png_as_is(path: Path, height: int, width: int) -> bytes | None:
+    """The bytes of a PNG file whose pixels already are the engine input, else None.
+
+    "Already the engine input": 8-bit grayscale, not interlaced, exactly ``height x width``, one
+    frame, no EXIF orientation, and every chunk intact (CRC-checked; see common/png.py). Then
+    :func:`decode_image` would return exactly the file's samples, so the file can be stored as it
+    is and decoded once, by the worker. None for anything else, including an unreadable or damaged
+    file: :func:`decode_image` then decodes it or names its problem. Only the first 33 bytes are
+    read from a file that does not qualify by its header.
+    """
+    try:
+        with Path(path).open("rb") as handle:
+            head = handle.read(png.HEADER_BYTES)
+            header = png.read_header(head)
+            if header is None or not header.is_plain_gray8 or (header.height, header.width) != (height, width):
+                return None
+            data = head + handle.read()
+        png.check_engine_input(data, height, width)
+    except (OSError, png.PngStructureError):
+        return None
+    return data

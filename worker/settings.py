@@ -30,8 +30,11 @@ class WorkerSettings:
     precision: str | None = None
     max_batch: int = 8
     max_wait_ms: float = 20.0
-    fetch_threads: int = 2  # threads that read and decode batches from Redis
-    prefetch_batches: int = 2  # batches being fetched ahead of the engine, besides those in flight on it
+    # Threads that read and decode batches from Redis, and batches fetched ahead of the engine besides
+    # those in flight on it. Decoding a batch of 8 PNG payloads takes about 15 ms of CPU against about
+    # 7.5 ms of GPU per batch on an H200, so four batches are decoded at once (Pillow releases the GIL).
+    fetch_threads: int = 4
+    prefetch_batches: int = 4
     burst: bool = False
     metrics_port: int | None = None  # serve /metrics, /readyz, /livez here (worker/metrics.py)
     liveness_timeout_s: float = 60.0  # /livez fails once the main loop has not passed for this long
