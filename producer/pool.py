@@ -137,6 +137,8 @@ class ProducerPool:
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
             self._executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
                                                  initializer=_open_process_store, initargs=(settings,))
+            # start the processes now: they fork and connect while this one looks for the files
+            self._executor.submit(os.getpid)
 
     def submit_store(self, sources: list[ImageSource], height: int, width: int) -> Future:
         """Decode and store `sources`; the Future gives a StoredChunk."""

@@ -6,8 +6,8 @@ k+1 and k+2 are read from Redis and decompressed, the main thread claims the job
 the writer thread (worker/writer.py) writes batch k-1's masks and completes its jobs, so Redis I/O
 and payload decoding overlap compute. (On an H200, fetching and decoding a batch of 8 on the main
 thread took 5.7 ms of its 9.8 ms per batch against 7.2 ms of GPU work: the main thread, not the GPU,
-set the pace. The socket reads, zstd decompression and PNG decoding release the GIL, so the threads
-run in parallel; a batch of 8 PNG payloads takes about 15 ms to decode, hence four fetch threads.)
+set the pace.) Each fetch thread hands its batch to an image loader (worker/loader.py): by default one
+of eight decode processes, which reads the images from Redis and decodes them with a GIL of its own.
 
 One image's problem (missing, malformed, wrong size) fails that image alone; an engine error fails the jobs of that batch, which rq then retries
 (`Retry`); a Redis outage is ridden out with a bounded backoff. Every batch logs one `batch` line.
@@ -33,6 +33,7 @@ from worker.batch import BatchItem, SubmittedBatch, claims_of
 from worker.batcher import Batcher
 from worker.claims import OpenClaims
 from worker.job_source import Claim, JobSource
+from worker.loader import ImageLoader, LoaderDied, ThreadImageLoader
 from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
 from worker.signals import StopFlag
@@ -66,6 +67,7 @@ class BatchPipeline:
         stop: StopFlag,
         clock: Callable[[], float] = time.monotonic,
         metrics: WorkerMetrics | None = None,
+        loader: ImageLoader | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or WorkerMetrics(clock=clock)
@@ -74,6 +76,7 @@ class BatchPipeline:
         self.stop = stop
         self.client = client
         self.store = QueueStore(client, settings.broker.queue)
+        self.loader = loader or ThreadImageLoader(self.store)
         self.log = log
         self.clock = clock
         self.batcher: Batcher[BatchItem] = Batcher(settings.max_batch, settings.max_wait_s, clock)
@@ -196,7 +199,7 @@ class BatchPipeline:
     def _fetch(self, items: list[BatchItem], taken_at: float) -> FetchedBatch:
         """On a fetch thread: read and decode a batch's pixels, and set aside unusable images."""
         fetch_start = time.perf_counter()
-        loaded = self.store.load_images([item.image_id for item in items])
+        loaded = self.loader.load([item.image_id for item in items])
         good_items, images, rejected = [], [], []
         spec = self.engine.spec
         for item, image in zip(items, loaded):
@@ -228,6 +231,9 @@ class BatchPipeline:
             fetched = fetch.result()
         except redis.RedisError as exc:
             self.writer.abandon(items, f"redis error while fetching images: {exc}")
+            raise
+        except LoaderDied as exc:
+            self.writer.abandon(items, str(exc))
             raise
         submitted = fetched.submitted
         submitted.timings["submitted"] = time.perf_counter()

@@ -30,11 +30,13 @@ class WorkerSettings:
     precision: str | None = None
     max_batch: int = 8
     max_wait_ms: float = 20.0
-    # Threads that read and decode batches from Redis, and batches fetched ahead of the engine besides
-    # those in flight on it. Decoding a batch of 8 PNG payloads takes about 15 ms of CPU against about
-    # 7.5 ms of GPU per batch on an H200, so four batches are decoded at once (Pillow releases the GIL).
-    fetch_threads: int = 4
-    prefetch_batches: int = 4
+    # Threads that fetch batches, batches fetched ahead of the engine besides those in flight on it, and
+    # the processes that read and decode them (worker/loader.py; 0: on the fetch threads). On the H200
+    # host a decode process took about 37 ms per batch of 8 PNG payloads (4.5 ms per 512x512 image)
+    # against about 7.5 ms of GPU per batch: eight decode at once to keep up, with room to spare.
+    fetch_threads: int = 8
+    prefetch_batches: int = 8
+    decode_processes: int = 8
     burst: bool = False
     metrics_port: int | None = None  # serve /metrics, /readyz, /livez here (worker/metrics.py)
     liveness_timeout_s: float = 60.0  # /livez fails once the main loop has not passed for this long
