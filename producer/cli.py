@@ -61,7 +61,9 @@ def enqueue(
     """Validate, decode and store images, and enqueue jobs of --job-size images.
 
     Each image becomes uint8 grayscale at --size x --size; its original size is kept so that its
-    mask comes back at that size. Files are decoded by --workers processes. A bad file is reported
+    mask comes back at that size. Files are decoded by --workers processes; a PNG that already is
+    8-bit gray at --size x --size is checked (every chunk's CRC) and stored as it is, for the worker
+    to decode. A bad file is reported
     with its problem and skipped; the exit status is 1 if any file was rejected or any image failed.
     For a huge folder: `producer enqueue DIR --out MASKS --max-pending 2000` streams it through Redis.
     """

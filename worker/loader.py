@@ -10,8 +10,10 @@ host's cores), so the worker runs eight. `ProcessImageLoader` runs `QueueStore.l
 decoded pixels come back (pickled by our own child: nothing read from Redis is unpickled).
 
 The children are forked when the loader starts, before the engine loads (no CUDA context, no other
-threads yet). They ignore SIGINT and SIGTERM (the worker drains with them on a stop request) and exit
-on their own within a second of the worker's death, so a SIGKILLed worker leaves none behind.
+threads yet). They ignore SIGINT (Ctrl-C reaches the whole process group; the worker drains with them)
+but not SIGTERM, which the process pool uses to stop the others when one dies; SIGTERM for the worker
+is sent to its pid (the worker pool, Docker and Kubernetes do). They exit on their own within a second
+of the worker's death, so a SIGKILLed worker leaves none behind.
 `ThreadImageLoader` decodes on the calling thread (processes=0, tests of the pipeline alone).
 """
 
@@ -72,10 +74,10 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _start_child(settings: BrokerSettings, parent: int) -> None:
-    """Decode-process initializer: leave signals to the worker, die with it, connect to Redis."""
+    """Decode-process initializer: leave Ctrl-C to the worker, die with it, connect to Redis."""
     global _child_store
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
     _child_store = QueueStore(connect(settings), settings.queue)
 
