@@ -21,9 +21,9 @@ synthetic 512x512 microscopy images, 2-core CPU, ms per image, one thread):
   size, one frame, no orientation; see common.images.read_png_as_is) are stored as the file's bytes
   (codec `png`): the producer neither decodes nor compresses them (about 0.15 ms per file instead of
   1.9 ms to decode plus 0.3-0.6 ms to compress), and PNG is the most compact of the four (1.44x on
-  the synthetic images). The worker decodes them once, on its fetch threads (about 1.9 ms per
-  512x512 image; Pillow releases the GIL while it inflates, so the threads run in parallel: 2.5x on 2
-  threads of the 2-core CPU), never on the thread that submits batches. Before decoding, every chunk
+  the synthetic images). The worker decodes them once, in its decode processes (worker/loader.py;
+  about 1.9 ms per 512x512 image on the 2-core test machine, 4.5 ms on the H200 host's cores), never
+  on the thread that submits batches. Before decoding, every chunk
   is checked against its CRC-32, so altered bytes raise `CorruptPayload`, as they do for zstd.
 
 Every stored payload sits in a hash next to a `format` field (`segq-image/1` or `segq-mask/1`), a
