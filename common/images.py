@@ -709,9 +709,7 @@ def read_png_as_is(path: Path, height: int, width: int) -> bytes | None:
     try:
         with Path(path).open("rb") as handle:
             head = handle.read(png.HEADER_BYTES)
-            header = png.read_header(head)
-            if header is None or not header.is_plain_gray8 or (header.height, header.width) != (height, width):
-                return None
+            png.check_header(head, height, width)
             data = head + handle.read()
         png.check_engine_input(data, height, width)
     except (OSError, png.PngStructureError):

@@ -87,18 +87,23 @@ def chunk_types(data: bytes) -> list[bytes]:
     return types
 
 
-def check_engine_input(data: bytes, height: int, width: int) -> None:
-    """PngStructureError unless `data` is an intact PNG whose samples are uint8 (height, width) pixels as they are.
-
-    That is: every chunk sound (chunk_types), 8-bit gray, not interlaced, exactly height x width,
-    and no chunk in CHUNKS_CHANGING_PIXELS.
-    """
-    types = chunk_types(data)
-    header = read_header(data[:HEADER_BYTES])
+def check_header(head: bytes, height: int, width: int) -> None:
+    """PngStructureError unless the first HEADER_BYTES bytes start an 8-bit gray, non-interlaced height x width PNG."""
+    header = read_header(head[:HEADER_BYTES])
     if header is None or not header.is_plain_gray8:
         raise PngStructureError("not an 8-bit gray, non-interlaced PNG")
     if (header.height, header.width) != (height, width):
         raise PngStructureError(f"{header.width}x{header.height} pixels, expected {width}x{height}")
+
+
+def check_engine_input(data: bytes, height: int, width: int) -> None:
+    """PngStructureError unless `data` is an intact PNG whose samples are uint8 (height, width) pixels as they are.
+
+    That is: every chunk sound (chunk_types), 8-bit gray, not interlaced, exactly height x width
+    (check_header), and no chunk in CHUNKS_CHANGING_PIXELS.
+    """
+    types = chunk_types(data)
+    check_header(data, height, width)
     changing = CHUNKS_CHANGING_PIXELS.intersection(types)
     if changing:
         raise PngStructureError(f"carries {b', '.join(sorted(changing)).decode()} (orientation or animation)")

@@ -23,14 +23,10 @@ from common import png
 from common.images import ImageError, ImageSource, read_png_as_is
 from common.images import decode_image as decode_file
 from producer.pool import encode_file, store_files
+from tests.test_payloads import as_fields
 from toolchain.synth import generate
 
 SIZE = 64
-
-
-def as_fields(payload: payloads.Payload) -> dict[bytes, bytes]:
-    """The hash fields as Redis returns them (bytes keys and values)."""
-    return {k.encode(): (v if isinstance(v, bytes) else str(v).encode()) for k, v in payload.fields().items()}
 
 
 def microscopy(size: int = SIZE, seed: int = 0) -> np.ndarray:

@@ -12,8 +12,8 @@ back (pickled by our own child: nothing read from Redis is unpickled).
 The children are forked when the loader starts, before the engine loads (no CUDA context, no other
 threads yet). They ignore SIGINT (Ctrl-C reaches the whole process group; the worker drains with them)
 but not SIGTERM, which the process pool uses to stop the others when one dies; SIGTERM for the worker
-is sent to its pid (the worker pool, Docker and Kubernetes do). They exit on their own within a second
-of the worker's death, so a SIGKILLed worker leaves none behind.
+is sent to its pid (the worker pool, Docker and Kubernetes do). Linux sends them SIGTERM when the worker
+dies (PR_SET_PDEATHSIG, as the worker pool does for its children), so a SIGKILLed worker leaves none behind.
 `ThreadImageLoader` decodes on the calling thread (processes=0, tests of the pipeline alone).
 """
 
@@ -22,8 +22,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -32,9 +30,7 @@ from typing import Protocol
 from broker.connection import BrokerSettings, connect
 from broker.errors import SegqueueError
 from broker.store import QueueStore, StoredImage
-
-PARENT_CHECK_S = 1.0
-
+from worker.pool import die_with_parent
 
 class LoaderDied(SegqueueError):
     """A decode process died (killed, out of memory): the worker cannot fetch images any more."""
@@ -67,18 +63,14 @@ class ThreadImageLoader:
 _child_store: QueueStore | None = None
 
 
-def _exit_with_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(PARENT_CHECK_S)
-    os._exit(0)
-
-
 def _start_child(settings: BrokerSettings, parent: int) -> None:
     """Decode-process initializer: leave Ctrl-C to the worker, die with it, connect to Redis."""
     global _child_store
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
+    die_with_parent()
+    if os.getppid() != parent:  # the worker died before the line above took effect
+        os._exit(0)
     _child_store = QueueStore(connect(settings), settings.queue)
 
 

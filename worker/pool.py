@@ -71,7 +71,8 @@ class _Child:
     restart_at: float | None = None
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def die_with_parent() -> None:  # pragma: no cover - runs in a forked child
+    """Ask Linux to SIGTERM this process when the thread that forked it exits (PR_SET_PDEATHSIG)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -106,7 +107,7 @@ class WorkerPool:
 
     # -- children --------------------------------------------------------------------------------
     def _start(self, child: _Child) -> None:
-        preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        preexec = die_with_parent if sys.platform.startswith("linux") else None
         child.process = subprocess.Popen(child.spec.argv, stdin=subprocess.DEVNULL, process_group=0,
                                          preexec_fn=preexec)
         child.restart_at = None
