@@ -22,7 +22,12 @@ fresh queue, the data deleted after it:
    --e2e-producer-workers processes: by default half the CPUs, the other half left to the GPU
    workers on the same host), each on its own sub-folder of the files.
    End to end = N / (first enqueue start -> the last batch event in the workers' logs); completion
-   is detected by polling `producer status --json`. Redis CPU (INFO cpu), bytes in
+   is detected by polling the queue's status in this process (the code behind `producer status`;
+   a `producer status --json` process every second would take a core of the host it measures),
+   and checked once with `producer status --json` at the end. Meanwhile a sampler thread times a
+   Redis PING every 20 ms (Redis stalls: the main thread busy or blocked) and reads the host's CPU
+   use every 250 ms; the phase also records when the first job was enqueued and the first batch
+   finished (start-up of the producer and of the pipeline). Redis CPU (INFO cpu), bytes in
    (total_net_input_bytes), AOF growth (aof_current_size) per 1,000 images, and Redis memory.
    After the 1-worker phase, `producer collect --delete` (img/s over its wall time).
 
@@ -47,6 +52,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -175,6 +181,7 @@ def redis_snapshot(client: redis.Redis, data_dir: Path) -> dict[str, float]:
         "aof_files_bytes": float(aof_files),
         "used_memory": float(info["used_memory"]),
         "used_memory_peak": float(info["used_memory_peak"]),
+        "aof_delayed_fsync": float(info.get("aof_delayed_fsync", 0) or 0),
     }
 
 
@@ -191,6 +198,71 @@ def redis_delta(before: dict[str, float], after: dict[str, float], images: int, 
         "used_memory_max_sampled_mb": round(peak_sampled / 1e6, 1),
         "used_memory_peak_mb_so_far": round(after["used_memory_peak"] / 1e6, 1),
     }
+
+
+class Sampler(threading.Thread):
+    """Samples, until stopped, Redis PING latency every 20 ms and the host's CPU busy fraction every 250 ms.
+
+    A PING waits behind whatever Redis's main thread is doing, so a slow one is a stall every client saw.
+    """
+
+    PING_EVERY_S = 0.02
+    CPU_EVERY_S = 0.25
+    STALL_MS = 50.0
+
+    def __init__(self, url: str) -> None:
+        super().__init__(name="sampler", daemon=True)
+        self.client = redis.Redis.from_url(url, socket_timeout=30)
+        self.pings: list[tuple[float, float]] = []  # (time.time() at start, ms)
+        self.cpu: list[tuple[float, float]] = []  # (time.time(), busy fraction 0..1 since the last sample)
+        self._stop_event = threading.Event()
+
+    @staticmethod
+    def _cpu_times() -> tuple[float, float]:
+        """(busy, total) jiffies over all CPUs, from /proc/stat; (0, 0) where there is none."""
+        try:
+            fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except OSError:
+            return 0.0, 0.0
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+        return sum(fields) - idle, sum(fields)
+
+    def run(self) -> None:
+        last_cpu_at, (last_busy, last_total) = time.time(), self._cpu_times()
+        while not self._stop_event.is_set():
+            started = time.time()
+            t = time.perf_counter()
+            try:
+                self.client.ping()
+            except redis.RedisError:
+                pass
+            self.pings.append((started, (time.perf_counter() - t) * 1000))
+            if started - last_cpu_at >= self.CPU_EVERY_S:
+                busy, total = self._cpu_times()
+                if total > last_total:
+                    self.cpu.append((started, (busy - last_busy) / (total - last_total)))
+                last_cpu_at, last_busy, last_total = started, busy, total
+            self._stop_event.wait(self.PING_EVERY_S)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=10)
+
+    def summary(self, t0: float, t_split: float, t_end: float) -> dict[str, Any]:
+        """Redis stalls over t0..t_end, and mean CPU busy while producing (t0..t_split) and after."""
+        pings = [ms for at, ms in self.pings if t0 <= at <= t_end]
+        stalls = [ms for ms in pings if ms > self.STALL_MS]
+
+        def busy(start: float, end: float) -> float | None:
+            values = [v for at, v in self.cpu if start <= at <= end]
+            return round(statistics.fmean(values), 3) if values else None
+
+        return {"redis_ping_max_ms": round(max(pings), 1) if pings else None,
+                "redis_ping_p99_ms": round(statistics.quantiles(pings, n=100)[98], 2) if len(pings) >= 100 else None,
+                "redis_stalls_over_50ms": len(stalls),
+                "redis_stalled_s": round(sum(stalls) / 1000, 3),
+                "cpu_busy_while_producing": busy(t0, t_split),
+                "cpu_busy_after_producing": busy(t_split, t_end)}
 
 
 # -- logs ------------------------------------------------------------------------------------------
@@ -232,9 +304,17 @@ class Bench:
         return ["--redis-url", self.url, "--queue", queue]
 
     def status(self, queue: str) -> dict[str, Any]:
+        """`producer status --json` of the queue (the command, as a process)."""
         _, out = run([self.py, *PRODUCER, "status", "--json", *self.common(queue)], 120, "producer status")
         line = [x for x in out.splitlines() if x.startswith("{")][-1]
         return json.loads(line)
+
+    def status_here(self, queue: str) -> dict[str, Any]:
+        """The same status, computed in this process by the code behind the command."""
+        from producer.enqueue import segmentation_queue
+        from producer.status import queue_status
+
+        return queue_status(self.client, segmentation_queue(self.client, queue)).as_dict()
 
     def enqueue_argv(self, folder: Path, queue: str, producers: int = 1, workers: int | None = None) -> list[str]:
         workers = workers or self.args.producer_workers or max(1, (os.cpu_count() or 1) // producers)
@@ -293,6 +373,8 @@ class Bench:
         procs, logs, start_s = self.start_workers(gpus, queue)
         before = redis_snapshot(self.client, self.redis_dir)
         peak = before["used_memory"]
+        sampler = Sampler(self.url)
+        sampler.start()
         t0 = time.time()
         pool = self.args.e2e_producer_workers or max(1, (os.cpu_count() or 1) // 2 // len(parts))
         producers = [self.children.start(self.enqueue_argv(part, queue, len(parts), pool),
@@ -304,7 +386,7 @@ class Bench:
         while True:
             if producers_done_at is None and all(p.poll() is not None for p in producers):
                 producers_done_at = time.time()
-            snap = self.status(queue)
+            snap = self.status_here(queue)
             polls += 1
             peak = max(peak, float(self.client.info("memory")["used_memory"]))
             images = snap["images"]
@@ -320,9 +402,15 @@ class Bench:
                 raise BenchError(f"phase G={gpus}: not done within {self.args.phase_timeout:.0f} s: {snap}")
             time.sleep(self.args.poll_s)
         t_poll = time.time()
+        sampler.stop()
         after = redis_snapshot(self.client, self.redis_dir)
+        final = self.status(queue)["images"]  # the command itself agrees
+        if final["finished"] + final["failed"] < n:
+            raise BenchError(f"producer status --json reports {final} after the run, expected {n} images done")
         batches = [e for log in logs for e in events(log, "batch")]
         t_end = max(stamp(e) for e in batches)
+        first_batch = min(batches, key=stamp)
+        first_job = self.client.hget(f"rq:job:{first_batch['job_ids'][0]}", "enqueued_at")
         per_worker = [sum(e["images_ok"] for e in events(log, "batch")) for log in logs]
         producer_codes = [p.returncode for p in producers]
         phase: dict[str, Any] = {
@@ -332,7 +420,11 @@ class Bench:
             "e2e_img_s_by_status_poll": round(n / (t_poll - t0), 2), "status_polls": polls,
             "images_per_worker": per_worker, "batches": len(batches),
             "producer_exit_codes": producer_codes,
+            "first_job_enqueued_s": round(stamp({"time": first_job.decode()}) - t0, 3) if first_job else None,
+            "first_batch_done_s": round(stamp(first_batch) - t0, 3),
             **split_at(batches, t0, producers_done_at or t_end),
+            **sampler.summary(t0, producers_done_at or t_end, t_end),
+            "aof_delayed_fsync": int(after["aof_delayed_fsync"] - before["aof_delayed_fsync"]),
             "batch_medians": batch_medians(batches),
             **redis_delta(before, after, n, peak),
         }
@@ -441,7 +533,7 @@ def main() -> int:
     parser.add_argument("--bench-samples", type=int, default=None, help="engines bench --samples (default: its own)")
     parser.add_argument("--ready-timeout", type=float, default=900.0, help="seconds for workers to become ready")
     parser.add_argument("--phase-timeout", type=float, default=1800.0, help="seconds for any one phase")
-    parser.add_argument("--poll-s", type=float, default=1.0, help="seconds between producer status polls")
+    parser.add_argument("--poll-s", type=float, default=0.5, help="seconds between status polls (in this process)")
     parser.add_argument("--out-json", type=Path, default=None)
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp folder (logs) for inspection")
     parser.add_argument("--save-logs", type=Path, default=None, help="copy the workers' and producers' logs here")
