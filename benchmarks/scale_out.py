@@ -469,6 +469,9 @@ def write_files(images: Path, dest: Path, count: int, parts: int) -> list[Path]:
     originals = sorted(images.glob("*.png"))
     for i in range(count):
         shutil.copyfile(originals[i % len(originals)], folders[i % parts] / f"img_{i:06d}.png")
+    # A user's files were written long before the run: flush these now, or the kernel writes
+    # them back (GBs) during the phases, on the disk that takes Redis's AOF.
+    os.sync()
     return folders
 
 

@@ -89,6 +89,9 @@ def test_completion_replays_rqs_own_success_records():
     assert params(Job.set_status)[:3] == ["self", "status", "pipeline"]
     assert params(Job.cleanup) == ["self", "ttl", "pipeline", "remove_from_queue"]
     assert JobStatus.FINISHED == "finished"
+    # the worker's counters are added once per completion call, under rq's own field names
+    assert "'successful_job_count', 1" in inspect.getsource(SimpleWorker.increment_successful_job_count)
+    assert "'total_working_time'" in inspect.getsource(SimpleWorker.increment_total_working_time)
 
 
 def test_heartbeats_keep_their_signatures():

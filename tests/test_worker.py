@@ -70,6 +70,10 @@ def test_jobs_are_batched_across_job_boundaries(tmp_path, client, redis_url, que
         job = Job.fetch(job_id, connection=client, serializer=JSONSerializer)
         assert job.get_status() == JobStatus.FINISHED
         assert [r["ok"] for r in job.return_value()["images"]] == [True] * 3
+    # rq's worker record counts every job, though completions add their counters once per batch
+    worker_key = f"rq:worker:{batches[0]['worker']}"
+    assert int(client.hget(worker_key, "successful_job_count")) == 5
+    assert float(client.hget(worker_key, "total_working_time")) > 0
 
 
 def test_worker_masks_equal_direct_engine_masks_bit_exact(tmp_path, client, redis_url, queue_name, small_engine):

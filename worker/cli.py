@@ -216,11 +216,13 @@ def _serve_metrics(metrics: WorkerMetrics, port: int | None) -> MetricsServer | 
 
 def _serve(settings: WorkerSettings, plan: DevicePlan | None, log, started: float, metrics: WorkerMetrics,
            client: redis.Redis, loader: ImageLoader) -> int:
+    engine_started = time.perf_counter()
     try:
         loaded = load_engine(settings.engine_path, device=settings.device, precision=settings.precision)
     except (SegqueueError, EngineError) as exc:
         _fail(_with_device(str(exc), plan))
     load_s = time.perf_counter() - started
+    engine_s = time.perf_counter() - engine_started
     try:
         if settings.max_batch > loaded.spec.max_batch:
             _fail(f"--max-batch {settings.max_batch} exceeds what {settings.engine_path} accepts "
@@ -234,9 +236,11 @@ def _serve(settings: WorkerSettings, plan: DevicePlan | None, log, started: floa
         )
         log = log.bind(worker=source.name, engine=loaded.name)
         gpu = {} if plan is None or plan.physical is None else {"gpu": plan.physical, "requested_device": plan.requested}
+        engine_timings = {k: round(v, 3) for k, v in getattr(loaded, "load_timings", {}).items()}
         log.info("worker_started", queue=settings.broker.queue, broker=settings.broker.describe(),
                  max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, device=settings.device,
-                 burst=settings.burst, pid=os.getpid(), load_s=round(load_s, 3), **gpu)
+                 burst=settings.burst, pid=os.getpid(), load_s=round(load_s, 3), engine_s=round(engine_s, 3),
+                 engine_load=engine_timings, **gpu)
         if getattr(loaded, "cuda_graphs_error", None):
             log.warning("cuda_graphs_off", reason=loaded.cuda_graphs_error,
                         effect="kernels are launched one by one: slower feeding")

@@ -162,6 +162,7 @@ class RqJobSource:
     def __init__(self, client: redis.Redis, queue_name: str, *, name: str,
                  job_heartbeat_ttl_s: int, maintenance_interval_s: int) -> None:
         self.queue = Queue(queue_name, connection=client, serializer=JSONSerializer)
+        self._finished_registry = self.queue.finished_job_registry  # built once: rq builds one per job
         self.client = client
         self.store = QueueStore(client, queue_name)
         self.name = name
@@ -387,19 +388,23 @@ class RqJobSource:
 
         Per job these are the records of rq's handle_job_success: status finished, a successful
         Result with the per-image outcomes, the finished registry, the job's expiry, the
-        execution removed from the started registry; plus the worker's counters.
+        execution removed from the started registry; plus the worker's counters (successful jobs,
+        working time), added once for all of them.
         """
         finished = [claim for claim in claims if claim.any_ok]
         if finished:
             with self.client.pipeline() as pipe:
-                for claim in finished:
-                    self._record_success(claim, pipe)
+                working_s = sum(self._record_success(claim, pipe) for claim in finished)
+                # the worker's counters, as rq's increment_* write them, once for all these jobs
+                pipe.hincrby(self._rq.key, "successful_job_count", len(finished))
+                pipe.hincrbyfloat(self._rq.key, "total_working_time", working_s)
                 pipe.execute()
         for claim in claims:
             if not claim.any_ok:
                 self.fail([claim], claim.failure_reason(), retry=False)
 
-    def _record_success(self, claim: Claim, pipe: redis.client.Pipeline) -> None:
+    def _record_success(self, claim: Claim, pipe: redis.client.Pipeline) -> float:
+        """Queue one finished job's records on `pipe` (all but the worker's counters); its working seconds."""
         handle: _RqHandle = claim.handle
         job, execution = handle.job, handle.execution
         job.ended_at = now()
@@ -410,11 +415,10 @@ class RqJobSource:
             Result.create(job, Result.Type.SUCCESSFUL, ttl=result_ttl, return_value=claim.result(),
                           worker_name=self.name, pipeline=pipe, execution_id=execution.id,
                           execution_started_at=execution.created_at, execution_ended_at=job.ended_at)
-            job.finished_job_registry.add(job, result_ttl, pipe)
+            self._finished_registry.add(job, result_ttl, pipe)
         job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
         self._rq.cleanup_execution(job, pipeline=pipe, execution=execution)
-        self._rq.increment_successful_job_count(pipeline=pipe)
-        self._rq.increment_total_working_time(job.ended_at - job.started_at, pipe)
+        return (job.ended_at - job.started_at).total_seconds()
 
     def fail(self, claims: Sequence[Claim], reason: str, retry: bool) -> None:
         """Fail each job through rq's own failure handling (Retry, failed registry, result)."""
