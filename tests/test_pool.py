@@ -62,6 +62,9 @@ def test_pool_restarts_a_killed_child_and_drains_on_sigterm(tmp_path, redis_url,
         first = events(logs["cpu0"], "worker_ready")[0]["pid"]
         started = {e["child"]: e["pid"] for e in events(pool_log, "child_started")}
         assert started["cpu0"] == first and started["cpu1"] != first
+        for pid in started.values():  # the URL (and any password in it) reaches them as REDIS_URL, not argv
+            command_line = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+            assert "--redis-url" not in command_line and redis_url not in command_line, command_line
         os.kill(first, signal.SIGKILL)
         wait_until(lambda: len(events(logs["cpu0"], "worker_ready")) == 2, 120, "cpu0 restarted and ready", pool)
         assert events(pool_log, "child_died")[0]["child"] == "cpu0"

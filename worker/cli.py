@@ -106,11 +106,11 @@ def run(
 def _child_argv(ctx: typer.Context, options: dict[str, object], device: str, log_file: Path | None,
                 name: str, metrics_port: int | None = None) -> list[str]:
     """`python -m worker.cli run` with this command's `options` (name -> value), but --device,
-    --log-file, --name and --metrics-port as given."""
+    --log-file, --name and --metrics-port as given, and no --redis-url (see _child_env)."""
     argv = [sys.executable, "-m", "worker.cli", "run"]
     for param in ctx.command.params:
         if getattr(param, "param_type_name", "") != "option" or param.name in ("device", "log_file", "name",
-                                                                                 "metrics_port"):
+                                                                                 "metrics_port", "redis_url"):
             continue
         value = options.get(param.name)
         if value is None:
@@ -131,6 +131,12 @@ def _child_argv(ctx: typer.Context, options: dict[str, object], device: str, log
     return argv
 
 
+def _child_env(options: dict[str, object]) -> dict[str, str]:
+    """A --redis-url reaches the pool's children as REDIS_URL: a password in it stays off their command lines."""
+    url = options.get("redis_url")
+    return {"REDIS_URL": str(url)} if url else {}
+
+
 def _child_port(options: dict[str, object], index: int) -> int | None:
     """The index-th pool child's metrics port: --metrics-port + index (None without --metrics-port)."""
     base = options.get("metrics_port")
@@ -148,7 +154,8 @@ def _run_pool(ctx: typer.Context, options: dict[str, object], device: str, log_f
     labels = child_labels(devices)
     children = [
         ChildSpec(label, dev, _child_argv(ctx, options, dev, suffixed(log_file, label) if log_file else None,
-                                          f"{name}.{label}" if name else "", _child_port(options, index)))
+                                          f"{name}.{label}" if name else "", _child_port(options, index)),
+                  _child_env(options))
         for index, (label, dev) in enumerate(zip(labels, devices))
     ]
     log = configure_logging(suffixed(log_file, "pool") if log_file else None).bind(pool=os.getpid())

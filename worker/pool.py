@@ -22,6 +22,7 @@ The exit status is 0 when every child's last exit was 0, else 1. Every wait is b
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -43,11 +44,14 @@ class Log(Protocol):
 
 @dataclass(frozen=True)
 class ChildSpec:
-    """One pool member: a label ("gpu0", "cpu1"), its device and its full command line."""
+    """One pool member: a label ("gpu0", "cpu1"), its device, its full command line, and environment
+    variables it gets on top of the pool's (secrets such as a Redis URL with a password, which any
+    user of the host could read on a command line)."""
 
     label: str
     device: str
     argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -108,8 +112,9 @@ class WorkerPool:
     # -- children --------------------------------------------------------------------------------
     def _start(self, child: _Child) -> None:
         preexec = die_with_parent if sys.platform.startswith("linux") else None
+        env = {**os.environ, **child.spec.env} if child.spec.env else None
         child.process = subprocess.Popen(child.spec.argv, stdin=subprocess.DEVNULL, process_group=0,
-                                         preexec_fn=preexec)
+                                         preexec_fn=preexec, env=env)
         child.restart_at = None
         self._log.info("child_started", child=child.spec.label, device=child.spec.device, pid=child.process.pid)
 
