@@ -23,7 +23,7 @@ from producer.status import queue_status
 from producer.stream import COLLECT_CHUNK, PendingImages
 
 app = typer.Typer(help="Push images into the segmentation queue, get masks back, see where things stand.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, rich_markup_mode="markdown")
 
 RedisUrl = Annotated[Optional[str], typer.Option(help="Redis URL; default $REDIS_URL, else the embedded server.")]
 QueueName = Annotated[Optional[str], typer.Option(help="Queue name (default: segment).")]
@@ -63,9 +63,10 @@ def enqueue(
     Each image becomes uint8 grayscale at --size x --size; its original size is kept so that its
     mask comes back at that size. Files are decoded by --workers processes; a PNG that already is
     8-bit gray at --size x --size is checked (every chunk's CRC) and stored as it is, for the worker
-    to decode. A bad file is reported
-    with its problem and skipped; the exit status is 1 if any file was rejected or any image failed.
-    For a huge folder: `producer enqueue DIR --out MASKS --max-pending 2000` streams it through Redis.
+    to decode. A bad file is reported with its problem and skipped; the exit status is 1 if any file
+    was rejected or any image failed.
+
+    For a huge folder, `producer enqueue DIR --out MASKS --max-pending 2000` streams it through Redis.
     """
     if wait and out is None:
         typer.echo("error: --wait needs --out DIR", err=True)

@@ -22,7 +22,7 @@ from worker.logs import configure_logging
 from worker.metrics import MetricsServer, WorkerMetrics
 from worker.pipeline import BatchPipeline
 from worker.rq_source import RqJobSource
-from worker.settings import WorkerSettings
+from worker.settings import DEFAULT_DECODE_PROCESSES, WorkerSettings
 from worker.signals import stop_on_signals
 
 # Nothing imported above initialises CUDA (torch reads CUDA_VISIBLE_DEVICES only when CUDA first
@@ -30,7 +30,7 @@ from worker.signals import stop_on_signals
 # tests/test_devices.py checks this.
 
 app = typer.Typer(help="Run segmentation workers: one process per GPU (or CPU), any number of hosts, one Redis.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, rich_markup_mode="markdown")
 
 
 @app.callback()
@@ -61,7 +61,7 @@ def run(
     maintenance_interval: Annotated[int, typer.Option(min=2, help="Seconds between rq registry maintenance runs (re-enqueues abandoned jobs).")] = 2,
     metrics_port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="Serve Prometheus /metrics, /readyz (engine loaded and warm) and /livez (loop not stuck) on this port; a pool gives its children PORT, PORT+1, ...")] = None,
     liveness_timeout: Annotated[float, typer.Option(min=1, help="/livez fails once the worker loop has not passed for this many seconds.")] = 60.0,
-    decode_processes: Annotated[int, typer.Option(min=0, help="Processes that read and decode images from Redis (2-4.5 ms of CPU per 512x512 PNG image: a GPU at 1,000 img/s needs about five busy ones, more than threads can share under the GIL); 0 decodes on the worker's fetch threads.")] = 8,
+    decode_processes: Annotated[int, typer.Option(min=0, help="Processes that read and decode images from Redis (2-4.5 ms of CPU per 512x512 PNG image: a GPU at 1,000 img/s needs about five busy ones, more than threads can share under the GIL); 0 decodes on the worker's fetch threads. Default: 8, or the number of CPUs if fewer.")] = DEFAULT_DECODE_PROCESSES,
 ) -> None:
     """Serve a queue: claim jobs, batch their images across jobs, run the engine, write masks back.
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from broker.connection import BrokerSettings
 
+DEFAULT_DECODE_PROCESSES = min(8, os.cpu_count() or 1)  # see WorkerSettings.decode_processes
+
 
 @dataclass(frozen=True)
 class WorkerSettings:
@@ -33,10 +35,11 @@ class WorkerSettings:
     # Threads that fetch batches, batches fetched ahead of the engine besides those in flight on it, and
     # the processes that read and decode them (worker/loader.py; 0: on the fetch threads). On the H200
     # host a decode process took about 37 ms per batch of 8 PNG payloads (4.5 ms per 512x512 image)
-    # against about 7.5 ms of GPU per batch: eight decode at once to keep up, with room to spare.
+    # against about 7.5 ms of GPU per batch: eight decode at once to keep up, with room to spare (fewer
+    # on a host with fewer cores, where more processes would only queue for them).
     fetch_threads: int = 8
     prefetch_batches: int = 8
-    decode_processes: int = 8
+    decode_processes: int = DEFAULT_DECODE_PROCESSES
     burst: bool = False
     metrics_port: int | None = None  # serve /metrics, /readyz, /livez here (worker/metrics.py)
     liveness_timeout_s: float = 60.0  # /livez fails once the main loop has not passed for this long
