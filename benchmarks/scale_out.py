@@ -175,6 +175,7 @@ def redis_snapshot(client: redis.Redis, data_dir: Path) -> dict[str, float]:
     aof_files = sum(f.stat().st_size for f in aof_dir.iterdir()) if aof_dir.is_dir() else 0
     return {
         "cpu_s": float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
+        "cpu_sys_s": float(info["used_cpu_sys"]),
         "net_in_bytes": float(info["total_net_input_bytes"]),
         "net_out_bytes": float(info["total_net_output_bytes"]),
         "aof_bytes": float(info.get("aof_current_size", 0) or 0),
@@ -191,6 +192,8 @@ def redis_delta(before: dict[str, float], after: dict[str, float], images: int, 
     return {
         "redis_cpu_s": round(cpu, 3),
         "redis_cpu_s_per_1000": round(cpu * per, 3),
+        # kernel time (page faults on new memory, AOF writes) as a share of Redis's CPU
+        "redis_cpu_sys_share": round((after["cpu_sys_s"] - before["cpu_sys_s"]) / cpu, 3) if cpu > 0 else None,
         "net_in_mb_per_1000": round((after["net_in_bytes"] - before["net_in_bytes"]) * per / 1e6, 2),
         "net_out_mb_per_1000": round((after["net_out_bytes"] - before["net_out_bytes"]) * per / 1e6, 2),
         "aof_mb_per_1000": round((after["aof_bytes"] - before["aof_bytes"]) * per / 1e6, 2),
