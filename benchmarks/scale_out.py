@@ -15,7 +15,8 @@ fresh queue, the data deleted after it:
 
 1. engine alone: `engines bench FILE --batch 8 --device ... --json` (img/s).
 2. producer alone: one `producer enqueue` of all N files with no worker running (img/s over the
-   command's wall time, start-up included), Redis CPU and bytes for it.
+   command's wall time, start-up included), Redis CPU and bytes for it; --producer-repeats runs it
+   again on the same Redis and files (reported beside the first run, which stays the figure).
 3. for each G in --gpus: G workers started first, each timed from process start to its
    `worker_ready` log line (engine loaded, one warm-up batch run, registered with rq); then
    --producers `producer enqueue` processes in parallel (default one, which runs its own pool of
@@ -525,6 +526,8 @@ def main() -> int:
     parser.add_argument("--producers", type=int, default=1, help="parallel producer enqueue processes in the end-to-end phases")
     parser.add_argument("--producer-workers", type=int, default=None,
                         help="producer enqueue --workers (default: the CPU count divided by --producers)")
+    parser.add_argument("--producer-repeats", type=int, default=1,
+                        help="run the producer-alone phase this many times (the JSON's producer_img_s is the first)")
     parser.add_argument("--e2e-producer-workers", type=int, default=None,
                         help="producer --workers while GPU workers run on the same host (default: half the CPUs, "
                              "split over --producers; the rest stay with the workers)")
@@ -581,6 +584,11 @@ def main() -> int:
 
         producer = bench.producer_alone(tmp / "parts", args.images)
         print(f"producer alone: {producer['img_s']:.2f} img/s", flush=True)
+        # the same phase again on the same Redis and files: is the first run's figure a cold machine's?
+        producer_repeats = [bench.producer_alone(tmp / "parts", args.images) for _ in range(args.producer_repeats - 1)]
+        if producer_repeats:
+            figures = ", ".join(f"{r['img_s']:.2f}" for r in producer_repeats)
+            print(f"producer alone, repeated: {figures} img/s", flush=True)
 
         phases = []
         for g in gpus_run:
@@ -623,6 +631,7 @@ def main() -> int:
         "scaling_2_over_1": round(two["e2e_img_s"] / one["e2e_img_s"], 3) if two else None,
         "e2e_vs_engine": round(one["e2e_img_s"] / engine_img_s, 3),
         "producer_img_s": producer["img_s"],
+        "producer_img_s_repeats": [r["img_s"] for r in producer_repeats],
         "collect_img_s": one.get("collect", {}).get("img_s"),
         "worker_start_s": max(one["worker_start_s"]),
         "redis_cpu_s_per_1000": one["redis_cpu_s_per_1000"],
@@ -632,6 +641,7 @@ def main() -> int:
         "versions": versions(redis_bin),
         "command": command,
         "raw": {"synth_s": round(synth_s, 2), "engine_bench": engine_bench, "producer_alone": producer,
+                "producer_alone_repeats": producer_repeats,
                 "phases": phases},
         "phases": phases,
     }
