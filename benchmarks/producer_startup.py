@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.scale_out import Children, redis_binary, start_redis, toolchain_module, versions  # noqa: E402
+from broker.store import QueueStore  # noqa: E402
+from producer.enqueue import segmentation_queue  # noqa: E402
 
 
 def import_seconds() -> float:
@@ -53,6 +55,7 @@ def timeline(folder: Path, n: int, workers: int, url: str, queue: str, timeout_s
     """Seconds from process start to first image, first job, all images stored, and exit."""
     client = redis.Redis.from_url(url)
     client.flushall()
+    store, jobs = QueueStore(client, queue), segmentation_queue(client, queue)
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "producer", "enqueue", str(folder), "--workers", str(workers),
                              "--redis-url", url, "--queue", queue], cwd=ROOT,
@@ -63,10 +66,10 @@ def timeline(folder: Path, n: int, workers: int, url: str, queue: str, timeout_s
         if elapsed > timeout_s:
             proc.kill()
             raise RuntimeError(f"producer enqueue did not finish within {timeout_s} s")
-        stored = client.hlen(f"segq:{queue}:manifest")
+        stored = store.counts().total
         if stored and "first_image_s" not in marks:
             marks["first_image_s"] = elapsed
-        if "first_job_s" not in marks and client.llen(f"rq:queue:{queue}"):
+        if "first_job_s" not in marks and jobs.count:
             marks["first_job_s"] = elapsed
         if stored >= n and "all_stored_s" not in marks:
             marks["all_stored_s"] = elapsed

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from rq.job import Job
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -414,7 +415,7 @@ class Bench:
         batches = [e for log in logs for e in events(log, "batch")]
         t_end = max(stamp(e) for e in batches)
         first_batch = min(batches, key=stamp)
-        first_job = self.client.hget(f"rq:job:{first_batch['job_ids'][0]}", "enqueued_at")
+        first_job = self.client.hget(Job.key_for(first_batch["job_ids"][0]), "enqueued_at")
         per_worker = [sum(e["images_ok"] for e in events(log, "batch")) for log in logs]
         producer_codes = [p.returncode for p in producers]
         phase: dict[str, Any] = {

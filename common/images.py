@@ -695,7 +695,6 @@ def decode_image(
     return DecodedImage(pixels, int(original_height), int(original_width))
 
 
-
 def read_png_as_is(path: Path, height: int, width: int) -> bytes | None:
     """The bytes of a PNG file whose pixels already are the engine input, else None.
 

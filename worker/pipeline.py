@@ -7,7 +7,8 @@ the writer thread (worker/writer.py) writes batch k-1's masks and completes its 
 and payload decoding overlap compute. (On an H200, fetching and decoding a batch of 8 on the main
 thread took 5.7 ms of its 9.8 ms per batch against 7.2 ms of GPU work: the main thread, not the GPU,
 set the pace.) Each fetch thread hands its batch to an image loader (worker/loader.py): by default one
-of eight decode processes, which reads the images from Redis and decodes them with a GIL of its own.
+of up to eight decode processes (one per core on smaller hosts), which reads the images from Redis and
+decodes them with a GIL of its own.
 
 One image's problem (missing, malformed, wrong size) fails that image alone; an engine error fails the jobs of that batch, which rq then retries
 (`Retry`); a Redis outage is ridden out with a bounded backoff. Every batch logs one `batch` line.
