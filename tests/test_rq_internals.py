@@ -70,6 +70,24 @@ def test_claim_replays_rqs_own_preparation_steps():
                  "lrem(queue.intermediate_queue_key"):
         assert step in prepare, step
     assert "Execution.create" in inspect.getsource(inspect.getmodule(Execution).prepare_execution)
+    # _prepare + _register_executions split Execution.create into per-job steps and one command per shared key
+    assert params(Execution.__init__) == ["self", "id", "job_id", "connection", "worker_name"]
+    assert params(Execution.save) == ["self", "ttl", "pipeline"]
+    create = inspect.getsource(Execution.create)
+    for step in ("uuid4().hex", "execution.save(ttl=ttl, pipeline=pipeline)",
+                 "ExecutionRegistry(job_id=job.id, connection=pipeline).add(execution=execution, ttl=ttl, pipeline=pipeline)",
+                 "job.started_job_registry.add_execution(execution, pipeline=pipeline, ttl=ttl, xx=False)",
+                 "pipeline.sadd(execution.worker_executions_key, execution.composite_key)",
+                 "pipeline.expire(execution.worker_executions_key, ttl + 60)"):
+        assert step in create, step
+    from rq.registry import BaseRegistry, StartedJobRegistry
+
+    assert "current_timestamp() + ttl" in inspect.getsource(StartedJobRegistry.add_execution)
+    assert "current_timestamp() + ttl" in inspect.getsource(BaseRegistry.add)
+    assert "score = '+inf'" in inspect.getsource(BaseRegistry.add)
+    # job.heartbeat only writes last_heartbeat, which prepare_for_execution writes again: the adapter skips it
+    assert "hset(self.key, 'last_heartbeat'" in inspect.getsource(Job.heartbeat)
+    assert "'last_heartbeat': utcformat(self.last_heartbeat)" in inspect.getsource(Job.prepare_for_execution)
 
 
 def test_completion_replays_rqs_own_success_records():
@@ -88,6 +106,17 @@ def test_completion_replays_rqs_own_success_records():
     assert params(Job.get_result_ttl) == ["self", "default_ttl"]
     assert params(Job.set_status)[:3] == ["self", "status", "pipeline"]
     assert params(Job.cleanup) == ["self", "ttl", "pipeline", "remove_from_queue"]
+    # _record_success writes the job hash once (to_dict with the new status) and the execution's removal
+    # without the shared keys, which complete() removes with one command for all the jobs
+    assert "self.save(pipeline=pipeline, include_meta=False, include_result=False)" in handle
+    assert "obj['status'] = self._status" in inspect.getsource(Job.to_dict)
+    delete = inspect.getsource(Execution.delete)
+    for step in ("pipeline.delete(self.key)", "job.started_job_registry.remove_execution(execution=self, pipeline=pipeline)",
+                 "ExecutionRegistry(job_id=self.job_id, connection=self.connection).remove(execution=self, pipeline=pipeline)",
+                 "pipeline.srem(self.worker_executions_key, self.composite_key)"):
+        assert step in delete, step
+    cleanup = inspect.getsource(Job.cleanup)
+    assert "connection.expire(self.dependents_key, ttl)" in cleanup and "connection.expire(self.key, ttl)" in cleanup
     assert JobStatus.FINISHED == "finished"
     # the worker's counters are added once per completion call, under rq's own field names
     assert "'successful_job_count', 1" in inspect.getsource(SimpleWorker.increment_successful_job_count)

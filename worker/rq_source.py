@@ -24,18 +24,19 @@ from __future__ import annotations
 import json
 import logging
 import zlib
+from uuid import uuid4
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import redis
 from rq import Queue
 from rq.exceptions import DeserializationError
-from rq.executions import Execution
+from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
 from rq.registry import clean_registries
 from rq.results import Result
 from rq.serializers import JSONSerializer
-from rq.utils import now, str_to_date
+from rq.utils import current_timestamp, now, str_to_date
 from rq.worker import SimpleWorker, WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
@@ -162,7 +163,9 @@ class RqJobSource:
     def __init__(self, client: redis.Redis, queue_name: str, *, name: str,
                  job_heartbeat_ttl_s: int, maintenance_interval_s: int) -> None:
         self.queue = Queue(queue_name, connection=client, serializer=JSONSerializer)
-        self._finished_registry = self.queue.finished_job_registry  # built once: rq builds one per job
+        # built once: rq builds one per job
+        self._finished_registry = self.queue.finished_job_registry
+        self._started_registry = self.queue.started_job_registry
         self.client = client
         self.store = QueueStore(client, queue_name)
         self.name = name
@@ -264,9 +267,11 @@ class RqJobSource:
     def _start(self, raw_ids: list[bytes]) -> list[Claim]:
         """Start jobs already on the intermediate list, in one more round trip whatever their number.
 
-        These are the steps of rq's prepare_execution + prepare_job_execution (an Execution in the
-        started registry, job status "started", off the intermediate list), pipelined over the jobs.
-        A job rq cannot load is taken off the list and recorded as failed in the same transaction.
+        These are the records of rq's prepare_execution + prepare_job_execution (an Execution in the
+        started registry, job status "started", off the intermediate list), pipelined over the jobs,
+        with one command per shared key for all of them (tests/test_rq_records.py compares the
+        result with rq's own). A job rq cannot load is taken off the list and recorded as failed in
+        the same transaction.
         """
         handles, unreadable = [], []
         with self.client.pipeline() as pipe:
@@ -280,6 +285,8 @@ class RqJobSource:
                 else:
                     log.warning("job %s was queued but its record is gone; skipped",
                                 raw_id.decode(errors="backslashreplace"))
+            if handles:
+                self._register_executions([handle.execution for handle in handles], pipe)
             self._rq.set_state(WorkerStatus.BUSY, pipeline=pipe)
             self._rq.heartbeat(self._rq.worker_ttl + 60, pipeline=pipe)
             pipe.execute()
@@ -288,13 +295,26 @@ class RqJobSource:
         return [claim for handle in handles if (claim := self._claim_or_fail(handle)) is not None]
 
     def _prepare(self, job: Job, pipe: redis.client.Pipeline) -> _RqHandle:
-        """Queue rq's steps that start one job (Execution, heartbeat, status, no expiry) on `pipe`."""
+        """Queue the per-job steps that start one job on `pipe`: its Execution and its own registry
+        (rq's Execution.create, less the shared keys), status started, no expiry. rq's job.heartbeat
+        is left out: prepare_for_execution writes last_heartbeat again in the same transaction."""
         ttl = self.job_heartbeat_ttl_s
-        execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
-        job.heartbeat(now(), ttl, pipeline=pipe)
+        execution = Execution(id=uuid4().hex, job_id=job.id, connection=self.client, worker_name=self.name)
+        execution.save(ttl=ttl, pipeline=pipe)
+        ExecutionRegistry(job_id=job.id, connection=pipe).add(execution=execution, ttl=ttl, pipeline=pipe)
         job.prepare_for_execution(self.name, pipeline=pipe)
         pipe.persist(job.key)
         return _RqHandle(job, execution)
+
+    def _register_executions(self, executions: Sequence[Execution], pipe: redis.client.Pipeline) -> None:
+        """The rest of rq's Execution.create for many executions: one ZADD to the started registry and
+        one SADD (and EXPIRE) to this worker's execution index, instead of one each per job."""
+        ttl = self.job_heartbeat_ttl_s
+        started_until = current_timestamp() + ttl  # StartedJobRegistry.add_execution's score
+        pipe.zadd(self._started_registry.key, {execution.composite_key: started_until for execution in executions})
+        index = executions[0].worker_executions_key
+        pipe.sadd(index, *(execution.composite_key for execution in executions))
+        pipe.expire(index, ttl + 60)
 
     def _record_failed(self, bad: _Unreadable, pipe: redis.client.Pipeline) -> None:
         """Replace an unreadable job's record by a failed rq job: status, reason, result, failed registry."""
@@ -333,7 +353,7 @@ class RqJobSource:
             for claim in claims:
                 if not claim.closed:
                     handle: _RqHandle = claim.handle
-                    handle.execution.heartbeat(handle.job.started_job_registry, ttl, pipeline=pipe)
+                    handle.execution.heartbeat(self._started_registry, ttl, pipeline=pipe)
                     handle.job.heartbeat(now(), ttl, pipeline=pipe, xx=True)
             pipe.execute()
 
@@ -389,13 +409,25 @@ class RqJobSource:
         Per job these are the records of rq's handle_job_success: status finished, a successful
         Result with the per-image outcomes, the finished registry, the job's expiry, the
         execution removed from the started registry; plus the worker's counters (successful jobs,
-        working time), added once for all of them.
+        working time). Keys shared by the jobs (the finished and started registries, the worker's
+        execution index and counters) get one command for all of them.
         """
         finished = [claim for claim in claims if claim.any_ok]
         if finished:
             with self.client.pipeline() as pipe:
-                working_s = sum(self._record_success(claim, pipe) for claim in finished)
+                handles: list[_RqHandle] = [claim.handle for claim in finished]
+                finished_until = {}
+                for claim, handle in zip(finished, handles):
+                    result_ttl = self._record_success(claim, pipe)
+                    if result_ttl != 0:
+                        finished_until[handle.job.id] = self._registry_score(result_ttl)
+                if finished_until:
+                    pipe.zadd(self._finished_registry.key, finished_until)
+                composite_keys = [handle.execution.composite_key for handle in handles]
+                pipe.zrem(self._started_registry.key, *composite_keys)
+                pipe.srem(handles[0].execution.worker_executions_key, *composite_keys)
                 # the worker's counters, as rq's increment_* write them, once for all these jobs
+                working_s = sum((h.job.ended_at - h.job.started_at).total_seconds() for h in handles)
                 pipe.hincrby(self._rq.key, "successful_job_count", len(finished))
                 pipe.hincrbyfloat(self._rq.key, "total_working_time", working_s)
                 pipe.execute()
@@ -403,22 +435,37 @@ class RqJobSource:
             if not claim.any_ok:
                 self.fail([claim], claim.failure_reason(), retry=False)
 
-    def _record_success(self, claim: Claim, pipe: redis.client.Pipeline) -> float:
-        """Queue one finished job's records on `pipe` (all but the worker's counters); its working seconds."""
+    @staticmethod
+    def _registry_score(ttl: int) -> float | str:
+        """A registry entry's expiry score, as rq's BaseRegistry.add computes it (-1: never)."""
+        return "+inf" if ttl == -1 else ttl if ttl < 0 else current_timestamp() + ttl
+
+    def _record_success(self, claim: Claim, pipe: redis.client.Pipeline) -> int:
+        """Queue one finished job's own records on `pipe` (the shared keys are the caller's); its result TTL.
+
+        The job hash is written once, status included (rq sets the status, then saves the whole
+        job); its expiry leaves out rq's EXPIREs of the dependents and dependencies keys, which
+        jobs from `producer enqueue` never have.
+        """
         handle: _RqHandle = claim.handle
         job, execution = handle.job, handle.execution
         job.ended_at = now()
         result_ttl = job.get_result_ttl(self._rq.default_result_ttl)
-        job.set_status(JobStatus.FINISHED, pipeline=pipe)
         if result_ttl != 0:
-            job.save(pipeline=pipe, include_meta=False, include_result=False)
+            pipe.hset(job.key, mapping={**job.to_dict(include_meta=False, include_result=False),
+                                        "status": JobStatus.FINISHED})
             Result.create(job, Result.Type.SUCCESSFUL, ttl=result_ttl, return_value=claim.result(),
                           worker_name=self.name, pipeline=pipe, execution_id=execution.id,
                           execution_started_at=execution.created_at, execution_ended_at=job.ended_at)
-            self._finished_registry.add(job, result_ttl, pipe)
-        job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
-        self._rq.cleanup_execution(job, pipeline=pipe, execution=execution)
-        return (job.ended_at - job.started_at).total_seconds()
+        else:
+            job.set_status(JobStatus.FINISHED, pipeline=pipe)
+        if result_ttl > 0:
+            pipe.expire(job.key, result_ttl)
+        else:
+            job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
+        pipe.delete(execution.key)  # rq's Execution.delete, less the shared keys
+        ExecutionRegistry(job_id=job.id, connection=pipe).remove(execution=execution, pipeline=pipe)
+        return result_ttl
 
     def fail(self, claims: Sequence[Claim], reason: str, retry: bool) -> None:
         """Fail each job through rq's own failure handling (Retry, failed registry, result)."""
