@@ -129,6 +129,8 @@ class QueueStore:
 
     def store_encoded(self, images: Sequence[EncodedImage]) -> None:
         """Store encoded images and add them to the manifest, in one round trip."""
+        if not images:
+            return
         pipe = self.client.pipeline(transaction=False)
         for image in images:
             pipe.hset(self._image_key(image.image_id), mapping={
@@ -138,7 +140,7 @@ class QueueStore:
                 "name": image.name,
                 "enqueued_at": repr(image.enqueued_at),
             })
-            pipe.hset(self._manifest, image.image_id, image.name)
+        pipe.hset(self._manifest, mapping={image.image_id: image.name for image in images})  # after the images
         pipe.execute()
 
     # --- worker: images out, results in -----------------------------------------------------
