@@ -5,7 +5,7 @@
 In the scale-out benchmark the GPU waits for the producer's start-up: with 16,000 images on an H200
 about 1.7 s passed between starting `producer enqueue` and the worker's first batch, a tenth of the
 whole run. This script splits that time on the machine at hand, with the real command as its own
-process against a private `redis-server` (AOF everysec) and PNG files on disk (`engines synth`,
+process against a private `redis-server` (AOF everysec, or off with --no-aof) and PNG files on disk (`engines synth`,
 hard-linked under --images names):
 
 - `import producer.cli` alone (python -X importtime's total, in a fresh interpreter);
@@ -96,6 +96,8 @@ def main() -> int:
     parser.add_argument("--workers", default="8,16", help="producer --workers values to time, e.g. 8,16")
     parser.add_argument("--redis-server", default=None, help="redis-server binary (default: as scale_out.py)")
     parser.add_argument("--redis-io-threads", type=int, default=4)
+    parser.add_argument("--aof", action=argparse.BooleanOptionalAction, default=True,
+                        help="Redis AOF everysec (--no-aof: off, to see what the AOF costs the producer)")
     parser.add_argument("--out-json", type=Path, default=None)
     args = parser.parse_args()
     now = dt.datetime.now(dt.timezone.utc)
@@ -103,7 +105,7 @@ def main() -> int:
     children = Children()
     redis_bin = args.redis_server or redis_binary()
     try:
-        url, _ = start_redis(redis_bin, tmp / "redis", True, args.redis_io_threads, children)
+        url, _ = start_redis(redis_bin, tmp / "redis", args.aof, args.redis_io_threads, children)
         subprocess.run([sys.executable, *toolchain_module(), "synth", str(tmp / "synth"), "--n", "256"],
                        cwd=ROOT, check=True, capture_output=True, timeout=600)
         originals = sorted((tmp / "synth" / "images").glob("*.png"))
@@ -120,7 +122,7 @@ def main() -> int:
     result = {
         "benchmark": "producer_startup", "date": now.isoformat(timespec="seconds"), "hostname": socket.gethostname(),
         "cpu_count": os.cpu_count(), "platform": platform.platform(), "images": args.images,
-        "redis_io_threads": args.redis_io_threads, "import_producer_cli_s": imports, "runs": runs,
+        "redis_io_threads": args.redis_io_threads, "aof": args.aof, "import_producer_cli_s": imports, "runs": runs,
         "versions": versions(redis_bin), "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     slug = re.sub(r"[^a-z0-9]+", "_", socket.gethostname().lower()).strip("_")
@@ -128,7 +130,7 @@ def main() -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"producer start-up on {socket.gethostname()} ({os.cpu_count()} CPUs), {args.images} PNG files, "
-          f"AOF on, Redis io-threads {args.redis_io_threads}")
+          f"AOF {'on' if args.aof else 'off'}, Redis io-threads {args.redis_io_threads}")
     print(f"import producer.cli: {', '.join(f'{s:.3f}' for s in imports)} s")
     print(f"{'workers':>8}{'first image s':>15}{'first job s':>13}{'all stored s':>14}{'exit s':>8}{'img/s':>8}"
           f"{'Redis CPU/1000':>16}{'main thread busy':>18}")

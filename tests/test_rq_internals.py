@@ -106,10 +106,10 @@ def test_completion_replays_rqs_own_success_records():
     assert params(Job.get_result_ttl) == ["self", "default_ttl"]
     assert params(Job.set_status)[:3] == ["self", "status", "pipeline"]
     assert params(Job.cleanup) == ["self", "ttl", "pipeline", "remove_from_queue"]
-    # _record_success writes the job hash once (to_dict with the new status) and the execution's removal
-    # without the shared keys, which complete() removes with one command for all the jobs
+    # _record_success writes the fields rq's save changes (tests/test_rq_records.py checks which) and the
+    # execution's removal without the shared keys, which complete() removes with one command for all the jobs
     assert "self.save(pipeline=pipeline, include_meta=False, include_result=False)" in handle
-    assert "obj['status'] = self._status" in inspect.getsource(Job.to_dict)
+    assert "'ended_at': utcformat(self.ended_at) if self.ended_at else ''" in inspect.getsource(Job.to_dict)
     delete = inspect.getsource(Execution.delete)
     for step in ("pipeline.delete(self.key)", "job.started_job_registry.remove_execution(execution=self, pipeline=pipeline)",
                  "ExecutionRegistry(job_id=self.job_id, connection=self.connection).remove(execution=self, pipeline=pipeline)",

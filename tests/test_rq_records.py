@@ -4,7 +4,8 @@ Two identical jobs go through two workers on the same queue: one through RqJobSo
 merged commands), one through rq's own steps (prepare_execution, prepare_job_execution,
 handle_job_success). After the start and after the completion, every rq key of each is compared
 in shape: the key names, their types, whether they expire, hash field names, the members of sets,
-sorted sets and lists, and the fields of stream entries (ids, dates and worker names normalized).
+sorted sets and lists, and the fields of stream entries (ids, dates and worker names normalized);
+and the job hash fields whose value the completion changes.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def shape(client: redis.Redis, job_id: str, worker_name: str, queue: str) -> dic
     return described
 
 
+def changed_fields(before: dict[bytes, bytes], after: dict[bytes, bytes]) -> list[str]:
+    """Names of the hash fields whose value differs between two HGETALLs (added or removed ones too)."""
+    return sorted(name.decode() for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+
+
 def _enqueue_one_job(client: redis.Redis, queue: str, tag: str) -> str:
     enqueuer = Enqueuer(client, segmentation_queue(client, queue), job_size=2)
     enqueuer.add_ids([(f"{tag}-a", "a.png"), (f"{tag}-b", "b.png")])
@@ -84,10 +90,12 @@ def test_batched_claim_and_completion_write_what_rqs_own_worker_writes(client, q
     execution = prepare_execution(ref, job)
     ref.prepare_job_execution(job, remove_from_intermediate_queue=True)
     ref_started = shape(client, ref_job_id, "refworker", queue_name)
+    ref_hash = client.hgetall(f"rq:job:{ref_job_id}")
     job._result = {"images": []}
     job.ended_at = now()
     ref.handle_job_success(job, queue, queue.started_job_registry, execution)
     ref_finished = shape(client, ref_job_id, "refworker", queue_name)
+    ref_changed = changed_fields(ref_hash, client.hgetall(f"rq:job:{ref_job_id}"))
 
     # the adapter, three jobs at once (the compared one among them)
     ours = RqJobSource(client, queue_name, name="ourworker", job_heartbeat_ttl_s=60, maintenance_interval_s=600)
@@ -96,15 +104,19 @@ def test_batched_claim_and_completion_write_what_rqs_own_worker_writes(client, q
     claims = ours.claim(max_jobs=3, timeout_s=1)
     assert [c.job_id for c in claims] == job_ids
     our_started = shape(client, job_ids[1], "ourworker", queue_name)
+    our_hash = client.hgetall(f"rq:job:{job_ids[1]}")
     for claim in claims:
         for image_id in claim.image_ids:
             claim.outcomes[image_id] = ImageOutcome(image_id, True, "a.png")
     ours.complete(claims)
     our_finished = shape(client, job_ids[1], "ourworker", queue_name)
+    our_changed = changed_fields(our_hash, client.hgetall(f"rq:job:{job_ids[1]}"))
     ref.teardown()
     ours.close()
 
     assert our_started == ref_started
+    # rq re-saves the whole job hash on success; only these fields change value, and the adapter writes just them
+    assert ref_changed == our_changed == ["ended_at", "status"]
     assert our_finished == ref_finished
     assert any(key.startswith("rq:results:") for key in our_finished)  # the comparison saw the result stream
     assert our_finished[f"rq:finished:{queue_name}"] == ("zset", "persists", ["<job>"])

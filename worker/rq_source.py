@@ -36,7 +36,7 @@ from rq.job import Job, JobStatus
 from rq.registry import clean_registries
 from rq.results import Result
 from rq.serializers import JSONSerializer
-from rq.utils import current_timestamp, now, str_to_date
+from rq.utils import current_timestamp, now, str_to_date, utcformat
 from rq.worker import SimpleWorker, WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
@@ -443,8 +443,7 @@ class RqJobSource:
     def _record_success(self, claim: Claim, pipe: redis.client.Pipeline) -> int:
         """Queue one finished job's own records on `pipe` (the shared keys are the caller's); its result TTL.
 
-        The job hash is written once, status included (rq sets the status, then saves the whole
-        job); its expiry leaves out rq's EXPIREs of the dependents and dependencies keys, which
+        The job hash gets the two fields that change (status, ended_at) in one HSET; its expiry leaves out rq's EXPIREs of the dependents and dependencies keys, which
         jobs from `producer enqueue` never have.
         """
         handle: _RqHandle = claim.handle
@@ -452,8 +451,9 @@ class RqJobSource:
         job.ended_at = now()
         result_ttl = job.get_result_ttl(self._rq.default_result_ttl)
         if result_ttl != 0:
-            pipe.hset(job.key, mapping={**job.to_dict(include_meta=False, include_result=False),
-                                        "status": JobStatus.FINISHED})
+            # rq sets the status and then saves the whole job (to_dict), whose other fields are
+            # those read at claim time plus what this worker has written since: only these change
+            pipe.hset(job.key, mapping={"status": JobStatus.FINISHED, "ended_at": utcformat(job.ended_at)})
             Result.create(job, Result.Type.SUCCESSFUL, ttl=result_ttl, return_value=claim.result(),
                           worker_name=self.name, pipeline=pipe, execution_id=execution.id,
                           execution_started_at=execution.created_at, execution_ended_at=job.ended_at)
