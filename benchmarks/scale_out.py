@@ -337,13 +337,14 @@ class Bench:
         return [self.py, *PRODUCER, "enqueue", str(folder), "--job-size", str(self.args.job_size),
                 "--size", str(self.args.size), "--workers", str(workers), *self.common(queue)]
 
-    def producer_alone(self, parts: Path, n: int) -> dict[str, Any]:
+    def producer_alone(self, parts: Path, n: int, repeat: int = 1) -> dict[str, Any]:
+        """One `producer enqueue` of the files with no worker running; its output goes to logs/enqueue_alone[_<repeat>].out."""
         queue = "producer_only"
         before = redis_snapshot(self.client, self.redis_dir)
         wall, out = run(self.enqueue_argv(parts, queue), self.args.phase_timeout, "producer enqueue (alone)")
         after = redis_snapshot(self.client, self.redis_dir)
         (self.tmp / "logs").mkdir(parents=True, exist_ok=True)
-        (self.tmp / "logs" / "enqueue_alone.out").write_text(out)
+        (self.tmp / "logs" / ("enqueue_alone.out" if repeat == 1 else f"enqueue_alone_{repeat}.out")).write_text(out)
         if f"enqueued {n} images" not in out:
             raise BenchError(f"producer enqueue did not enqueue {n} images:\n{out[-2000:]}")
         self.client.flushall()
@@ -391,34 +392,36 @@ class Bench:
         peak = before["used_memory"]
         sampler = Sampler(self.url)
         sampler.start()
-        t0 = time.time()
-        pool = self.args.e2e_producer_workers or max(1, (os.cpu_count() or 1) // 2 // len(parts))
-        producers = [self.children.start(self.enqueue_argv(part, queue, len(parts), pool),
-                                         self.tmp / "logs" / f"enqueue_g{gpus}_{i}.out")
-                     for i, part in enumerate(parts)]
-        deadline = time.monotonic() + self.args.phase_timeout
-        polls = 0
-        producers_done_at: float | None = None
-        while True:
-            if producers_done_at is None and all(p.poll() is not None for p in producers):
-                producers_done_at = time.time()
-            snap = self.status_here(queue)
-            polls += 1
-            peak = max(peak, float(self.client.info("memory")["used_memory"]))
-            images = snap["images"]
-            if all(p.poll() is not None for p in producers) and images["finished"] + images["failed"] >= n:
-                break
-            bad = [p for p in producers if p.poll() not in (None, 0)]
-            if bad:
-                raise BenchError(f"producer enqueue exited with {bad[0].returncode}; see {self.tmp / 'logs'}")
-            for proc, log in zip(procs, logs):
-                if proc.poll() is not None:
-                    raise BenchError(f"worker exited with {proc.returncode} mid-run; see {log.with_suffix('.out')}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"phase G={gpus}: not done within {self.args.phase_timeout:.0f} s: {snap}")
-            time.sleep(self.args.poll_s)
-        t_poll = time.time()
-        sampler.stop()
+        try:
+            t0 = time.time()
+            pool = self.args.e2e_producer_workers or max(1, (os.cpu_count() or 1) // 2 // len(parts))
+            producers = [self.children.start(self.enqueue_argv(part, queue, len(parts), pool),
+                                             self.tmp / "logs" / f"enqueue_g{gpus}_{i}.out")
+                         for i, part in enumerate(parts)]
+            deadline = time.monotonic() + self.args.phase_timeout
+            polls = 0
+            producers_done_at: float | None = None
+            while True:
+                if producers_done_at is None and all(p.poll() is not None for p in producers):
+                    producers_done_at = time.time()
+                snap = self.status_here(queue)
+                polls += 1
+                peak = max(peak, float(self.client.info("memory")["used_memory"]))
+                images = snap["images"]
+                if all(p.poll() is not None for p in producers) and images["finished"] + images["failed"] >= n:
+                    break
+                bad = [p for p in producers if p.poll() not in (None, 0)]
+                if bad:
+                    raise BenchError(f"producer enqueue exited with {bad[0].returncode}; see {self.tmp / 'logs'}")
+                for proc, log in zip(procs, logs):
+                    if proc.poll() is not None:
+                        raise BenchError(f"worker exited with {proc.returncode} mid-run; see {log.with_suffix('.out')}")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"phase G={gpus}: not done within {self.args.phase_timeout:.0f} s: {snap}")
+                time.sleep(self.args.poll_s)
+            t_poll = time.time()
+        finally:  # also when the phase fails: no sampler left pinging
+            sampler.stop()
         after = redis_snapshot(self.client, self.redis_dir)
         final = self.status(queue)["images"]  # the command itself agrees
         if final["finished"] + final["failed"] < n:
@@ -603,7 +606,8 @@ def main() -> int:
         producer = bench.producer_alone(tmp / "parts", args.images)
         print(f"producer alone: {producer['img_s']:.2f} img/s", flush=True)
         # the same phase again on the same Redis and files: is the first run's figure a cold machine's?
-        producer_repeats = [bench.producer_alone(tmp / "parts", args.images) for _ in range(args.producer_repeats - 1)]
+        producer_repeats = [bench.producer_alone(tmp / "parts", args.images, repeat)
+                            for repeat in range(2, args.producer_repeats + 1)]
         if producer_repeats:
             figures = ", ".join(f"{r['img_s']:.2f}" for r in producer_repeats)
             print(f"producer alone, repeated: {figures} img/s", flush=True)
