@@ -32,6 +32,9 @@ fresh queue, the data deleted after it:
    the main thread that runs the commands, with its busy share of the phase), bytes in
    (total_net_input_bytes), AOF growth (aof_current_size) per 1,000 images, and Redis memory.
    After the 1-worker phase, `producer collect --delete` (img/s over its wall time).
+   With --stream MAX_PENDING the producers run `producer enqueue --out DIR --max-pending MAX_PENDING`
+   instead: they write each mask to disk as it finishes and free it from Redis, so end to end runs
+   until the last mask file is written (files to masks on disk), and there is no collect phase.
 
 Writes benchmarks/results/scale_out_<gpu>_<timestamp>.json (all raw per-phase figures, versions,
 the command) and prints a short table last. Every wait is bounded; on any failure every child
@@ -180,7 +183,8 @@ def redis_snapshot(client: redis.Redis, data_dir: Path) -> dict[str, float]:
         "cpu_s": float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
         "cpu_sys_s": float(info["used_cpu_sys"]),
         # the thread that runs every command (Redis 6.2+); the rest is I/O and background threads
-        "main_cpu_s": float(info.get("used_cpu_sys_main_thread", 0) or 0) + float(info.get("used_cpu_user_main_thread", 0) or 0),
+        "main_cpu_s": (float(info.get("used_cpu_sys_main_thread", 0) or 0)
+                       + float(info.get("used_cpu_user_main_thread", 0) or 0)),
         "io_threaded_reads": float(info.get("io_threaded_reads_processed", 0) or 0),
         "io_threaded_writes": float(info.get("io_threaded_writes_processed", 0) or 0),
         "net_in_bytes": float(info["total_net_input_bytes"]),
@@ -334,13 +338,16 @@ class Bench:
 
         return queue_status(self.client, segmentation_queue(self.client, queue)).as_dict()
 
-    def enqueue_argv(self, folder: Path, queue: str, producers: int = 1, workers: int | None = None) -> list[str]:
+    def enqueue_argv(self, folder: Path, queue: str, producers: int = 1, workers: int | None = None,
+                     masks: Path | None = None) -> list[str]:
+        """`producer enqueue` of a folder; with masks, it streams: --out masks --max-pending (--stream)."""
         workers = workers or self.args.producer_workers or max(1, (os.cpu_count() or 1) // producers)
+        stream = ["--out", str(masks), "--max-pending", str(self.args.stream)] if masks is not None else []
         return [self.py, *PRODUCER, "enqueue", str(folder), "--job-size", str(self.args.job_size),
-                "--size", str(self.args.size), "--workers", str(workers), *self.common(queue)]
+                "--size", str(self.args.size), "--workers", str(workers), *stream, *self.common(queue)]
 
     def producer_alone(self, parts: Path, n: int, repeat: int = 1) -> dict[str, Any]:
-        """One `producer enqueue` of the files with no worker running; its output goes to logs/enqueue_alone[_<repeat>].out."""
+        """One `producer enqueue` of the files with no worker running (output: logs/enqueue_alone[_<repeat>].out)."""
         queue = "producer_only"
         before = redis_snapshot(self.client, self.redis_dir)
         wall, out = run(self.enqueue_argv(parts, queue), self.args.phase_timeout, "producer enqueue (alone)")
@@ -397,7 +404,9 @@ class Bench:
         try:
             t0 = time.time()
             pool = self.args.e2e_producer_workers or max(1, (os.cpu_count() or 1) // 2 // len(parts))
-            producers = [self.children.start(self.enqueue_argv(part, queue, len(parts), pool),
+            masks = self.tmp / "streamed_masks" if self.args.stream else None
+            producers = [self.children.start(self.enqueue_argv(part, queue, len(parts), pool,
+                                                               masks / f"p{i}" if masks else None),
                                              self.tmp / "logs" / f"enqueue_g{gpus}_{i}.out")
                          for i, part in enumerate(parts)]
             deadline = time.monotonic() + self.args.phase_timeout
@@ -410,8 +419,9 @@ class Bench:
                 polls += 1
                 peak = max(peak, float(self.client.info("memory")["used_memory"]))
                 images = snap["images"]
-                if all(p.poll() is not None for p in producers) and images["finished"] + images["failed"] >= n:
-                    break
+                producers_done = all(p.poll() is not None for p in producers)
+                if producers_done and (masks is not None or images["finished"] + images["failed"] >= n):
+                    break  # streaming: each producer returns once its masks are on disk
                 bad = [p for p in producers if p.poll() not in (None, 0)]
                 if bad:
                     raise BenchError(f"producer enqueue exited with {bad[0].returncode}; see {self.tmp / 'logs'}")
@@ -425,11 +435,19 @@ class Bench:
         finally:  # also when the phase fails: no sampler left pinging
             sampler.stop()
         after = redis_snapshot(self.client, self.redis_dir)
-        final = self.status(queue)["images"]  # the command itself agrees
-        if final["finished"] + final["failed"] < n:
-            raise BenchError(f"producer status --json reports {final} after the run, expected {n} images done")
+        if masks is not None:  # the producers wrote the masks and freed them from Redis
+            written = sum(1 for _ in masks.rglob("*.png"))
+            if written != n or any(p.returncode for p in producers):
+                raise BenchError(f"streaming producers wrote {written} masks of {n} (exit codes "
+                                 f"{[p.returncode for p in producers]}); see {self.tmp / 'logs'}")
+        else:
+            final = self.status(queue)["images"]  # the command itself agrees
+            if final["finished"] + final["failed"] < n:
+                raise BenchError(f"producer status --json reports {final} after the run, expected {n} images done")
         batches = [e for log in logs for e in events(log, "batch")]
-        t_end = max(stamp(e) for e in batches)
+        # streaming ends when the last mask is on disk, else when the last batch is written to Redis
+        t_end = (max(f.stat().st_mtime for f in masks.rglob("*.png")) if masks is not None
+                 else max(stamp(e) for e in batches))
         first_batch = min(batches, key=stamp)
         first_job = self.client.hget(Job.key_for(first_batch["job_ids"][0]), "enqueued_at")
         per_worker = [sum(e["images_ok"] for e in events(log, "batch")) for log in logs]
@@ -449,7 +467,10 @@ class Bench:
             "batch_medians": batch_medians(batches),
             **redis_delta(before, after, n, peak, t_poll - t0),
         }
-        if collect:
+        if masks is not None:
+            phase["streamed"] = {"masks_written": n, "max_pending": self.args.stream}
+            shutil.rmtree(masks)
+        elif collect:
             out = self.tmp / "masks"
             wall, text = run([self.py, *PRODUCER, "collect", "--out", str(out), "--delete", *self.common(queue)],
                              self.args.phase_timeout, "producer collect")
@@ -522,7 +543,9 @@ def table(result: dict[str, Any]) -> str:
         rows.append(("producer collect --delete", result["collect_img_s"]))
     lines = [f"scale_out on {result['gpu']} ({result['hostname']}, {result['cpu_count']} CPUs), "
              f"{result['images']} images {result['size']}px, jobs of {result['job_size']}, AOF {'on' if result['aof'] else 'off'}, "
-             f"Redis io-threads {result['redis_io_threads']}",
+             f"Redis io-threads {result['redis_io_threads']}"
+             + (f", masks streamed to disk (--max-pending {result['stream_max_pending']})"
+                if result.get("stream_max_pending") else ""),
              f"{'':<58}{'img/s':>10}"]
     lines += [f"{name:<58}{value:>10.2f}" for name, value in rows]
     first = result["phases"][0] if result["phases"] else {}
@@ -554,6 +577,9 @@ def main() -> int:
                              "split over --producers; the rest stay with the workers)")
     parser.add_argument("--distinct", type=int, default=256, help="distinct synthetic images behind the --images files")
     parser.add_argument("--gpus", default="1,2", help="worker counts to run, e.g. 1,2 (cuda: those above the GPUs here are skipped)")
+    parser.add_argument("--stream", type=int, default=None, metavar="MAX_PENDING",
+                        help="end-to-end phases run `producer enqueue --out DIR --max-pending MAX_PENDING`: the "
+                             "producer writes the masks to disk as they finish, and the phase ends when it exits")
     parser.add_argument("--job-size", type=int, default=8)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--aof", action=argparse.BooleanOptionalAction, default=True, help="Redis AOF (everysec)")
@@ -648,6 +674,7 @@ def main() -> int:
         "size": args.size,
         "job_size": args.job_size,
         "producers": args.producers,
+        "stream_max_pending": args.stream,  # None: masks end in Redis; else files to masks on disk, streamed
         "engine": str(args.engine),
         "engine_img_s": round(engine_img_s, 2),
         "e2e_img_s": one["e2e_img_s"],
