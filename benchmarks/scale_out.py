@@ -413,13 +413,13 @@ class Bench:
             polls = 0
             producers_done_at: float | None = None
             while True:
-                if producers_done_at is None and all(p.poll() is not None for p in producers):
+                producers_done = all(p.poll() is not None for p in producers)
+                if producers_done and producers_done_at is None:
                     producers_done_at = time.time()
                 snap = self.status_here(queue)
                 polls += 1
                 peak = max(peak, float(self.client.info("memory")["used_memory"]))
                 images = snap["images"]
-                producers_done = all(p.poll() is not None for p in producers)
                 if producers_done and (masks is not None or images["finished"] + images["failed"] >= n):
                     break  # streaming: each producer returns once its masks are on disk
                 bad = [p for p in producers if p.poll() not in (None, 0)]
@@ -435,10 +435,10 @@ class Bench:
         finally:  # also when the phase fails: no sampler left pinging
             sampler.stop()
         after = redis_snapshot(self.client, self.redis_dir)
+        mask_files = list(masks.rglob("*.png")) if masks is not None else []
         if masks is not None:  # the producers wrote the masks and freed them from Redis
-            written = sum(1 for _ in masks.rglob("*.png"))
-            if written != n or any(p.returncode for p in producers):
-                raise BenchError(f"streaming producers wrote {written} masks of {n} (exit codes "
+            if len(mask_files) != n or any(p.returncode for p in producers):
+                raise BenchError(f"streaming producers wrote {len(mask_files)} masks of {n} (exit codes "
                                  f"{[p.returncode for p in producers]}); see {self.tmp / 'logs'}")
         else:
             final = self.status(queue)["images"]  # the command itself agrees
@@ -446,8 +446,7 @@ class Bench:
                 raise BenchError(f"producer status --json reports {final} after the run, expected {n} images done")
         batches = [e for log in logs for e in events(log, "batch")]
         # streaming ends when the last mask is on disk, else when the last batch is written to Redis
-        t_end = (max(f.stat().st_mtime for f in masks.rglob("*.png")) if masks is not None
-                 else max(stamp(e) for e in batches))
+        t_end = max(f.stat().st_mtime for f in mask_files) if mask_files else max(stamp(e) for e in batches)
         first_batch = min(batches, key=stamp)
         first_job = self.client.hget(Job.key_for(first_batch["job_ids"][0]), "enqueued_at")
         per_worker = [sum(e["images_ok"] for e in events(log, "batch")) for log in logs]
@@ -579,7 +578,7 @@ def main() -> int:
     parser.add_argument("--gpus", default="1,2", help="worker counts to run, e.g. 1,2 (cuda: those above the GPUs here are skipped)")
     parser.add_argument("--stream", type=int, default=None, metavar="MAX_PENDING",
                         help="end-to-end phases run `producer enqueue --out DIR --max-pending MAX_PENDING`: the "
-                             "producer writes the masks to disk as they finish, and the phase ends when it exits")
+                             "producer writes the masks to disk as they finish, and the phase ends with the last mask file")
     parser.add_argument("--job-size", type=int, default=8)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--aof", action=argparse.BooleanOptionalAction, default=True, help="Redis AOF (everysec)")

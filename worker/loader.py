@@ -32,6 +32,7 @@ from broker.errors import SegqueueError
 from broker.store import QueueStore, StoredImage
 from worker.pool import die_with_parent
 
+
 class LoaderDied(SegqueueError):
     """A decode process died (killed, out of memory): the worker cannot fetch images any more."""
 
