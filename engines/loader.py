@@ -5,6 +5,7 @@
                         engine + tensor names; metadata optionally in `<file>.pth.json`)
     .ptc                compiled torch engine (checkpoint + torch.compile cache; CUDA only)
     .trt/.engine/.plan  TensorRT plan (metadata in `<file>.json`)
+    .cudnn              cuDNN INT8 engine (plan, weights and metadata inside; CUDA only; engines/cudnn_int8.py)
 
 Files that record what built them (TensorRT plans, compiled engines) are checked at load against
 this machine (engines.versions.check_compatible): another GPU, compute capability, TensorRT or torch
@@ -31,7 +32,8 @@ ONNX_SUFFIXES = (".onnx",)
 TORCH_SUFFIXES = (".pt", ".pth")
 COMPILED_SUFFIXES = (".ptc",)
 TENSORRT_SUFFIXES = (".trt", ".engine", ".plan")
-KNOWN_SUFFIXES = ONNX_SUFFIXES + TORCH_SUFFIXES + COMPILED_SUFFIXES + TENSORRT_SUFFIXES
+CUDNN_SUFFIXES = (".cudnn",)
+KNOWN_SUFFIXES = ONNX_SUFFIXES + TORCH_SUFFIXES + COMPILED_SUFFIXES + TENSORRT_SUFFIXES + CUDNN_SUFFIXES
 
 __all__ = ["load_engine", "read_spec", "check_compatible", "file_sha256", "verify_sha256", "KNOWN_SUFFIXES"]
 
@@ -101,6 +103,12 @@ def load_engine(path: Path | str, device: str = "cpu", precision: str | None = N
 
         import_tensorrt()  # the clear "TensorRT is not installed here" error comes first
         return _check_precision(path, TensorRTEngine(path, device=_gpu_device(path, device)), precision)
+    if suffix in CUDNN_SUFFIXES:
+        from engines.cudnn_int8 import CudnnInt8Engine
+
+        if precision not in (None, "int8"):
+            raise EngineError(f"{path}: a cuDNN engine is int8, {precision} was requested")
+        return CudnnInt8Engine(path, device=device)
     if suffix in COMPILED_SUFFIXES:
         from engines.compiled_engine import CompiledTorchEngine
 
@@ -183,6 +191,10 @@ def read_spec(path: Path | str) -> EngineSpec:
         from engines.compiled_engine import read_compiled
 
         return read_compiled(path).spec
+    if suffix in CUDNN_SUFFIXES:
+        from engines.int8_plan import read_plan_document
+
+        return EngineSpec.from_dict(read_plan_document(path)["spec"])
     if suffix in ONNX_SUFFIXES + TENSORRT_SUFFIXES:
         return EngineSpec.read_beside(path)
     raise EngineError(f"{path}: unknown engine file type {suffix or '(no extension)'!r}")

@@ -10,6 +10,8 @@
     any .onnx     unet.trt/.engine/.plan                                TensorRT plan (toolchain.tensorrt_build);
                                                                         its precision is the ONNX graph's
     unet.pt       unet_fp16.ptc         --compile (--precision fp16)    compiled torch engine (toolchain.compile)
+    unet_int8.onnx unet_int8.cudnn      --target cuda                   cuDNN INT8 engine (toolchain.cudnn_build),
+                                                                        from the INT8 Q/DQ ONNX, on its GPU
 
 Anything else is an EngineError that lists these combinations.
 """
@@ -30,8 +32,10 @@ COMBINATIONS = (
     "X.onnx --precision fp16 -o Y.onnx; "
     "X.onnx --precision int8 --calib DIR|none -o Y.onnx; "
     "X.onnx -o Y.trt|.engine|.plan (precision from the ONNX graph); "
-    "X.pt --compile [--precision fp16] -o Y.ptc"
+    "X.pt --compile [--precision fp16] -o Y.ptc; "
+    "X_int8.onnx --target cuda -o Y.cudnn"
 )
+CUDNN_SUFFIX = ".cudnn"
 
 
 def _unsupported(source: Path, output: Path, why: str) -> EngineError:
@@ -71,6 +75,8 @@ def build(
         raise EngineError(f"max batch must be >= 1, got {max_batch}")
     if calib is not None and precision != "int8":
         raise _unsupported(source, output, "--calib applies to --precision int8 only")
+    if out_suffix == CUDNN_SUFFIX or target == "cuda":
+        return _build_cudnn(source, output, precision, target, device, max_batch)
     if precision == "int8" and not compile and out_suffix == ".onnx":
         from toolchain.int8 import check_int8_options
 
@@ -144,6 +150,26 @@ def _from_checkpoint(source: Path, output: Path, precision: str, calib: str | No
         fp32 = Path(tmp) / f"{source.stem}.onnx"  # the metadata's "source" then names the checkpoint's stem
         export_onnx(source, fp32, spec.height, spec.width, max_batch=max_batch)
         return _from_onnx(fp32, output, precision, calib, method, count, target)
+
+
+def cudnn_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes a cuDNN INT8 engine gets plans for: powers of two below max_batch, and max_batch."""
+    return tuple(sorted({b for b in (1, 2, 4, 8, 16, 32) if b < max_batch} | {max_batch}))
+
+
+def _build_cudnn(source: Path, output: Path, precision: str | None, target: str, device: str,
+                 max_batch: int) -> Path:
+    if output.suffix.lower() != CUDNN_SUFFIX or target not in ("cuda", "tensorrt"):
+        raise _unsupported(source, output, "--target cuda writes a cuDNN INT8 engine, named *.cudnn")
+    if source.suffix.lower() != ".onnx" or EngineSpec.read_beside(source).precision != "int8":
+        raise _unsupported(source, output, "a cuDNN INT8 engine is built from the INT8 Q/DQ ONNX "
+                           "(engines build X.onnx --precision int8 --calib DIR -o X_int8.onnx)")
+    if precision not in (None, "int8"):
+        raise _unsupported(source, output, f"a cuDNN engine is int8, not {precision}")
+    from toolchain.cudnn_build import build_cudnn_int8
+
+    build_cudnn_int8(source, output, device=device, batch_sizes=cudnn_batch_sizes(max_batch))
+    return output
 
 
 def _build_plan(source: Path, output: Path, precision: str | None, device: str, max_batch: int) -> Path:

@@ -114,6 +114,8 @@ def info(file: Annotated[Path, typer.Argument(help="Engine file (.onnx with its 
     n = spec.normalization
     typer.echo(f"  normalize  (pixel * {n.scale:.6g} - {n.mean:g}) / {n.std:g}")
     typer.echo("  built with " + ", ".join(f"{k}={v}" for k, v in sorted(spec.built_with.items())))
+    if file.suffix.lower() == ".cudnn":
+        _print_cudnn_layers(file)
     if file.suffix.lower() in (".pt", ".pth"):
         from engines.checkpoint import load_checkpoint
 
@@ -122,6 +124,24 @@ def info(file: Annotated[Path, typer.Argument(help="Engine file (.onnx with its 
             typer.echo(f"  trained    {training.get('command', '?')}")
             typer.echo(f"  held-out   Dice {training.get('heldout_dice', float('nan')):.4f} "
                        f"on {training.get('heldout_n', '?')} images (seed {training.get('eval_seed', '?')})")
+
+
+def _print_cudnn_layers(file: Path) -> None:
+    """A cuDNN INT8 engine's layers: precision, build timings (ms at the largest batch), plan per batch size."""
+    from engines.int8_plan import read_plan_document
+
+    doc = read_plan_document(file)
+    typer.echo(f"  batches    {', '.join(str(b) for b in doc['batch_sizes'])} (smaller batches run padded)")
+    typer.echo("  layers     name: kind, precision (build timings), plan at the largest batch")
+    largest = str(max(doc["batch_sizes"]))
+    for layer in doc["layers"]:
+        if layer["kind"] in ("pool", "concat"):
+            continue
+        times = ", ".join(f"{k} {v:.3f} ms" for k, v in layer.get("timings_ms", {}).items() if isinstance(v, float))
+        plan = layer.get("plans", {}).get(largest, {})
+        typer.echo(f"    {layer['name']}: {layer['kind']} {layer.get('kernel', '')}x{layer.get('kernel', '')}, "
+                   f"{layer['precision']}" + (f" ({times})" if times else "")
+                   + (f", plan engine {plan.get('engine')} {plan.get('name', '')}".rstrip() if plan else ""))
 
 
 @app.command()
@@ -163,7 +183,8 @@ def evaluate(
 def build(
     source: Annotated[Path, typer.Argument(help="Source: an FP32 .onnx (with its .json) or a .pt checkpoint.")],
     output: Annotated[
-        Path, typer.Option("-o", "--output", help="File to write: .onnx, .trt/.engine/.plan (TensorRT) or .ptc.")
+        Path, typer.Option("-o", "--output",
+                           help="File to write: .onnx, .trt/.engine/.plan (TensorRT), .ptc or .cudnn (cuDNN INT8).")
     ],
     precision: Annotated[
         Optional[str], typer.Option(help="fp32, fp16 or int8 (default: the source's own; fp32 for a checkpoint).")
@@ -185,14 +206,15 @@ def build(
         typer.Option(
             help="INT8 Q/DQ layout: tensorrt (default: int8 symmetric, zero point 0, float bias; runs on TensorRT "
             "10/11 and ONNX Runtime) or cpu (uint8 activations, int32 bias: ONNX Runtime's fast CPU form, "
-            "refused by TensorRT)."
+            "refused by TensorRT); or cuda, with an INT8 .onnx source and a .cudnn output: a cuDNN INT8 "
+            "engine built and timed on this machine's GPU (needs the cuda-int8 extra)."
         ),
     ] = "tensorrt",
     compile: Annotated[
         bool, typer.Option("--compile", help="Build a compiled torch engine (.ptc, FP16, CUDA) from a checkpoint.")
     ] = False,
-    device: Annotated[str, typer.Option(help="CUDA device for TensorRT plans and compiled engines.")] = "cuda",
-    max_batch: Annotated[int, typer.Option(help="Largest batch of a TensorRT plan or an ONNX export.")] = 8,
+    device: Annotated[str, typer.Option(help="CUDA device for TensorRT plans, compiled and cuDNN engines.")] = "cuda",
+    max_batch: Annotated[int, typer.Option(help="Largest batch of a TensorRT plan, cuDNN engine or ONNX export.")] = 8,
 ) -> None:
     """Build an engine file: FP16/INT8 ONNX, a TensorRT plan, a compiled torch engine, or an FP32 export.
 
@@ -202,6 +224,7 @@ def build(
       engines build unet.onnx --precision int8 --calib none -o unet_int8_nocal.onnx
       engines build unet_int8.onnx -o unet_int8.trt
       engines build unet.pt --precision fp16 --compile -o unet_fp16.ptc
+      engines build unet_int8.onnx --target cuda -o unet_int8.cudnn
       engines build unet.pt -o unet.onnx
     """
     from toolchain.build import build as run_build

@@ -1,0 +1,197 @@
+"""INT8 on the GPU: the cuDNN INT8 engine against the compiled FP16 engine, and its masks' quality.
+
+    python benchmarks/int8_gpu.py --work /tmp/int8 [--skip-fp16] [--dice-n 64]
+
+Speed (width-64 U-Net, 512x512, batch 8, random weights: speed does not depend on their values):
+the FP32 checkpoint -> FP32 ONNX -> INT8 Q/DQ ONNX (MinMax on --calib-n synthetic images) ->
+`.cudnn` (built and timed on this GPU), and the compiled FP16 engine (`.ptc`) from the same
+checkpoint; both through `toolchain.bench.throughput` (engine alone: uint8 in, masks out, two
+batches in flight), alternated --rounds times, medians reported.
+
+Quality (the trained width-16 demo checkpoint, 512x512, held-out synthetic images, the study's
+criterion): Dice of FP32 torch, FP16 torch, INT8 cuDNN (MinMax calibration on real-looking images)
+and INT8 cuDNN uncalibrated (data-free ranges), and the share of mask pixels where INT8 cuDNN agrees
+with ONNX Runtime's INT8 masks from the same Q/DQ file.
+
+Writes benchmarks/results/int8_gpu_<gpu>_<timestamp>.json (or --out-json) and prints a table.
+Every engine file is built in --work (kept: a later run on the same machine reuses them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.metrics import dice  # noqa: E402
+from engines import DEMO_CHECKPOINT  # noqa: E402
+from engines.base import EngineSpec, infer  # noqa: E402
+from engines.checkpoint import save_checkpoint  # noqa: E402
+from engines.loader import load_engine  # noqa: E402
+from engines.versions import package_version  # noqa: E402
+from toolchain.bench import bench_images, throughput  # noqa: E402
+from toolchain.build import build  # noqa: E402
+from toolchain.synth import generate, write_dataset  # noqa: E402
+
+HELDOUT_SEED = 1000003
+CALIB_SEED = 4242
+
+
+def log(message: str) -> None:
+    """One progress line, flushed."""
+    print(message, flush=True)
+
+
+def timed_build(source: Path, output: Path, **options: Any) -> float:
+    """Build `output` unless it exists; seconds spent."""
+    if output.exists():
+        return 0.0
+    started = time.perf_counter()
+    build(source, output, **options)
+    spent = time.perf_counter() - started
+    log(f"built {output.name} in {spent:.0f} s")
+    return spent
+
+
+def speed(work: Path, calib: Path, calib_n: int, skip_fp16: bool, rounds: int, iters: int) -> dict[str, Any]:
+    """Engine-alone img/s of the width-64 INT8 cuDNN and compiled FP16 engines, alternated."""
+    import torch
+
+    from engines.unet import UNet, UNetConfig
+
+    ckpt = work / "unet_w64.pt"
+    if not ckpt.exists():
+        torch.manual_seed(0)
+        save_checkpoint(ckpt, UNet(UNetConfig(width=64)).eval(), EngineSpec())
+    builds = {"onnx_s": timed_build(ckpt, work / "w64.onnx", precision="fp32")}
+    builds["int8_onnx_s"] = timed_build(work / "w64.onnx", work / "w64_int8.onnx", precision="int8",
+                                        calib=str(calib), calib_count=calib_n)
+    builds["cudnn_s"] = timed_build(work / "w64_int8.onnx", work / "w64_int8.cudnn", target="cuda")
+    files = {"int8": work / "w64_int8.cudnn"}
+    if not skip_fp16:
+        builds["ptc_s"] = timed_build(ckpt, work / "w64.ptc", compile=True, precision="fp16")
+        files["fp16"] = work / "w64.ptc"
+    images = bench_images(EngineSpec(), 8)
+    runs: dict[str, list[float]] = {name: [] for name in files}
+    loads: dict[str, float] = {}
+    for name, path in files.items():
+        started = time.perf_counter()
+        engine = load_engine(path, device="cuda")
+        loads[name] = time.perf_counter() - started
+        engine.close()
+    engines = {name: load_engine(path, device="cuda") for name, path in files.items()}
+    try:
+        for _ in range(rounds):
+            for name, engine in engines.items():
+                runs[name].append(throughput(engine, images, iters=iters, warmup=20))
+    finally:
+        for engine in engines.values():
+            engine.close()
+    result: dict[str, Any] = {"builds_s": builds, "load_s": loads, "runs_img_s": runs}
+    result["int8_img_s"] = statistics.median(runs["int8"])
+    if "fp16" in runs:
+        result["fp16_compiled_img_s"] = statistics.median(runs["fp16"])
+        result["int8_over_fp16"] = result["int8_img_s"] / result["fp16_compiled_img_s"]
+    return result
+
+
+def quality(work: Path, calib: Path, calib_n: int, n: int) -> dict[str, Any]:
+    """Dice on held-out images of the trained demo model in FP32, FP16 and INT8 cuDNN (calibrated or not)."""
+    onnx = work / "demo.onnx"
+    timed_build(DEMO_CHECKPOINT, onnx, precision="fp32")
+    timed_build(onnx, work / "demo_int8.onnx", precision="int8", calib=str(calib), calib_count=calib_n)
+    timed_build(onnx, work / "demo_int8_nocal.onnx", precision="int8", calib="none", calib_count=calib_n)
+    timed_build(work / "demo_int8.onnx", work / "demo_int8.cudnn", target="cuda")
+    timed_build(work / "demo_int8_nocal.onnx", work / "demo_int8_nocal.cudnn", target="cuda")
+    pairs = list(generate(n, size=512, seed=HELDOUT_SEED))
+    images, truth = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+    variants = {
+        "fp32": (DEMO_CHECKPOINT, "cuda", "fp32"),
+        "fp16": (DEMO_CHECKPOINT, "cuda", "fp16"),
+        "int8": (work / "demo_int8.cudnn", "cuda", None),
+        "int8_uncalibrated": (work / "demo_int8_nocal.cudnn", "cuda", None),
+        "onnx_int8": (work / "demo_int8.onnx", "cpu", None),
+    }
+    masks: dict[str, np.ndarray] = {}
+    for name, (path, device, precision) in variants.items():
+        import torch
+
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        with load_engine(path, device=device, precision=precision) as engine:
+            masks[name] = np.concatenate([infer(engine, images[i:i + 8]) for i in range(0, n, 8)])
+    scores = {f"dice_{k}": float(np.mean([dice(m, t) for m, t in zip(v, truth, strict=True)]))
+              for k, v in masks.items() if k != "onnx_int8"}
+    scores["int8_pixel_agreement_with_onnx_int8"] = float(np.mean(masks["int8"] == masks["onnx_int8"]))
+    scores["dice_onnx_int8_cpu"] = float(np.mean([dice(m, t) for m, t in zip(masks["onnx_int8"], truth, strict=True)]))
+    scores["dice_images"] = n
+    return scores
+
+
+def gpu_name() -> str:
+    """This machine's CUDA device name."""
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/int8_gpu"))
+    parser.add_argument("--calib-n", type=int, default=32, help="calibration images (synthetic, their own seed)")
+    parser.add_argument("--dice-n", type=int, default=64, help="held-out images scored")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per engine")
+    parser.add_argument("--iters", type=int, default=150, help="batches of 8 per timing round")
+    parser.add_argument("--skip-fp16", action="store_true", help="no compiled FP16 engine (it takes minutes to build)")
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--out-json", type=Path, default=None)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    calib = args.work / "calib"
+    if not calib.exists():
+        write_dataset(calib, args.calib_n, size=512, seed=CALIB_SEED, progress=False)
+    result: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": socket.gethostname(), "gpu": gpu_name(), "batch": 8,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "versions": {"python": platform.python_version(), "torch": package_version("torch"),
+                     "nvidia-cudnn-frontend": package_version("nvidia-cudnn-frontend"),
+                     "onnxruntime": package_version("onnxruntime"),
+                     "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                           text=True).stdout.strip()},
+    }
+    import torch
+
+    result["versions"]["cudnn"] = str(torch.backends.cudnn.version())
+    result["speed"] = speed(args.work, calib / "images", args.calib_n, args.skip_fp16, args.rounds, args.iters)
+    for key in ("fp16_compiled_img_s", "int8_img_s", "int8_over_fp16"):
+        if key in result["speed"]:
+            result[key] = result["speed"][key]
+    if not args.skip_quality:
+        result.update(quality(args.work, calib / "images", args.calib_n, args.dice_n))
+    out = args.out_json or ROOT / "benchmarks" / "results" / (
+        f"int8_gpu_{result['gpu'].lower().replace(' ', '_')}_{dt.datetime.now():%Y%m%dT%H%M%S}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    log(f"\nwrote {out}")
+    for key in ("gpu", "fp16_compiled_img_s", "int8_img_s", "int8_over_fp16", "dice_fp32", "dice_fp16", "dice_int8",
+                "dice_int8_uncalibrated", "int8_pixel_agreement_with_onnx_int8"):
+        if key in result:
+            value = result[key]
+            log(f"{key:40s} {value:.4f}" if isinstance(value, float) else f"{key:40s} {value}")
+
+
+if __name__ == "__main__":
+    main()
