@@ -12,9 +12,10 @@ import redis
 import typer
 from tqdm import tqdm
 
-from broker.connection import BrokerSettings, connect
+from broker.connection import BrokerSettings, connect, default_state_dir, stop_embedded_server
 from broker.errors import SegqueueError
 from broker.store import QueueStore
+from common.cli import Typer
 from common.images import ImageError
 from producer.collect import CollectReport, absorb
 from producer.enqueue import Enqueuer, enqueue_paths, segmentation_queue
@@ -22,8 +23,12 @@ from producer.pool import ProducerPool
 from producer.status import queue_status
 from producer.stream import COLLECT_CHUNK, PendingImages
 
-app = typer.Typer(help="Push images into the segmentation queue, get masks back, see where things stand.",
+app = Typer(help="Push images into the segmentation queue, get masks back, see where things stand.",
                   no_args_is_help=True, add_completion=False, rich_markup_mode="markdown")
+
+redis_app = Typer(help="The embedded Redis: the one every command uses when neither --redis-url nor $REDIS_URL is set.",
+                  no_args_is_help=True, add_completion=False, rich_markup_mode="markdown")
+app.add_typer(redis_app, name="redis")
 
 RedisUrl = Annotated[Optional[str], typer.Option(help="Redis URL; default $REDIS_URL, else the embedded server.")]
 QueueName = Annotated[Optional[str], typer.Option(help="Queue name (default: segment).")]
@@ -190,3 +195,19 @@ def report(
     scores = dice_against(masks, truth, reference) if masks is not None and truth is not None else None
     path = write_report(out, data, scores)
     typer.echo(f"wrote {path} ({len(data.batches)} batches, {data.malformed_total} malformed lines skipped)")
+
+
+@redis_app.command("stop")
+def redis_stop() -> None:
+    """Stop the embedded Redis (its data stays, in $SEGQUEUE_STATE_DIR or ~/.local/state/segqueue).
+
+    The next command that needs it starts it again, with the same data. A Redis named by
+    --redis-url or $REDIS_URL is not touched.
+    """
+    state_dir = default_state_dir()
+    try:
+        stopped = stop_embedded_server(state_dir)
+    except SegqueueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"stopped the embedded Redis in {state_dir}" if stopped else f"the embedded Redis in {state_dir} is not running")
