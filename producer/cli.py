@@ -266,4 +266,5 @@ def redis_stop() -> None:
     except SegqueueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"stopped the embedded Redis in {state_dir}" if stopped else f"the embedded Redis in {state_dir} is not running")
+    typer.echo(f"stopped the embedded Redis in {state_dir}" if stopped
+               else f"the embedded Redis in {state_dir} is not running")
