@@ -17,6 +17,9 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
@@ -169,8 +172,20 @@ def _detail(exc: Exception, url: str) -> str:
     return " ".join(message.split())
 
 
-def embedded_server(state_dir: Path) -> RedisServer:
-    """The embedded broker for `state_dir`, started (detached) if it is not running yet."""
+#: the command that stops the embedded broker (producer/cli.py)
+STOP_COMMAND = "producer redis stop"
+
+
+def _announce_on_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def embedded_server(state_dir: Path, announce: Callable[[str], None] = _announce_on_stderr) -> RedisServer:
+    """The embedded broker for `state_dir`, started (detached) if it is not running yet.
+
+    The process that starts it says so through `announce` (one line on stderr by default), at once,
+    so the line is there even if the command then fails: the server outlives the command.
+    """
     state_dir.mkdir(parents=True, exist_ok=True)
     server = RedisServer(data_dir=state_dir, unix_socket=state_dir / "redis.sock", detach=True)
     with open(state_dir / "redis.lock", "w") as lock:
@@ -178,7 +193,36 @@ def embedded_server(state_dir: Path) -> RedisServer:
         if not ping(server.url):
             server.unix_socket.unlink(missing_ok=True)
             server.start()
+            announce(f"started the embedded Redis (unix socket {server.unix_socket}, data in {state_dir}); "
+                     f"it keeps running for the next commands; stop it with `{STOP_COMMAND}`")
     return server
+
+
+def stop_embedded_server(state_dir: Path, timeout_s: float = 30.0) -> bool:
+    """Stop the embedded broker of `state_dir` (SHUTDOWN: the AOF is flushed first); False if it was not running.
+
+    BrokerUnavailable if it is still answering after timeout_s seconds.
+    """
+    server = RedisServer(data_dir=state_dir, unix_socket=state_dir / "redis.sock", detach=True)
+    if not state_dir.is_dir():
+        return False
+    with open(state_dir / "redis.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # no other command starts it meanwhile
+        if not ping(server.url):
+            return False
+        client = redis.Redis.from_url(server.url, socket_timeout=timeout_s)
+        try:
+            client.shutdown()
+        except redis.ConnectionError:  # it went away before answering: what SHUTDOWN does
+            pass
+        finally:
+            client.close()
+        deadline = time.monotonic() + timeout_s
+        while ping(server.url, timeout_s=0.5):
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(f"the embedded Redis in {state_dir} did not stop within {timeout_s:.0f} s")
+            time.sleep(0.05)
+    return True
 
 
 def connect(settings: BrokerSettings) -> redis.Redis:

@@ -199,7 +199,7 @@ missing = sorted(set(ins) - set(outs))
 dice = []
 for rel in outs:
     pred = np.asarray(Image.open('/data/out' / rel)) > 127
-    truth = np.asarray(Image.open('/data/synth/masks' / rel)) > 127
+    truth = np.asarray(Image.open('/data/synth/truth' / rel)) > 127
     dice.append(2 * (pred & truth).sum() / max(pred.sum() + truth.sum(), 1))
 print(len(ins), len(outs), len(missing), f'{np.mean(dice):.4f}' if dice else 'nan', f'{np.min(dice):.4f}' if dice else 'nan')
 ")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,18 +16,23 @@ import redis
 import typer
 from tqdm import tqdm
 
-from broker.connection import BrokerSettings, connect
+from broker.connection import BrokerSettings, connect, default_state_dir, stop_embedded_server
 from broker.errors import SegqueueError
 from broker.store import QueueStore
+from common.cli import Typer
 from common.images import ImageError
 from producer.collect import CollectReport, absorb
-from producer.enqueue import Enqueuer, enqueue_paths, segmentation_queue
+from producer.enqueue import EnqueueReport, Enqueuer, enqueue_paths, segmentation_queue
 from producer.pool import ProducerPool
 from producer.status import queue_status
-from producer.stream import COLLECT_CHUNK, PendingImages
+from producer.stream import COLLECT_CHUNK, STALL_WARNING_S, PendingImages
 
-app = typer.Typer(help="Push images into the segmentation queue, get masks back, see where things stand.",
+app = Typer(help="Push images into the segmentation queue, get masks back, see where things stand.",
                   no_args_is_help=True, add_completion=False, rich_markup_mode="markdown")
+
+redis_app = Typer(help="The embedded Redis: the one every command uses when neither --redis-url nor $REDIS_URL is set.",
+                  no_args_is_help=True, add_completion=False, rich_markup_mode="markdown")
+app.add_typer(redis_app, name="redis")
 
 RedisUrl = Annotated[Optional[str], typer.Option(help="Redis URL; default $REDIS_URL, else the embedded server.")]
 QueueName = Annotated[Optional[str], typer.Option(help="Queue name (default: segment).")]
@@ -55,6 +64,7 @@ def enqueue(
     out: Annotated[Optional[Path], typer.Option(help="Write each mask here as it finishes (as collect does), free it from Redis, and return when all are done.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Older spelling of --out DIR; needs --out.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait, with --out, for the last masks once everything is enqueued, and with --max-pending, for room each time Redis is full.")] = 3600.0,
+    stall_warning: Annotated[float, typer.Option(min=0.1, help="While waiting (--out, --max-pending), say so after this many seconds in which no image has finished (no worker?).")] = STALL_WARNING_S,
     redis_url: RedisUrl = None,
     queue: QueueName = None,
 ) -> None:
@@ -74,22 +84,71 @@ def enqueue(
     settings, client = _connect(redis_url, queue)
     enqueuer = Enqueuer(client, segmentation_queue(client, settings.queue), job_size)
     tqdm.monitor_interval = 0  # no monitor thread: the pool forks
+    stop = threading.Event()
+    try:
+        with _first_sigint_sets(stop):
+            exit_code = _enqueue_and_stream(enqueuer, settings, paths, size, workers, max_pending, out, timeout,
+                                            stall_warning, stop)
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; the counts are what was queued by then
+        stop.set()
+    if stop.is_set():
+        _say_interrupted(enqueuer.report, settings.queue)
+        raise typer.Exit(130)
+    raise typer.Exit(exit_code)
+
+
+@contextlib.contextmanager
+def _first_sigint_sets(stop: threading.Event) -> Iterator[None]:
+    """Inside: the first Ctrl-C sets `stop` (the run finishes the chunks in flight, enqueues their jobs and
+    returns); a second raises KeyboardInterrupt. The pool processes ignore Ctrl-C (producer/pool.py)."""
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _say_interrupted(report: EnqueueReport, queue: str) -> None:
+    """One line on stderr: what an interrupted enqueue left stored and queued."""
+    typer.echo(f"interrupted: {len(report.image_ids)} images stored, {len(report.job_ids)} jobs queued on queue "
+               f"'{queue}' (they stay queued; a worker will process them; `producer status` shows them); "
+               "files not yet read were not enqueued", err=True)
+
+
+def _enqueue_and_stream(enqueuer: Enqueuer, settings: BrokerSettings, paths: list[Path], size: int, workers: int,
+                        max_pending: int | None, out: Path | None, timeout: float, stall_warning: float,
+                        stop: threading.Event) -> int:
+    """`producer enqueue`'s work, with its bars and messages; returns the exit status (130 once `stop` is set)."""
     with ProducerPool(settings, enqueuer.store, workers) as pool:
         masks_bar = tqdm(desc="masks", unit="img", position=1, disable=out is None)
-        pending = PendingImages(enqueuer.store, pool, out, on_collected=masks_bar.update)
         with tqdm(desc="enqueue", unit="img") as bar:
+            pending = PendingImages(enqueuer.store, pool, out, on_collected=masks_bar.update,
+                                    stall_warning_s=stall_warning, on_stall=bar.write, stop=stop)
 
             def progress(files: int, error: ImageError | None) -> None:
                 if error is not None:
                     bar.write(f"rejected: {error}")
                 bar.update(files)
 
+            def found(files: int) -> None:  # the files are found before any is decoded: the bar gets a total, an ETA
+                bar.total = files
+                masks_bar.total = files
+                bar.refresh()
+
             try:
                 report = enqueue_paths(enqueuer, paths, size, size, progress, pool=pool, pending=pending,
-                                       max_pending=max_pending, pending_timeout_s=timeout)
+                                       max_pending=max_pending, pending_timeout_s=timeout, on_found=found, stop=stop)
             except (SegqueueError, redis.RedisError, OSError) as exc:  # every image stored so far has its job
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(1) from None
+        if report.interrupted:
+            return 130
         typer.echo(f"enqueued {len(report.image_ids)} images in {len(report.job_ids)} jobs on queue "
                    f"'{settings.queue}' ({settings.describe()}); rejected {len(report.rejected)}")
         exit_code = 1 if report.rejected else 0
@@ -99,12 +158,14 @@ def enqueue(
             except (redis.RedisError, OSError) as exc:  # masks written so far stay written
                 typer.echo(f"error: writing masks stopped: {exc}", err=True)
                 raise typer.Exit(1) from None
+            if not drained and stop.is_set():
+                return 130
             if not drained:
                 typer.echo(f"error: timed out after {timeout:.0f} s; {len(pending)} images have no mask yet", err=True)
                 exit_code = 1
             masks_bar.close()
             exit_code = max(exit_code, _print_collect(pending.report))
-    raise typer.Exit(exit_code)
+    return exit_code
 
 
 def _print_collect(report: CollectReport) -> int:
@@ -190,3 +251,20 @@ def report(
     scores = dice_against(masks, truth, reference) if masks is not None and truth is not None else None
     path = write_report(out, data, scores)
     typer.echo(f"wrote {path} ({len(data.batches)} batches, {data.malformed_total} malformed lines skipped)")
+
+
+@redis_app.command("stop")
+def redis_stop() -> None:
+    """Stop the embedded Redis (its data stays, in $SEGQUEUE_STATE_DIR or ~/.local/state/segqueue).
+
+    The next command that needs it starts it again, with the same data. A Redis named by
+    --redis-url or $REDIS_URL is not touched.
+    """
+    state_dir = default_state_dir()
+    try:
+        stopped = stop_embedded_server(state_dir)
+    except SegqueueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"stopped the embedded Redis in {state_dir}" if stopped
+               else f"the embedded Redis in {state_dir} is not running")

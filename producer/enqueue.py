@@ -11,6 +11,7 @@ in Redis (producer/stream.py), so memory stays bounded however large the input.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -46,6 +47,7 @@ class EnqueueReport:
     image_ids: list[str] = field(default_factory=list)
     job_ids: list[str] = field(default_factory=list)
     rejected: list[ImageError] = field(default_factory=list)
+    interrupted: bool = False  # stopped early (Ctrl-C): files after the last chunk stored were not read
 
 
 def segmentation_queue(client: redis.Redis, name: str) -> Queue:
@@ -149,11 +151,14 @@ class _StoreWindow:
             self.settle_oldest()
 
 
-def _make_room(window: _StoreWindow, pending: PendingImages, files: int, max_pending: int, timeout_s: float) -> None:
-    """Block until `files` more images fit under max_pending (counting those being stored); PendingTimeout if not in time."""
+def _make_room(window: _StoreWindow, pending: PendingImages, files: int, max_pending: int, timeout_s: float,
+               stop: threading.Event) -> None:
+    """Block until `files` more images fit under max_pending (counting those being stored); PendingTimeout if not in time.
+
+    Returns early once `stop` is set."""
     while len(window) and len(pending) + window.files + files > max_pending:
         window.settle_oldest()
-    if not pending.wait_below(max(1, max_pending - files + 1), time.monotonic() + timeout_s):
+    if not pending.wait_below(max(1, max_pending - files + 1), time.monotonic() + timeout_s) and not stop.is_set():
         raise PendingTimeout(f"{len(pending)} images still pending in Redis after {timeout_s:.0f} s "
                              f"(--max-pending {max_pending}): are workers running, and is anyone collecting?")
 
@@ -168,6 +173,8 @@ def enqueue_paths(
     pending: PendingImages | None = None,
     max_pending: int | None = None,
     pending_timeout_s: float = 3600.0,
+    on_found: Callable[[int], None] = lambda files: None,
+    stop: threading.Event | None = None,
 ) -> EnqueueReport:
     """Decode every image under `paths` at height x width and enqueue them; bad files are reported, not fatal.
 
@@ -175,11 +182,15 @@ def enqueue_paths(
     held in Redis; with max_pending (which needs pending), no chunk is stored while max_pending
     images are pending (PendingTimeout if none leaves for pending_timeout_s). `on_progress(files,
     error)` is called with the number of files handled (0 for a path that could not be expanded)
-    and the rejection, if any.
+    and the rejection, if any. `on_found(files)` is called once, with the number of image files
+    found, before any is decoded. Once `stop` is set (Ctrl-C), no further chunk is started: the
+    chunks in flight are stored and get their jobs, and the report says `interrupted`.
     """
     if max_pending is not None and pending is None:
         raise ValueError("max_pending needs a PendingImages to watch")
+    stop = stop or threading.Event()
     sources, problems = find_images(list(paths))
+    on_found(len(sources))
     for problem in problems:
         enqueuer.report.rejected.append(problem)
         on_progress(0, problem)
@@ -194,7 +205,10 @@ def enqueue_paths(
             if pending is not None:
                 pending.look()
             if max_pending is not None and pending is not None:
-                _make_room(window, pending, len(chunk), max_pending, pending_timeout_s)
+                _make_room(window, pending, len(chunk), max_pending, pending_timeout_s, stop)
+            if stop.is_set():
+                enqueuer.report.interrupted = True
+                break
             window.add(len(chunk), pool.submit_store(chunk, height, width))
             while window.files > ahead_files:
                 window.settle_oldest()

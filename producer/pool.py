@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -83,8 +84,14 @@ POOL_NICENESS = 10
 
 
 def _open_process_store(settings: BrokerSettings) -> None:
-    """Pool initializer: lower this process's CPU priority, then one Redis connection and store."""
+    """Pool initializer: ignore Ctrl-C, lower this process's CPU priority, then one Redis connection and store.
+
+    Ctrl-C reaches the whole process group; the parent handles it (finishes the chunks in flight,
+    enqueues their jobs, says what was queued), so a pool process neither dies mid-chunk nor prints
+    a KeyboardInterrupt traceback.
+    """
     global _process_store
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.nice(POOL_NICENESS)
     _process_store = QueueStore(connect(settings), settings.queue)
 

@@ -12,6 +12,7 @@ trips), so its cost does not grow with the size of the folder.
 
 from __future__ import annotations
 
+import threading
 import time
 from itertools import islice
 from collections.abc import Callable
@@ -24,6 +25,14 @@ from producer.pool import ProducerPool
 
 LOOK_AHEAD = 2048  # oldest pending images checked per look
 COLLECT_CHUNK = 64  # images per collect task
+STALL_WARNING_S = 30.0  # a wait with no image leaving for this long is reported (once per stall)
+
+
+def stall_message(pending: int, stalled_s: float) -> str:
+    """What a wait with nothing finishing says: likely no worker, and how to check."""
+    return (f"waiting: no image has finished in {stalled_s:.0f} s ({pending} pending); no worker seems to have "
+            "taken a job. Check with `producer status` (it counts live workers); start one with "
+            "`worker run --engine FILE` (same --redis-url and --queue)")
 
 
 class PendingImages:
@@ -32,14 +41,22 @@ class PendingImages:
     out_dir None: only watch (images leave when someone else collects them). Else write each
     finished mask under out_dir and free it; failed images are reported and leave Redis untouched
     (as `producer collect` does). `on_collected(n)` is called as masks are written or failures seen.
+    A wait (wait_below, drain) in which no image leaves for stall_warning_s seconds calls
+    `on_stall(stall_message(...))` once, and again after each further stall_warning_s without progress.
+    Setting `stop` (Ctrl-C) ends a wait at once, as a timeout does.
     """
 
     def __init__(self, store: QueueStore, pool: ProducerPool, out_dir: Path | None,
-                 on_collected: Callable[[int], None] = lambda n: None, poll_s: float = 0.2) -> None:
+                 on_collected: Callable[[int], None] = lambda n: None, poll_s: float = 0.2,
+                 stall_warning_s: float = STALL_WARNING_S, on_stall: Callable[[str], None] = lambda message: None,
+                 stop: threading.Event | None = None) -> None:
         self.store = store
         self.pool = pool
         self.out_dir = out_dir
         self.poll_s = poll_s
+        self.stall_warning_s = stall_warning_s
+        self._on_stall = on_stall
+        self._stop = stop or threading.Event()
         self.report = CollectReport()
         self._on_collected = on_collected
         self._pending: dict[str, str] = {}
@@ -74,10 +91,18 @@ class PendingImages:
             self._tasks.append((chunk, self.pool.submit_collect(chunk, self.out_dir, delete=True)))
 
     def wait_below(self, limit: int, deadline: float) -> bool:
-        """Block until fewer than `limit` images are pending (True), or the monotonic deadline passes (False)."""
+        """Block until fewer than `limit` images are pending (True), or the monotonic deadline passes or stop is set
+        (False)."""
+        seen, since = len(self._pending), time.monotonic()
         while len(self._pending) >= limit:
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline or self._stop.is_set():
                 return False
+            if len(self._pending) != seen:
+                seen, since = len(self._pending), now
+            elif now - since >= self.stall_warning_s:
+                self._on_stall(stall_message(seen, now - since))
+                since = now
             self.look()
             time.sleep(self.poll_s / 4)
         return True

@@ -121,9 +121,9 @@ def test_write_dataset_round_trip(tmp_path: Path) -> None:
     for i, (image, mask) in enumerate(pairs):
         name = f"img_{i:05d}.png"
         assert np.array_equal(np.asarray(Image.open(out / "images" / name)), image)
-        raw = np.asarray(Image.open(out / "masks" / name))
+        raw = np.asarray(Image.open(out / "truth" / name))
         assert set(np.unique(raw)) <= {0, 255}
-        assert np.array_equal(read_mask(out / "masks" / name), mask)
+        assert np.array_equal(read_mask(out / "truth" / name), mask)
 
 
 # -- metrics -------------------------------------------------------------------------------------

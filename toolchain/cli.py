@@ -12,10 +12,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from common.cli import exit_2_on
+from common.cli import Typer, exit_2_on
 from engines.base import EngineError
 
-app = typer.Typer(
+app = Typer(
     help="U-Net engines: synthetic data, training, ONNX export, FP16/INT8/TensorRT builds, engine info, Dice and throughput.",
     no_args_is_help=True,
     add_completion=False,
@@ -34,16 +34,16 @@ def _command_line() -> str:
 @app.command()
 @_errors_exit_2
 def synth(
-    out: Annotated[Path, typer.Argument(help="Output directory; gets images/ and masks/ (PNG).")],
+    out: Annotated[Path, typer.Argument(help="Output directory; gets images/ and truth/ (the exact masks), PNG.")],
     n: Annotated[int, typer.Option("--n", help="Number of image/mask pairs.")] = 100,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same images.")] = 0,
 ) -> None:
     """Write synthetic microscopy-like images and exact masks (mask PNGs are 0/255; threshold 128)."""
-    from toolchain.synth import write_dataset
+    from toolchain.synth import IMAGES_DIR, TRUTH_DIR, write_dataset
 
     write_dataset(out, n, size, seed)
-    typer.echo(f"wrote {n} images to {out / 'images'} and masks to {out / 'masks'}")
+    typer.echo(f"wrote {n} images to {out / IMAGES_DIR} and their exact masks to {out / TRUTH_DIR}")
 
 
 @app.command()

@@ -170,8 +170,14 @@ def generate(n: int, size: int = 512, seed: int = 0) -> Iterator[tuple[np.ndarra
         yield render(np.random.default_rng([seed, i]), size)
 
 
+#: subfolder of an `engines synth` directory holding the images
+IMAGES_DIR = "images"
+#: subfolder holding the exact masks (not `masks/`: that is where `producer collect --out` puts predictions)
+TRUTH_DIR = "truth"
+
+
 def write_dataset(out_dir: Path | str, n: int, size: int = 512, seed: int = 0, progress: bool = True) -> Path:
-    """Write n pairs as `out_dir/images/img_00000.png` (8-bit gray) and `out_dir/masks/img_00000.png`.
+    """Write n pairs as `out_dir/images/img_00000.png` (8-bit gray) and `out_dir/truth/img_00000.png`.
 
     Mask PNGs store 0 (background) and 255 (cell) for visibility; readers threshold at 128
     (`read_mask`). Returns out_dir.
@@ -179,14 +185,14 @@ def write_dataset(out_dir: Path | str, n: int, size: int = 512, seed: int = 0, p
     from tqdm import tqdm
 
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
+    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    (out / TRUTH_DIR).mkdir(parents=True, exist_ok=True)
     for i, (image, mask) in enumerate(
         tqdm(generate(n, size, seed), total=n, desc="synth", unit="img", disable=not progress)
     ):
         name = f"img_{i:05d}.png"
-        Image.fromarray(image).save(out / "images" / name)
-        Image.fromarray(mask * np.uint8(255)).save(out / "masks" / name)
+        Image.fromarray(image).save(out / IMAGES_DIR / name)
+        Image.fromarray(mask * np.uint8(255)).save(out / TRUTH_DIR / name)
     return out
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from engines.base import EngineSpec, Normalization
 from engines.checkpoint import save_checkpoint
 from common.metrics import dice
-from toolchain.synth import generate, read_mask
+from toolchain.synth import TRUTH_DIR, generate, read_mask
 from engines.unet import UNet, UNetConfig, check_size
 from engines.versions import built_with
 
@@ -37,7 +37,7 @@ class TrainConfig:
     size: full synthetic image size (and the checkpoint spec's height/width). crop: training crop
     size (multiple of 16, <= size). batch: crops per step. pool: images kept in memory; refresh:
     pool images replaced by new ones per step (on-the-fly data only). data_dir: read images/ and
-    masks/ from an `engines synth` directory instead of generating. eval_seed: None -> seed +
+    truth/ from an `engines synth` directory instead of generating. eval_seed: None -> seed +
     1,000,003. max_batch: the spec's largest batch. threads: torch CPU threads (None: default).
     """
 
@@ -132,7 +132,7 @@ def _read_dir(data_dir: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
     if not names:
         raise FileNotFoundError(f"{data_dir}/images has no PNG files")
     images = [np.asarray(Image.open(data_dir / "images" / n).convert("L")) for n in names]
-    masks = [read_mask(data_dir / "masks" / n) for n in names]
+    masks = [read_mask(data_dir / TRUTH_DIR / n) for n in names]
     return images, masks
 
 

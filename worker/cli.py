@@ -14,6 +14,7 @@ import typer
 from broker.connection import BrokerSettings, connect
 from broker.errors import SegqueueError
 from broker.store import QueueStore
+from common.cli import Typer
 from engines.base import EngineError
 from engines.loader import load_engine, verify_sha256
 from worker.devices import DeviceError, DevicePlan, child_labels, expand_devices, is_pool, pin_process, suffixed
@@ -29,7 +30,7 @@ from worker.signals import stop_on_signals
 # initialises, lazily): `run` pins the process to its GPU before any engine is loaded.
 # tests/test_devices.py checks this.
 
-app = typer.Typer(help="Run segmentation workers: one process per GPU (or CPU), any number of hosts, one Redis.",
+app = Typer(help="Run segmentation workers: one process per GPU (or CPU), any number of hosts, one Redis.",
                   no_args_is_help=True, add_completion=False, rich_markup_mode="markdown")
 
 
