@@ -71,6 +71,10 @@ VARIANTS = (
             "calib": "CALIB", "target": "tensorrt"}, None, ("cpu",),
             "no INT8 runtime on the GPU machine: TensorRT absent, onnxruntime CPU-only"),
     Variant("INT8 ONNX+TensorRT (MinMax calibration)", None, None, (), NO_TENSORRT),
+    Variant("INT8 cuDNN (MinMax calibration)", {"suffix": "_int8.cudnn", "target": "cuda", "from": "_int8_trt.onnx"},
+            None, ("cuda",), "cuDNN INT8 graphs run on a CUDA GPU"),
+    Variant("INT8 cuDNN, no calibration", {"suffix": "_int8_nocal.cudnn", "target": "cuda",
+            "from": "_int8_nocal_trt.onnx"}, None, ("cuda",), "cuDNN INT8 graphs run on a CUDA GPU"),
     Variant("INT8 ONNX Runtime, no calibration", {"suffix": "_int8_nocal.onnx", "precision": "int8", "calib": "none",
             "target": "cpu"}, None, ("cpu",), "no INT8 runtime on the GPU machine: TensorRT absent, onnxruntime CPU-only"),
 )
@@ -85,11 +89,17 @@ def build_variant(variant: Variant, checkpoint: Path, work: Path, calib_dir: Pat
     if options.get("calib") == "CALIB":
         options["calib"] = str(calib_dir)
     source = checkpoint
-    if output.suffix == ".onnx" and options.get("precision") != "fp32":
+    if "from" in options:  # a cuDNN INT8 engine is built from the portable INT8 Q/DQ ONNX
+        qdq = options.pop("from")
+        calib = "none" if "nocal" in qdq else "CALIB"
+        source = build_variant(Variant(qdq, {"suffix": qdq, "precision": "int8", "calib": calib, "target": "tensorrt"}),
+                               checkpoint, work, calib_dir, device)
+    elif output.suffix == ".onnx" and options.get("precision") != "fp32":
         source = work / "unet.onnx"
         if not source.exists():
             build(checkpoint, source, precision="fp32")
-    build(source, output, device=device if device.startswith("cuda") else "cuda", **options)
+    if not output.exists():
+        build(source, output, device=device if device.startswith("cuda") else "cuda", **options)
     return output
 
 
