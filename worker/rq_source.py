@@ -73,7 +73,7 @@ class _RqWorker(SimpleWorker):
         thread, pubsub = self.pubsub_thread, self.pubsub
         if thread is None or pubsub is None:
             return
-        thread.stop()  # clears its run flag (redis-py 6+ also joins it)
+        thread.stop()  # clears its run flag (recent redis-py also joins it)
         thread.join(timeout=5)  # the thread closes the pubsub itself on the way out
         pubsub.close()
         self.pubsub_thread = None
