@@ -118,5 +118,8 @@ def test_a_sigkilled_workers_jobs_are_recovered_ahead_of_the_backlog(tmp_path, r
     finish_order = sorted(jobs, key=lambda job_id: jobs[job_id].ended_at)
     ranks = sorted(finish_order.index(job_id) for job_id in held)
     batch_jobs = 8 // 2  # a batch of 8 images may mix the last recovered jobs with the first of the backlog
-    print(f"\n{len(held)} recovered jobs finished at ranks {ranks} of {len(finish_order)}")
+    first_end = jobs[finish_order[0]].ended_at
+    held_s, all_s = ((max(jobs[j].ended_at for j in ids) - first_end).total_seconds() for ids in (held, finish_order))
+    print(f"\n{len(held)} recovered jobs finished at ranks {ranks} of {len(finish_order)}; the last of them "
+          f"{held_s:.2f} s after the rescuer's first job, the last of all {all_s:.2f} s after it")
     assert ranks[-1] < len(held) + batch_jobs, json.dumps({"held": len(held), "ranks": ranks})
