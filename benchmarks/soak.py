@@ -10,10 +10,10 @@ While the workers run, every --kill-every seconds (jittered) one random worker i
 started again; once, after the producer has finished, Redis itself is SIGKILLed and restarted from
 its AOF on the same port. Recovery of a kill: from the kill until every job that was started at that
 moment is finished; each is listed with the jobs queued at that moment (recovered jobs go to the front
-of the queue, so this backlog should not lengthen it). At the end `producer collect` writes every mask; the script checks that every
-image has exactly one mask file, that none is lost, and counts images processed more than once
-(at-least-once delivery re-runs a killed worker's batch; masks are keyed by image, so a re-run
-overwrites, never duplicates).
+of the queue, so this backlog should not lengthen it). At the end `producer collect` writes every mask;
+the script checks that every image has exactly one mask file, that none is lost, and counts images
+processed more than once (at-least-once delivery re-runs a killed worker's batch; masks are keyed by
+image, so a re-run overwrites, never duplicates).
 
 Writes benchmarks/results/soak_<timestamp>.json (images in, masks out, lost, duplicate masks,
 reprocessed images, kills, Redis restarts, every recovery and the longest) and prints a table.

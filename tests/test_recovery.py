@@ -69,7 +69,8 @@ def test_a_sigkilled_workers_jobs_are_recovered_ahead_of_the_backlog(tmp_path, r
     queue = Queue(queue_name, connection=client, serializer=JSONSerializer)
     enqueuer = Enqueuer(client, queue, job_size=2)
     write_synthetic_images(tmp_path / "in", 16)
-    common = ["--engine", str(small_engine), "--redis-url", redis_url, "--queue", queue_name, "--job-heartbeat-ttl", "5"]
+    common = ["--engine", str(small_engine), "--redis-url", redis_url, "--queue", queue_name,
+              "--job-heartbeat-ttl", "5"]
     victim_log = tmp_path / "victim.log"
     victim = subprocess.Popen([sys.executable, "-m", "worker", "run", *common, "--log-file", str(victim_log)],
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
