@@ -9,10 +9,11 @@ width-8 ONNX U-Net (random weights: speed and delivery are measured, not quality
 While the workers run, every --kill-every seconds (jittered) one random worker is SIGKILLed and
 started again; once, after the producer has finished, Redis itself is SIGKILLed and restarted from
 its AOF on the same port. Recovery of a kill: from the kill until every job that was started at that
-moment is finished. At the end `producer collect` writes every mask; the script checks that every
-image has exactly one mask file, that none is lost, and counts images processed more than once
-(at-least-once delivery re-runs a killed worker's batch; masks are keyed by image, so a re-run
-overwrites, never duplicates).
+moment is finished; each is listed with the jobs queued at that moment (recovered jobs go to the front
+of the queue, so this backlog should not lengthen it). At the end `producer collect` writes every mask;
+the script checks that every image has exactly one mask file, that none is lost, and counts images
+processed more than once (at-least-once delivery re-runs a killed worker's batch; masks are keyed by
+image, so a re-run overwrites, never duplicates).
 
 Writes benchmarks/results/soak_<timestamp>.json (images in, masks out, lost, duplicate masks,
 reprocessed images, kills, Redis restarts, every recovery and the longest) and prints a table.
@@ -97,6 +98,7 @@ class Kill:
     what: str
     at: float
     jobs: list[str]
+    queued: int = 0  # jobs waiting in the queue at the kill: the backlog a recovered job must not wait behind
     recovered_s: float | None = None
 
 
@@ -125,6 +127,11 @@ class Soak:
         from rq import Queue
 
         return Queue(QUEUE, connection=client, serializer=JSONSerializer).started_job_registry.get_job_ids()
+
+    def queued_jobs(self, client: redis.Redis) -> int:
+        from rq import Queue
+
+        return Queue(QUEUE, connection=client, serializer=JSONSerializer).count
 
     def check_recoveries(self, client: redis.Redis) -> None:
         for kill in self.kills:
@@ -207,10 +214,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     break
                 if now >= next_kill:
                     slot = rng.randrange(len(soak.workers))
-                    jobs = soak.started_jobs(client)
+                    jobs, queued = soak.started_jobs(client), soak.queued_jobs(client)
                     soak.workers[slot].kill()
                     soak.workers[slot].wait(timeout=30)
-                    soak.kills.append(Kill(f"worker {slot}", time.monotonic(), jobs))
+                    soak.kills.append(Kill(f"worker {slot}", time.monotonic(), jobs, queued))
                     soak.workers[slot] = soak.start_worker(slot)
                     next_kill = time.monotonic() + args.kill_every * rng.uniform(0.5, 1.5)
                 elif (not redis_restarted and producer_done_at is not None and now - producer_done_at > 2
@@ -263,8 +270,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "workers": args.workers,
             "worker_kills": len(worker_kills),
             "redis_restarts": sum(1 for k in soak.kills if k.what == "redis"),
-            "recoveries_s": [{"what": k.what, "recovered_s": k.recovered_s, "jobs_started_at_kill": len(k.jobs)}
-                             for k in soak.kills],
+            "recoveries_s": [{"what": k.what, "recovered_s": k.recovered_s, "jobs_started_at_kill": len(k.jobs),
+                              "jobs_queued_at_kill": k.queued} for k in soak.kills],
             "longest_recovery_s": None if None in recoveries or not recoveries else max(recoveries),
             "unrecovered": sum(1 for r in recoveries if r is None),
             "elapsed_s": round(elapsed, 1),

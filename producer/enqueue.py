@@ -3,10 +3,11 @@
 Files are decoded and stored in chunks by the producer pool (producer/pool.py: `workers` processes,
 each with its own Redis connection); this process then enqueues the jobs naming the stored images,
 many jobs per round trip. Images are written before the job that names them, so a worker never sees
-a job whose images are not there yet. Jobs are JSON-serialized and carry `Retry`, so a job whose
-worker died is taken up again. A bad file is reported (file and problem) and skipped; the good ones
-are still enqueued. With `max_pending`, storing waits while that many of this run's images are held
-in Redis (producer/stream.py), so memory stays bounded however large the input.
+a job whose images are not there yet. Jobs are JSON-serialized and carry `Retry` (at the front of the
+queue), so a job whose worker died is taken up again before the jobs queued behind it. A bad file is
+reported (file and problem) and skipped; the good ones are still enqueued. With `max_pending`, storing
+waits while that many of this run's images are held in Redis (producer/stream.py), so memory stays
+bounded however large the input.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from common.images import ImageError, find_images
 from producer.pool import ProducerPool, StoredChunk
 from producer.stream import PendingImages
 
-JOB_RETRIES = 3
+JOB_RETRIES = 3  # a retried job (its worker died, or its engine failed) goes back to the front of the queue
 JOB_TIMEOUT_S = 3600  # rq's own limit on one job; the worker's heartbeat TTL is what detects dead workers
 RESULT_TTL_S = 7 * 24 * 3600
 FAILURE_TTL_S = 30 * 24 * 3600
@@ -99,7 +100,7 @@ class Enqueuer:
                 timeout=JOB_TIMEOUT_S,
                 result_ttl=RESULT_TTL_S,
                 failure_ttl=FAILURE_TTL_S,
-                retry=Retry(max=JOB_RETRIES),
+                retry=Retry(max=JOB_RETRIES, enqueue_at_front=True),
                 description=f"segment {len(job)} images: {job[0][1]} ...",
                 meta={"images": len(job)},
             ))

@@ -208,7 +208,8 @@ def test_sigkill_mid_batch_loses_nothing(tmp_path, redis_url, queue_name, client
 def test_default_settings_recover_a_sigkilled_workers_jobs_within_15_s(tmp_path, redis_url, queue_name, client,
                                                                         engine_128):
     """Two warm workers with the default lease settings; one is SIGKILLed holding claimed jobs; the other finishes
-    everything within 15 s of the kill, and every image has exactly one mask.
+    them within 15 s of the kill (they go back to the front of the queue: the backlog's size does not count),
+    then everything else, and every image has exactly one mask.
 
     The rescuer is paused (SIGSTOP) while the victim claims, so that the victim surely holds jobs when it dies."""
     from producer.enqueue import JOB_RETRIES, Enqueuer, enqueue_paths
@@ -231,22 +232,23 @@ def test_default_settings_recover_a_sigkilled_workers_jobs_within_15_s(tmp_path,
         wait_until(lambda: log_events(victim_log, "batch") and queue.started_job_registry.count > 0, 60,
                    "the victim to hold claimed jobs")
         victim.kill()
-        killed_at = time.monotonic()
-        held = queue.started_job_registry.get_job_ids()
+        killed_at = now()
+        held, queued = queue.started_job_registry.get_job_ids(), queue.count
         rescuer.send_signal(signal.SIGCONT)
         victim.wait(timeout=30)
-        wait_until(lambda: store.counts().done == total and queue.finished_job_registry.count == jobs, 120,
+        wait_until(lambda: store.counts().done == total and queue.finished_job_registry.count == jobs, 180,
                    lambda: f"every image to get a mask: {queue_state(client, queue_name)}")
-        recovered_s = time.monotonic() - killed_at
     finally:
         if victim.poll() is None:
             victim.kill()
         rescuer.send_signal(signal.SIGCONT)
         rescuer.send_signal(signal.SIGTERM)
         assert rescuer.wait(timeout=60) == 0
-    retried = [job for job in Job.fetch_many(held, connection=client, serializer=JSONSerializer)
-               if job is not None and job.retries_left is not None and job.retries_left < JOB_RETRIES]
+    held_jobs = [job for job in Job.fetch_many(held, connection=client, serializer=JSONSerializer) if job is not None]
+    retried = [job for job in held_jobs if job.retries_left is not None and job.retries_left < JOB_RETRIES]
     assert held and retried, f"the victim's jobs {held} should have been recovered through rq's retry"
+    recovered_s = max(job.ended_at.timestamp() for job in held_jobs) - killed_at  # rq's end time of the last of them
+    print(f"\nthe victim's {len(held)} jobs finished {recovered_s:.1f} s after the kill ({queued} jobs queued at it)")
     assert recovered_s < 15, f"recovery took {recovered_s:.1f} s"
     assert store.record_counts()[1] == total  # exactly one mask per image
     assert queue.failed_job_registry.count == 0

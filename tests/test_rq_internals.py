@@ -3,6 +3,7 @@
 import inspect
 
 import rq
+import rq.command
 from rq import Queue
 from rq.executions import Execution
 from rq.job import Job, JobStatus
@@ -58,6 +59,39 @@ def test_worker_methods_the_adapter_calls_keep_their_signatures():
     for name in ("get_job_ids", "set_first_seen", "get_first_seen", "remove"):
         assert callable(getattr(IntermediateQueue, name)), name
     assert isinstance(inspect.getattr_static(Queue, "intermediate_queue"), property)
+
+
+def test_the_command_thread_the_adapter_replaces_is_rqs():
+    # _RqWorker.subscribe/unsubscribe replace rq's, which bootstrap and teardown call, keeping rq's channel,
+    # handler and exception handler (rq's `shutdown` command sends the worker SIGINT from that thread)
+    assert "self.subscribe()" in inspect.getsource(SimpleWorker.bootstrap)
+    assert "self.unsubscribe()" in inspect.getsource(SimpleWorker.teardown)
+    subscribe = inspect.getsource(SimpleWorker.subscribe)
+    for step in ("self.pubsub = self.connection.pubsub()",
+                 "self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})",
+                 "run_in_thread(", "exception_handler=self._pubsub_exception_handler"):
+        assert step in subscribe, step
+    unsubscribe = inspect.getsource(SimpleWorker.unsubscribe)
+    assert "self.pubsub_thread" in unsubscribe and "self.pubsub.close()" in unsubscribe
+    assert "os.kill(pid, signal.SIGINT)" in inspect.getsource(rq.command.handle_shutdown_command)
+    from redis.client import PubSubWorkerThread
+
+    assert "sleep_time" in params(PubSubWorkerThread.__init__)
+    assert "timeout=sleep_time" in inspect.getsource(PubSubWorkerThread.run)
+
+
+def test_a_retried_job_goes_back_to_the_front_of_the_queue_when_its_retry_says_so():
+    # producer.enqueue gives jobs Retry(enqueue_at_front=True): every retry path (a dead worker's job
+    # found by maintenance, a stuck claim, a failed batch) goes through Job.retry
+    from rq import Retry
+    from rq.registry import StartedJobRegistry
+
+    assert "enqueue_at_front" in params(Retry.__init__)
+    assert "job.retry(queue, pipeline)" in inspect.getsource(StartedJobRegistry.cleanup)
+    assert "job.retry(queue, pipeline)" in inspect.getsource(SimpleWorker.handle_job_failure)
+    assert "at_front=self.enqueue_at_front_on_retry" in inspect.getsource(Job.retry)
+    assert "job.enqueue_at_front_on_retry = retry.enqueue_at_front" in inspect.getsource(Queue.create_job)
+    assert "obj['enqueue_at_front_on_retry']" in inspect.getsource(Job.to_dict)
 
 
 def test_claim_replays_rqs_own_preparation_steps():

@@ -48,6 +48,35 @@ log = logging.getLogger("segqueue.worker.rq")
 
 MAINTENANCE_LOCK_S = 5  # cleaning takes milliseconds; rq's own lock lasts 899 s (see RqJobSource.maintain)
 STUCK_CLAIM_S = 5.0  # a job on the intermediate list this long was claimed by a worker that died
+COMMAND_POLL_S = 0.2  # the command thread's longest wait for a message, hence for its stop (rq waits 60 s)
+
+
+class _RqWorker(SimpleWorker):
+    """rq's SimpleWorker, with a command thread (rq's `shutdown` and other pubsub commands) that stops at once.
+
+    rq's subscribe runs redis-py's PubSubWorkerThread with sleep_time=60, and its unsubscribe sends
+    UNSUBSCRIBE before stopping that thread: the thread reads the reply, finds itself subscribed to
+    nothing and waits up to 60 s for a subscription, while redis-py's stop() joins it. Here the thread
+    waits COMMAND_POLL_S at a time, and is stopped before its connection is closed (which ends the
+    subscription on the server): teardown takes at most COMMAND_POLL_S for it.
+    """
+
+    def subscribe(self) -> None:
+        """rq's subscribe (same channel, handler and exception handler), with a COMMAND_POLL_S wait."""
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(sleep_time=COMMAND_POLL_S, daemon=True,
+                                                       exception_handler=self._pubsub_exception_handler)
+
+    def unsubscribe(self) -> None:
+        """Stop the command thread (it notices within COMMAND_POLL_S), then close its connection."""
+        thread, pubsub = self.pubsub_thread, self.pubsub
+        if thread is None or pubsub is None:
+            return
+        thread.stop()  # clears its run flag (recent redis-py also joins it)
+        thread.join(timeout=5)  # the thread closes the pubsub itself on the way out
+        pubsub.close()
+        self.pubsub_thread = None
 
 
 @dataclass(frozen=True)
@@ -171,7 +200,7 @@ class RqJobSource:
         self.store = QueueStore(client, queue_name)
         self.name = name
         self.job_heartbeat_ttl_s = job_heartbeat_ttl_s
-        self._rq = SimpleWorker([self.queue], name=name, connection=client, serializer=JSONSerializer,
+        self._rq = _RqWorker([self.queue], name=name, connection=client, serializer=JSONSerializer,
                                 maintenance_interval=maintenance_interval_s,
                                 worker_ttl=max(30, job_heartbeat_ttl_s))
 
@@ -182,7 +211,7 @@ class RqJobSource:
         self._rq.bootstrap(logging_level="WARNING")
 
     def close(self) -> None:
-        """Deregister from rq (death, pubsub)."""
+        """Deregister from rq (death, pubsub); within COMMAND_POLL_S plus two round trips (see _RqWorker)."""
         self._rq.teardown()
 
     # --- claiming --------------------------------------------------------------------------

@@ -48,7 +48,7 @@ class WorkerSettings:
     job_heartbeat_ttl_s: int = 8
     heartbeat_interval_s: float = 2.0  # a lease thread renews the claimed jobs this often, whatever the engine does
     maintenance_interval_s: int = 2
-    idle_poll_s: float = 1.0
+    idle_poll_s: float = 0.5  # longest wait for a job; a SIGTERM to an idle worker is noticed within it
     # The main loop and the writer thread both make many short Redis round trips; Python's default
     # 5 ms GIL switch interval makes each reply wait for the other thread's time slice.
     gil_switch_interval_s: float = 0.0005
