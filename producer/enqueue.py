@@ -30,7 +30,9 @@ from common.images import ImageError, find_images
 from producer.pool import ProducerPool, StoredChunk
 from producer.stream import PendingImages
 
-JOB_RETRIES = 3  # a retried job (its worker died, or its engine failed) goes back to the front of the queue
+JOB_RETRIES = 10  # a retried job (its worker died, or its engine failed) goes back to the front of the queue;
+# recovered jobs are claimed first, so repeated worker kills (a soak kills every few seconds) hit the same jobs again:
+# 3 retries let one job be failed after four kills in a soak run (2026-12-07)
 JOB_TIMEOUT_S = 3600  # rq's own limit on one job; the worker's heartbeat TTL is what detects dead workers
 RESULT_TTL_S = 7 * 24 * 3600
 FAILURE_TTL_S = 30 * 24 * 3600
