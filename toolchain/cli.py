@@ -250,7 +250,7 @@ def build(
 @app.command()
 @_errors_exit_2
 def bench(
-    files: Annotated[list[Path], typer.Argument(help="Engine files (.onnx, .pt, .trt, .ptc, ...).")],
+    files: Annotated[list[Path], typer.Argument(help="Engine files (.onnx, .pt, .trt, .ptc, .cudnn, ...).")],
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated, e.g. 1,4,8.")] = "8",
     samples: Annotated[
         Optional[int], typer.Option(help="Images per engine and batch size (default: 1000 on cuda, 32 on cpu).")

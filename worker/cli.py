@@ -47,7 +47,7 @@ def _fail(message: str) -> None:
 @app.command()
 def run(
     ctx: typer.Context,
-    engine: Annotated[Path, typer.Option(help="Engine file: .onnx (ONNX Runtime), .pt/.pth (torch checkpoint or torch2trt), .ptc (compiled torch, CUDA), .trt/.engine/.plan (TensorRT).")],
+    engine: Annotated[Path, typer.Option(help="Engine file: .onnx (ONNX Runtime), .pt/.pth (torch checkpoint or torch2trt), .ptc (compiled torch, CUDA), .cudnn (cuDNN INT8, CUDA), .trt/.engine/.plan (TensorRT).")],
     engine_sha256: Annotated[Optional[str], typer.Option(envvar="SEGQUEUE_ENGINE_SHA256", show_envvar=True, help="Refuse to load the engine file unless its SHA-256 is this (64 hex digits, as `sha256sum FILE` prints). Loading an engine can run code from it: pin the file you trust.")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Most images per engine call (across jobs).")] = 8,
     max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest wait for a batch to fill, from its oldest image.")] = 20.0,
