@@ -373,10 +373,11 @@ def _original_size(size_fields: Sequence[bytes | None]) -> tuple[int, int] | Non
 def _stored_image(image_id: str, fields: dict[bytes, bytes]) -> StoredImage | str:
     """An image from its record's fields, or why they cannot be used."""
     try:
+        pixels = decode_image(image_id, fields)  # first: a corrupt payload is named as such
         return StoredImage(
             image_id=image_id,
             name=fields[b"name"].decode(),
-            pixels=decode_image(image_id, fields),
+            pixels=pixels,
             original_height=int(fields[b"original_height"]),
             original_width=int(fields[b"original_width"]),
             enqueued_at=float(fields[b"enqueued_at"]),
