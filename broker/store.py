@@ -24,7 +24,8 @@ Records written before the format tag existed (raw `pixels` / `mask` fields) are
 message naming the image, not read as garbage.
 
 An rq job (JSON-serialized) calls `worker.jobs.segment_images` with one argument: the list of image
-ids (`QueueStore.job_arguments` / `QueueStore.parse_job_arguments`). Images travel by reference,
+ids (`QueueStore.job_arguments` / `QueueStore.parse_job_arguments`); its meta names them again
+(`QueueStore.job_meta`), for a job whose data turns out unreadable. Images travel by reference,
 never inside job arguments; writing a mask twice overwrites it, so processing is idempotent.
 """
 
@@ -118,6 +119,11 @@ class QueueStore:
     def _mask_key(self, image_id: str) -> str:
         return f"{self._prefix}mask:{image_id}"
 
+    def _wrong_type_reason(self, image_id: str, key: str, record: str) -> str:
+        """Why an image's key that got WRONGTYPE cannot be used, naming what the key holds (one TYPE)."""
+        kind = self.client.type(key).decode()
+        return f"image {image_id}: its key {key} holds a Redis {kind}, not {record} record (WRONGTYPE)"
+
     # --- producer: images in ----------------------------------------------------------------
 
     def store_images(self, images: Sequence[StoredImage]) -> None:
@@ -155,24 +161,13 @@ class QueueStore:
         for image_id in image_ids:
             pipe.hgetall(self._image_key(image_id))
         loaded: list[StoredImage | str] = []
-        for image_id, fields in zip(image_ids, pipe.execute()):
-            if not fields:
+        for image_id, fields in zip(image_ids, _execute_keeping_wrong_types(pipe), strict=True):
+            if _is_wrong_type(fields):
+                loaded.append(self._wrong_type_reason(image_id, self._image_key(image_id), "an image"))
+            elif not fields:
                 loaded.append(f"image {image_id} is not in Redis (expired, purged or never stored)")
-                continue
-            try:
-                pixels = decode_image(image_id, fields)
-                loaded.append(StoredImage(
-                    image_id=image_id,
-                    name=fields[b"name"].decode(),
-                    pixels=pixels,
-                    original_height=int(fields[b"original_height"]),
-                    original_width=int(fields[b"original_width"]),
-                    enqueued_at=float(fields[b"enqueued_at"]),
-                ))
-            except PayloadError as exc:
-                loaded.append(str(exc))
-            except (KeyError, ValueError, UnicodeDecodeError) as exc:
-                loaded.append(f"image {image_id} is malformed in Redis: bad or missing field {exc}")
+            else:
+                loaded.append(_stored_image(image_id, fields))
         return loaded
 
     def save_results(self, masks: Iterable[tuple[str, np.ndarray]], failures: Iterable[tuple[str, str]] = ()) -> None:
@@ -204,16 +199,20 @@ class QueueStore:
         return decode_mask(image_id, fields) if fields else None
 
     def load_results(self, image_ids: Sequence[str]) -> list[StoredMask]:
-        """Each image's mask and original size, in one round trip; an undecodable mask gives `error`, not an exception."""
+        """Each image's mask and original size, in one round trip; an undecodable mask, or a key that holds
+        another Redis type than a hash, gives `error`, not an exception."""
         pipe = self.client.pipeline(transaction=False)
         for image_id in image_ids:
             pipe.hgetall(self._mask_key(image_id))
             pipe.hmget(self._image_key(image_id), ["original_height", "original_width"])
-        replies = pipe.execute()
+        replies = _execute_keeping_wrong_types(pipe)
         return [self._stored_mask(image_id, replies[2 * i], replies[2 * i + 1]) for i, image_id in enumerate(image_ids)]
 
-    @staticmethod
-    def _stored_mask(image_id: str, fields: dict, size_fields: list) -> StoredMask:
+    def _stored_mask(self, image_id: str, fields: Any, size_fields: Any) -> StoredMask:
+        if _is_wrong_type(size_fields):
+            return StoredMask(None, None, self._wrong_type_reason(image_id, self._image_key(image_id), "an image"))
+        if _is_wrong_type(fields):
+            return StoredMask(None, None, self._wrong_type_reason(image_id, self._mask_key(image_id), "a mask"))
         try:
             size = _original_size(size_fields)
         except ValueError:
@@ -328,6 +327,22 @@ class QueueStore:
         return [list(image_ids)]
 
     @staticmethod
+    def job_meta(image_ids: Sequence[str]) -> dict[str, Any]:
+        """A segmentation job's rq meta: its number of images, and their ids again, so that the images of a
+        job whose data cannot be read (not JSON, a pickle) can still be failed with it."""
+        return {"images": len(image_ids), "image_ids": list(image_ids)}
+
+    @staticmethod
+    def image_ids_in_meta(meta: Any) -> list[str]:
+        """The image ids `job_meta` wrote into a job's meta, or [] if it holds none (older jobs, damaged meta)."""
+        if not isinstance(meta, dict):
+            return []
+        try:
+            return QueueStore.parse_job_arguments([meta.get("image_ids")])
+        except BadJob:
+            return []
+
+    @staticmethod
     def parse_job_arguments(args: Any) -> list[str]:
         """Image ids from a job's arguments; BadJob if they are not what `job_arguments` writes."""
         if (
@@ -355,6 +370,41 @@ def _original_size(size_fields: Sequence[bytes | None]) -> tuple[int, int] | Non
     return size
 
 
+def _stored_image(image_id: str, fields: dict[bytes, bytes]) -> StoredImage | str:
+    """An image from its record's fields, or why they cannot be used."""
+    try:
+        pixels = decode_image(image_id, fields)  # first: a corrupt payload is named as such
+        return StoredImage(
+            image_id=image_id,
+            name=fields[b"name"].decode(),
+            pixels=pixels,
+            original_height=int(fields[b"original_height"]),
+            original_width=int(fields[b"original_width"]),
+            enqueued_at=float(fields[b"enqueued_at"]),
+        )
+    except PayloadError as exc:
+        return str(exc)
+    except (KeyError, ValueError, UnicodeDecodeError) as exc:
+        return f"image {image_id} is malformed in Redis: bad or missing field {exc}"
+
+
+def _execute_keeping_wrong_types(pipe: redis.client.Pipeline) -> list[Any]:
+    """Run a pipeline; a WRONGTYPE reply (its key holds another Redis type) stays in its place, any other
+    error is raised. One image's key overwritten with, say, a string then fails that image alone, not the batch.
+    """
+    replies = pipe.execute(raise_on_error=False)
+    for reply in replies:
+        if isinstance(reply, redis.ResponseError) and not _is_wrong_type(reply):
+            raise reply
+    return replies
+
+
+def _is_wrong_type(reply: Any) -> bool:
+    """Whether a pipeline reply is Redis's WRONGTYPE error."""
+    return isinstance(reply, redis.ResponseError) and str(reply).startswith("WRONGTYPE")
+
+
 # Module-level names for the rq adapter (worker/rq_source.py), which parses arguments without a store.
 job_arguments = QueueStore.job_arguments
 parse_job_arguments = QueueStore.parse_job_arguments
+image_ids_in_meta = QueueStore.image_ids_in_meta

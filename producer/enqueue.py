@@ -96,15 +96,16 @@ class Enqueuer:
         datas = []
         for start in range(0, count, self.job_size):
             job = taken[start:start + self.job_size]
+            image_ids = [image_id for image_id, _ in job]
             datas.append(Queue.prepare_data(
                 JOB_FUNC,
-                args=QueueStore.job_arguments([image_id for image_id, _ in job]),
+                args=QueueStore.job_arguments(image_ids),
                 timeout=JOB_TIMEOUT_S,
                 result_ttl=RESULT_TTL_S,
                 failure_ttl=FAILURE_TTL_S,
                 retry=Retry(max=JOB_RETRIES, enqueue_at_front=True),
                 description=f"segment {len(job)} images: {job[0][1]} ...",
-                meta={"images": len(job)},
+                meta=QueueStore.job_meta(image_ids),
             ))
         with self.client.pipeline() as pipe:
             jobs = self.queue.enqueue_many(datas, pipeline=pipe)

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from rq.job import Job
+from rq.serializers import JSONSerializer
 from rq.worker import Worker
 
 from broker.store import QueueStore
@@ -144,3 +146,91 @@ def test_status_stops_counting_a_sigkilled_worker_after_three_heartbeat_interval
     assert Worker.count(queue=queue) == 1  # rq still lists it: its record lives until its TTL runs out
     assert json.loads(run_module("producer", "status", "--json", *common).stdout)["workers"] == 0
     print(f"counted as gone {gone_s:.1f} s after the kill")
+
+
+def _enqueued_jobs(client, queue_name: str) -> list[tuple[str, list[str]]]:
+    """(job id, image ids) of every queued job, in queue order."""
+    queue = segmentation_queue(client, queue_name)
+    return [(job.id, job.args[0]) for job in queue.get_jobs()]
+
+
+def test_an_image_key_holding_a_string_fails_that_image_alone_in_the_worker_and_in_collect(
+        tmp_path, redis_url, queue_name, small_engine, client):
+    """A poison pill once: the batch fetch got WRONGTYPE, the worker exited 1 with a traceback on every claim,
+    the good images of its jobs were abandoned, and collect stopped for the whole queue."""
+    write_synthetic_images(tmp_path / "in", 6)
+    common = ["--redis-url", redis_url, "--queue", queue_name]
+    assert run_module("producer", "enqueue", str(tmp_path / "in"), "--size", str(SMALL_SIZE), "--job-size", "2",
+                      *common).returncode == 0
+    store = QueueStore(client, queue_name)
+    ids = {name: image_id for image_id, name in store.manifest().items()}
+    client.delete(store._image_key(ids["img_002.png"]))
+    client.set(store._image_key(ids["img_002.png"]), "not an image")
+
+    worker = run_module("worker", "run", "--engine", str(small_engine), "--burst", *common)
+
+    assert worker.returncode == 0 and "Traceback" not in worker.stdout + worker.stderr, worker.stderr
+    poisoned = (f"image {ids['img_002.png']}: its key {store._image_key(ids['img_002.png'])} holds a Redis string, "
+                "not an image record (WRONGTYPE)")
+    assert store.failures() == {ids["img_002.png"]: poisoned}
+    assert all(store.is_done(image_id) for name, image_id in ids.items() if name != "img_002.png")
+    status = json.loads(run_module("producer", "status", "--json", *common).stdout)
+    assert status["images"] == {"queued": 0, "started": 0, "finished": 5, "failed": 1}
+    assert status["jobs"]["finished"] == 3 and status["jobs"]["failed"] == 0  # img_003.png's job finished too
+    # a mask key holding a string is the same poison for collect
+    client.delete(store._mask_key(ids["img_004.png"]))
+    client.set(store._mask_key(ids["img_004.png"]), "not a mask")
+
+    for workers in ("1", "2"):  # inline, and on the process pool
+        out = tmp_path / f"out{workers}"
+        got = run_module("producer", "collect", "--out", str(out), "--workers", workers, *common)
+
+        assert got.returncode == 1 and "Traceback" not in got.stderr and "collect stopped" not in got.stderr, got.stderr
+        assert "wrote 4 masks; 2 failed; 0 not done yet" in got.stdout
+        assert failure_lines(got.stderr) == {
+            "img_002.png": poisoned,
+            "img_004.png": (f"image {ids['img_004.png']}: its key {store._mask_key(ids['img_004.png'])} holds a "
+                            "Redis string, not a mask record (WRONGTYPE)")}
+        assert sorted(p.name for p in out.rglob("*.png")) == ["img_000.png", "img_001.png", "img_003.png",
+                                                               "img_005.png"]
+
+
+def test_the_images_of_a_job_whose_data_is_not_json_fail_with_its_reason_and_collect_lists_them(
+        tmp_path, redis_url, queue_name, small_engine, client):
+    """They stayed `queued` forever in status, and collect counted them as not done without naming them.
+    The third job's record is unreadable as a whole too (a bad date): its images are found the same way."""
+    import pickle
+
+    write_synthetic_images(tmp_path / "in", 8)
+    common = ["--redis-url", redis_url, "--queue", queue_name]
+    assert run_module("producer", "enqueue", str(tmp_path / "in"), "--size", str(SMALL_SIZE), "--job-size", "2",
+                      *common).returncode == 0
+    jobs = _enqueued_jobs(client, queue_name)
+    (garbled, _), (pickled, _), (undated, _), (_, good_ids) = jobs
+    client.hset(Job.key_for(garbled), "data", b"\x00 not json")
+    client.hset(Job.key_for(pickled), "data", pickle.dumps(("f", None, [["x"]], {})))
+    client.hset(Job.key_for(undated), mapping={"data": b"\x00 not json", "created_at": "not a date"})
+
+    worker = run_module("worker", "run", "--engine", str(small_engine), "--burst", *common)
+
+    assert worker.returncode == 0 and "Traceback" not in worker.stdout + worker.stderr, worker.stderr
+    store = QueueStore(client, queue_name)
+    reasons = {job_id: Job.fetch(job_id, connection=client, serializer=JSONSerializer).latest_result().exc_string
+               for job_id in (garbled, pickled, undated)}
+    assert reasons[garbled].startswith("bad job: its data is not valid JSON")
+    assert reasons[pickled].startswith("bad job: its data looks like a Python pickle")
+    assert reasons[undated].startswith("bad job: rq cannot read its record (created_at='not a date' is not a date")
+    expected = {image_id: f"its job {job_id} failed: {reasons[job_id]}"
+                for job_id, image_ids in jobs[:3] for image_id in image_ids}
+    assert store.failures() == expected
+    assert all(store.is_done(image_id) for image_id in good_ids)
+    status = json.loads(run_module("producer", "status", "--json", *common).stdout)
+    assert status["images"] == {"queued": 0, "started": 0, "finished": 2, "failed": 6}
+    assert status["jobs"]["failed"] == 3 and status["jobs"]["finished"] == 1
+
+    got = run_module("producer", "collect", "--out", str(tmp_path / "out"), *common)
+
+    assert got.returncode == 1 and "Traceback" not in got.stderr, got.stderr
+    assert "wrote 2 masks; 6 failed; 0 not done yet" in got.stdout
+    names = store.manifest()
+    assert failure_lines(got.stderr) == {names[image_id]: reason for image_id, reason in expected.items()}

@@ -14,8 +14,9 @@ hash, no data) is taken off the queue and its record replaced, in the claim's tr
 failed rq job whose result and exc_info give the reason: it shows in the failed registry, `rq info`
 and `producer status`. One rq cannot even build a job for (an id it refuses) is recorded in the
 queue's store instead (QueueStore.record_bad_job). Either way the reason is logged with the job id,
-and the images its data still names are failed with it. A job whose arguments rq loads but cannot
-be used fails (no retry) with a reason that says what is wrong with them.
+and the images its data (else its meta) still names are failed with it. A job whose arguments rq loads
+but cannot be used (data not JSON, a pickle) fails (no retry) with a reason that says what is wrong
+with them, and so do the images its meta names.
 
 Every rq internal used here is pinned by tests/test_rq_internals.py.
 """
@@ -41,7 +42,7 @@ from rq.utils import current_timestamp, now, str_to_date, utcformat
 from rq.worker import SimpleWorker, WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
-from broker.store import JOB_FUNC, QueueStore, job_arguments, parse_job_arguments
+from broker.store import JOB_FUNC, QueueStore, image_ids_in_meta, job_arguments, parse_job_arguments
 from worker.job_source import Claim
 
 log = logging.getLogger("segqueue.worker.rq")
@@ -170,7 +171,8 @@ def _unreadable_record_reason(raw: dict[bytes, bytes], exc: Exception) -> str:
 
 
 def _salvaged_image_ids(raw: dict[bytes, bytes]) -> list[str]:
-    """The image ids an unreadable job's data still names, or [] if its data cannot be read either."""
+    """The image ids an unreadable job's data still names, else those its meta names (QueueStore.job_meta),
+    or [] if neither can be read."""
     data = raw.get(b"data") or b""
     try:
         data = zlib.decompress(data)
@@ -179,7 +181,11 @@ def _salvaged_image_ids(raw: dict[bytes, bytes]) -> list[str]:
     try:
         _func, _instance, args, _kwargs = JSONSerializer.loads(data)
         return parse_job_arguments(args)
-    except Exception:  # anything unreadable: no ids to salvage
+    except Exception:  # anything unreadable: look in the meta
+        pass
+    try:
+        return image_ids_in_meta(JSONSerializer.loads(raw.get(b"meta") or b"{}"))
+    except Exception:  # not JSON either: no ids to salvage
         return []
 
 
@@ -360,17 +366,26 @@ class RqJobSource:
         log.error("job %s cannot be read by rq and is recorded as failed in %s: %s", bad.job_id, where, bad.reason)
         if bad.record is None:
             self.store.record_bad_job(bad.job_id, bad.reason)
-        waiting = [i for i, seen in zip(bad.image_ids, self.store.resolved(bad.image_ids)) if not seen]
-        waiting = [i for i, kept in zip(waiting, self.store.still_stored(waiting)) if kept]
+        self._fail_waiting_images(bad.job_id, bad.reason, bad.image_ids)
+
+    def _fail_waiting_images(self, job_id: str, reason: str, image_ids: list[str]) -> None:
+        """Fail, with the reason of their failed job, those of its images that have no outcome and are still stored."""
+        if not image_ids:
+            return
+        waiting = [i for i, seen in zip(image_ids, self.store.resolved(image_ids), strict=True) if not seen]
+        waiting = [i for i, kept in zip(waiting, self.store.still_stored(waiting), strict=True) if kept]
         if waiting:
-            self.store.save_results([], [(i, f"its job {bad.job_id} failed: {bad.reason}") for i in waiting])
+            self.store.save_results([], [(i, f"its job {job_id} failed: {reason}") for i in waiting])
 
     def _claim_or_fail(self, handle: _RqHandle) -> Claim | None:
-        """The Claim of a started job, or None after failing it (no retry) if its arguments are unusable."""
+        """The Claim of a started job, or None after failing it (no retry) if its arguments are unusable;
+        then the images its meta names (QueueStore.job_meta) fail with it."""
         try:
             return Claim(handle.job.id, parse_job_arguments(handle.job.args), handle)
         except Exception as exc:  # BadJob, or rq's DeserializationError on garbled arguments
-            self.fail([Claim(handle.job.id, [], handle)], _bad_arguments_reason(handle.job, exc), retry=False)
+            reason = _bad_arguments_reason(handle.job, exc)
+            self.fail([Claim(handle.job.id, [], handle)], reason, retry=False)
+            self._fail_waiting_images(handle.job.id, reason, image_ids_in_meta(handle.job.meta))
             return None
 
     # --- keeping alive ---------------------------------------------------------------------
