@@ -74,8 +74,8 @@ def _throughput_section(out_dir: Path, logs: LogData) -> list[str]:
         f"| {_fmt(mean([b.total_ms for b in batches]))} |",
         "",
         "A batch's total runs from the moment the batcher hands it out to the moment its masks are written: "
-        f"fetch (reading and decoding its images from Redis), compute (engine submit to masks, including any wait "
-        f"behind the batch before it on the engine), write (masks to Redis and job completion), and {WAITING} "
+        "fetch (reading and decoding its images from Redis), compute (from handing the batch to the engine until "
+        f"its masks are back), write (masks to Redis and job completion), and {WAITING} "
         "(total minus those three: waiting for a fetch thread, for a free engine slot and in the writer's queue; "
         "the latency split plot stacks the same four parts). An image's wait in the queue before its batch is "
         "not part of total; the per-image latency above includes it.",
