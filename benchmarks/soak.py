@@ -11,12 +11,13 @@ started again; once, after the producer has finished, Redis itself is SIGKILLed 
 its AOF on the same port. Recovery of a kill: from the kill until every job that was started at that
 moment is finished; each is listed with the jobs queued at that moment (recovered jobs go to the front
 of the queue, so this backlog should not lengthen it). At the end `producer collect` writes every mask;
-the script checks that every image has exactly one mask file, that none is lost, and counts images
-processed more than once (at-least-once delivery re-runs a killed worker's batch; masks are keyed by
-image, so a re-run overwrites, never duplicates).
+the script checks that every image has exactly one mask file, that none is lost, and counts the images
+run again (at-least-once delivery hands a killed worker's jobs out again; masks are keyed by image, so
+a re-run overwrites, never duplicates). That count comes from rq's job records (rerun_counts), not from
+the workers' logs: a SIGKILLed worker never writes its last batch lines.
 
 Writes benchmarks/results/soak_<timestamp>.json (images in, masks out, lost, duplicate masks,
-reprocessed images, kills, Redis restarts, every recovery and the longest) and prints a table.
+rerun jobs and images, kills, Redis restarts, every recovery and the longest) and prints a table.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from broker.store import QueueStore  # noqa: E402
+from producer.enqueue import JOB_RETRIES  # noqa: E402
 
 QUEUE = "soak"
 
@@ -140,6 +142,31 @@ class Soak:
             jobs = [j for j in Job.fetch_many(kill.jobs, connection=client, serializer=JSONSerializer) if j is not None]
             if all(job.get_status(refresh=False) == JobStatus.FINISHED for job in jobs):
                 kill.recovered_s = round(time.monotonic() - kill.at, 2)
+
+
+@dataclass(frozen=True)
+class Reruns:
+    """Finished jobs that rq handed out more than once, and their images counted once per extra run."""
+
+    jobs: int
+    images: int
+
+
+def rerun_counts(client: redis.Redis, queue: str) -> Reruns:
+    """Re-runs of the queue's finished jobs, from rq's job records: each retry rq made of a job (its worker
+    SIGKILLed, or Redis restarted, and its lease lapsed) runs all its images again.
+
+    A retry costs one of the job's `retries_left` (producer enqueue gives JOB_RETRIES), so a finished job
+    ran JOB_RETRIES - retries_left extra times. An upper bound on images processed twice (a killed worker
+    may not have reached every image of its jobs); never negative.
+    """
+    from rq import Queue
+
+    job_ids = Queue(queue, connection=client, serializer=JSONSerializer).finished_job_registry.get_job_ids()
+    jobs = [job for job in Job.fetch_many(job_ids, connection=client, serializer=JSONSerializer) if job is not None]
+    extra = [(max(0, JOB_RETRIES - (job.retries_left if job.retries_left is not None else JOB_RETRIES)),
+              int(job.meta.get("images", 0))) for job in jobs]
+    return Reruns(jobs=sum(1 for runs, _ in extra if runs), images=sum(runs * images for runs, images in extra))
 
 
 def tiny_engine(path: Path, size: int) -> Path:
@@ -246,11 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  cwd=ROOT, capture_output=True, text=True, timeout=600)
         masks = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
         expected = sorted(p.relative_to(folder).with_suffix(".png").as_posix() for p in folder.rglob("*.png"))
-        processed = 0
-        for log in (tmp / "logs").glob("worker*.log"):
-            for line in log.read_text(errors="replace").splitlines():
-                if line.startswith("{") and '"event": "batch"' in line:
-                    processed += json.loads(line)["images_ok"]
+        reruns = rerun_counts(client, QUEUE)
         worker_kills = [k for k in soak.kills if k.what != "redis"]
         recoveries = [k.recovered_s for k in soak.kills]
         return {
@@ -263,8 +286,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "lost": len(set(expected) - set(masks)),
             "unexpected_masks": len(set(masks) - set(expected)),
             "duplicate_masks": len(masks) - len(set(masks)),
-            "images_processed": processed,
-            "reprocessed": processed - args.images,
+            "rerun_jobs": reruns.jobs,
+            "rerun_images": reruns.images,
             "failed_images": store.counts().failed,
             "collect_exit": collect.returncode,
             "workers": args.workers,
@@ -308,7 +331,7 @@ def main() -> int:
     path = args.out_json or ROOT / "benchmarks" / "results" / f"soak_{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
-    for key in ("images_in", "masks_out", "lost", "duplicate_masks", "unexpected_masks", "reprocessed",
+    for key in ("images_in", "masks_out", "lost", "duplicate_masks", "unexpected_masks", "rerun_images",
                 "failed_images", "worker_kills", "redis_restarts", "longest_recovery_s", "unrecovered",
                 "elapsed_s", "img_s"):
         print(f"{key:<22}{result[key]!s:>12}")

@@ -15,6 +15,8 @@ Per queue Q (all keys start with `segq:Q:`):
     manifest    hash  <id> -> name, every image enqueued on Q and not yet forgotten
     done        set   ids whose mask is written
     failed      hash  <id> -> reason, images that failed (removed again if a retry succeeds)
+    totals      hash  collected -> images forgotten while done (their mask collected into a file, then
+                      freed): a running total, so that `producer status` still counts them as finished
     bad_jobs    hash  <job id> -> reason, queued jobs so unreadable that rq cannot even record them as
                       failed (e.g. an id rq refuses); `producer status` counts them as failed jobs
 
@@ -81,11 +83,13 @@ class StoredMask:
 
 @dataclass(frozen=True)
 class ImageCounts:
-    """Images of a queue: in the manifest, with a mask, failed."""
+    """Images of a queue: in the manifest, with a mask in Redis, failed; and, since the queue began,
+    collected (done, mask written to a file and freed from Redis: no longer in total nor done)."""
 
     total: int
     done: int
     failed: int
+    collected: int = 0
 
 
 def new_image_id() -> str:
@@ -108,6 +112,7 @@ class QueueStore:
         self._manifest = f"{self._prefix}manifest"
         self._done = f"{self._prefix}done"
         self._failed = f"{self._prefix}failed"
+        self._totals = f"{self._prefix}totals"
         self.bad_jobs_key = f"{self._prefix}bad_jobs"
 
     def __repr__(self) -> str:
@@ -271,8 +276,9 @@ class QueueStore:
         pipe.hlen(self._manifest)
         pipe.scard(self._done)
         pipe.hlen(self._failed)
-        total, done, failed = pipe.execute()
-        return ImageCounts(total=total, done=done, failed=failed)
+        pipe.hget(self._totals, "collected")
+        total, done, failed, collected = pipe.execute()
+        return ImageCounts(total=total, done=done, failed=failed, collected=int(collected or 0))
 
     def stored_bytes(self, image_id: str) -> dict[str, int]:
         """Redis's MEMORY USAGE of the image's and the mask's hashes (0 for a missing one), in bytes."""
@@ -289,7 +295,12 @@ class QueueStore:
         return images, masks
 
     def forget(self, image_ids: Sequence[str]) -> None:
-        """Delete everything the store holds about these images (pixels, mask, manifest, done and failed entries)."""
+        """Delete everything the store holds about these images (pixels, mask, manifest, done and failed entries).
+
+        Those that were done are then added to the `collected` total: each once, however many
+        collectors forget it (only one transaction's SREM removes it from the done set). A collector
+        killed between the transaction and that count leaves those images out of the total.
+        """
         if not image_ids:
             return
         pipe = self.client.pipeline(transaction=True)
@@ -297,7 +308,9 @@ class QueueStore:
         pipe.hdel(self._manifest, *image_ids)
         pipe.srem(self._done, *image_ids)
         pipe.hdel(self._failed, *image_ids)
-        pipe.execute()
+        _, _, was_done, _ = pipe.execute()
+        if was_done:
+            self.client.hincrby(self._totals, "collected", was_done)
 
     def still_stored(self, image_ids: Sequence[str]) -> list[bool]:
         """For each image, whether the manifest still holds it (not yet forgotten), in one command."""

@@ -22,7 +22,7 @@ from broker.store import QueueStore
 from common.cli import Typer
 from common.images import ImageError
 from producer.collect import CollectReport, absorb
-from producer.enqueue import EnqueueReport, Enqueuer, enqueue_paths, segmentation_queue
+from producer.enqueue import RESULT_TTL_S, EnqueueReport, Enqueuer, enqueue_paths, segmentation_queue
 from producer.pool import ProducerPool
 from producer.status import queue_status
 from producer.stream import COLLECT_CHUNK, STALL_WARNING_S, PendingImages
@@ -212,7 +212,10 @@ def status(
     queue: QueueName = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Queued / started / finished / failed, in jobs and in images, and the number of live workers."""
+    """Queued / started / finished / failed, in jobs and in images, and the number of live workers.
+
+    Images finished counts masks still in Redis and masks already collected into files.
+    """
     settings, client = _connect(redis_url, queue)
     snapshot = queue_status(client, segmentation_queue(client, settings.queue))
     if as_json:
@@ -222,6 +225,9 @@ def status(
     typer.echo(f"{'':8}{'queued':>10}{'started':>10}{'finished':>10}{'failed':>10}")
     for label, counts in (("jobs", snapshot.jobs), ("images", snapshot.images)):
         typer.echo(f"{label:8}{counts.queued:>10}{counts.started:>10}{counts.finished:>10}{counts.failed:>10}")
+    typer.echo(f"images finished: {snapshot.masks_in_redis} with a mask waiting in Redis for `producer collect`, "
+               f"{snapshot.collected} collected (mask file written, freed from Redis)")
+    typer.echo(f"jobs finished: rq's finished registry (a job stays listed {RESULT_TTL_S // 86400} days after it ends)")
 
 
 @app.command()
@@ -237,7 +243,7 @@ def report(
     Several workers' logs merge: total FPS is images over the union of their busy time. Malformed
     or truncated lines are counted, reported and skipped.
     """
-    from report.analysis import dice_against, read_logs
+    from report.analysis import NoBatchLines, dice_against, read_logs
     from report.writer import write_report
 
     for path in [*logs, *(p for p in (masks, truth, reference) if p is not None)]:
@@ -247,7 +253,11 @@ def report(
     if (masks is None) != (truth is None):
         typer.echo("error: --masks and --truth go together", err=True)
         raise typer.Exit(2)
-    data = read_logs(logs)
+    try:
+        data = read_logs(logs)
+    except (NoBatchLines, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     scores = dice_against(masks, truth, reference) if masks is not None and truth is not None else None
     path = write_report(out, data, scores)
     typer.echo(f"wrote {path} ({len(data.batches)} batches, {data.malformed_total} malformed lines skipped)")

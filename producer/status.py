@@ -1,4 +1,9 @@
-"""Queue status in jobs and in images: queued / started / finished / failed, and the live workers."""
+"""Queue status in jobs and in images: queued / started / finished / failed, and the live workers.
+
+Images finished counts every image that got its mask: those whose mask still waits in Redis and
+those already collected (mask file written, records freed by `producer collect --delete` or
+`producer enqueue --out`), so that jobs and images agree however the masks were taken out.
+"""
 
 from __future__ import annotations
 
@@ -29,12 +34,18 @@ class Counts:
 
 @dataclass(frozen=True)
 class QueueStatus:
-    """Job counts come from rq's queue and registries; image counts from the queue's done/failed keys."""
+    """Job counts come from rq's queue and registries; image counts from the queue's store.
+
+    images.finished = masks_in_redis + collected: images whose mask waits in Redis for `producer
+    collect`, plus those already collected into files and freed from Redis.
+    """
 
     queue: str
     jobs: Counts
     images: Counts
     workers: int
+    masks_in_redis: int
+    collected: int
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -86,7 +97,8 @@ def queue_status(client: redis.Redis, queue: Queue) -> QueueStatus:
     images = Counts(
         queued=max(0, total_images - done - failed - started_images),
         started=started_images,
-        finished=done,
+        finished=done + counts.collected,
         failed=failed,
     )
-    return QueueStatus(queue=queue.name, jobs=jobs, images=images, workers=live_workers(client, queue))
+    return QueueStatus(queue=queue.name, jobs=jobs, images=images, workers=live_workers(client, queue),
+                       masks_in_redis=done, collected=counts.collected)

@@ -2,7 +2,8 @@
 
 Input: the JSON lines that `worker run --log-file` writes (one `batch` event per batch) from any
 number of workers, and optionally mask folders (`producer collect` output, ground truth, a reference
-run). Lines that are not JSON, or `batch` events missing a field, are counted and skipped.
+run). Lines that are not JSON, or `batch` events missing a field, are counted and skipped; a file
+with no batch line at all that is not a JSON log (the worker's console output) is refused by name.
 
 Merging workers: total throughput is all images over the union of the workers' busy intervals
 (each worker's first batch start to its last batch end), not a sum of per-worker rates.
@@ -44,6 +45,12 @@ class BatchRecord:
     def start_s(self) -> float:
         return self.end_s - self.total_ms / 1000.0
 
+    @property
+    def waiting_ms(self) -> float:
+        """The part of total_ms outside fetch, compute and write (ms, never negative): the batch waiting
+        between those stages (for a fetch thread, for a free engine slot, in the writer's queue)."""
+        return max(0.0, self.total_ms - self.fetch_ms - self.compute_ms - self.write_ms)
+
     def image_latencies_ms(self) -> list[float]:
         """Enqueue-to-mask latency of each image of the batch (wait before the batch + the batch's total)."""
         return [wait + self.total_ms for wait in self.image_wait_ms]
@@ -60,6 +67,15 @@ class LogData:
     @property
     def malformed_total(self) -> int:
         return sum(self.malformed.values())
+
+
+class NoBatchLines(ValueError):
+    """A log file holds no `batch` JSON line: most likely the worker's console output, not its --log-file."""
+
+    def __init__(self, source: str, lines: int) -> None:
+        super().__init__(f"{source}: no batch lines ({lines} lines are not JSON batch records); pass the worker's "
+                         "--log-file JSON log, not its console output")
+        self.source = source
 
 
 def parse_batch(source: str, event: dict) -> BatchRecord:
@@ -88,28 +104,48 @@ def parse_batch(source: str, event: dict) -> BatchRecord:
 
 
 def read_logs(paths: list[Path]) -> LogData:
-    """Read `batch` events from worker JSON-line logs; malformed lines are counted, never fatal."""
+    """Read `batch` events from worker JSON-line logs; malformed lines are counted and skipped.
+
+    Raises NoBatchLines, naming the file, for a file with no batch line that is no JSON log at all
+    (the worker's console output, say), or for every file when none holds a batch line: there is
+    nothing to report on. A JSON log without batches beside others (an idle worker's) is kept.
+    """
     data = LogData()
+    empty: list[tuple[str, bool]] = []  # files without a batch line: (name, holds any JSON object line)
     for path in paths:
         source = str(path)
-        data.malformed[source] = 0
-        data.lines[source] = 0
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if not line.strip():
-                    continue
-                data.lines[source] += 1
-                try:
-                    event = json.loads(line)
-                    if not isinstance(event, dict):
-                        raise ValueError("not an object")
-                    if event.get("event") != "batch":
-                        continue
-                    data.batches.append(parse_batch(source, event))
-                except (ValueError, KeyError, TypeError):
-                    data.malformed[source] += 1
+        batches_before = len(data.batches)
+        json_lines = _read_log(path, source, data)
+        if len(data.batches) == batches_before:
+            empty.append((source, json_lines > 0))
+    for source, is_json in empty:
+        if not is_json or not data.batches:
+            raise NoBatchLines(source, data.lines[source])
     data.batches.sort(key=lambda b: b.end_s)
     return data
+
+
+def _read_log(path: Path, source: str, data: LogData) -> int:
+    """Add one file's batch events, line and malformed counts to `data`; returns how many lines were JSON objects."""
+    data.malformed[source] = 0
+    data.lines[source] = 0
+    json_lines = 0
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            data.lines[source] += 1
+            try:
+                event = json.loads(line)
+                if not isinstance(event, dict):
+                    raise ValueError("not an object")
+                json_lines += 1
+                if event.get("event") != "batch":
+                    continue
+                data.batches.append(parse_batch(source, event))
+            except (ValueError, KeyError, TypeError):
+                data.malformed[source] += 1
+    return json_lines
 
 
 def busy_intervals(batches: list[BatchRecord]) -> list[tuple[float, float]]:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -161,3 +162,57 @@ def test_enqueue_out_into_a_file_fails_each_mask_clearly_and_keeps_them_in_redis
     store = QueueStore(client, queue_name)
     assert store.manifest_size() == 8  # nothing written, nothing freed: a later collect still has every mask
     assert store.counts().done == 8
+
+
+def test_status_after_enqueue_out_counts_collected_images_as_finished(tmp_path, redis_url, client, queue_name,
+                                                                     small_engine):
+    """`producer enqueue --out` frees each image as its mask file is written; status still counts it finished,
+    so jobs and images agree (21 images in 6 jobs of 4)."""
+    from producer.enqueue import segmentation_queue
+
+    write_synthetic_images(tmp_path / "in", 21)
+    common = ["--redis-url", redis_url, "--queue", queue_name]
+    enqueue = subprocess.Popen([sys.executable, "-m", "producer", "enqueue", str(tmp_path / "in"), "--out",
+                                str(tmp_path / "masks"), "--job-size", "4", "--workers", "1",
+                                "--size", str(SMALL_SIZE), "--timeout", "300", *common],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        queue = segmentation_queue(client, queue_name)
+        deadline = time.monotonic() + 120
+        while queue.count < 6 and enqueue.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert queue.count == 6, "the producer did not enqueue its 6 jobs"
+        worker = cli("worker", "run", "--burst", "--engine", str(small_engine), *common)
+        assert worker.returncode == 0, worker.stderr
+        stdout, stderr = enqueue.communicate(timeout=300)
+    finally:
+        if enqueue.poll() is None:
+            enqueue.kill()
+            enqueue.wait(timeout=60)
+    assert enqueue.returncode == 0, stdout + stderr
+    assert "wrote 21 masks; 0 failed; 0 not done yet" in stdout
+    assert QueueStore(client, queue_name).record_counts() == (0, 0)  # every image freed
+
+    status = json.loads(cli("producer", "status", "--json", *common).stdout)
+    assert status["jobs"] == {"queued": 0, "started": 0, "finished": 6, "failed": 0}
+    assert status["images"] == {"queued": 0, "started": 0, "finished": 21, "failed": 0}
+    assert (status["masks_in_redis"], status["collected"]) == (0, 21)
+    table = cli("producer", "status", *common).stdout
+    rows = {cells[0]: cells[1:] for cells in map(str.split, table.splitlines())
+            if cells[0] in ("jobs", "images") and cells[1].isdigit()}
+    assert rows == {"jobs": ["0", "0", "6", "0"], "images": ["0", "0", "21", "0"]}
+    assert "images finished: 0 with a mask waiting in Redis for `producer collect`, 21 collected" in table
+
+
+def test_forget_counts_each_collected_image_once(client, queue_name):
+    """Only images that were done count as collected, once each, however often they are forgotten."""
+    from broker.store import StoredImage
+
+    store = QueueStore(client, queue_name)
+    pixels = np.zeros((SMALL_SIZE, SMALL_SIZE), np.uint8)
+    store.store_images([StoredImage(f"i{n}", f"f{n}.png", pixels, SMALL_SIZE, SMALL_SIZE, 0.0) for n in range(5)])
+    store.save_results([("i0", pixels), ("i1", pixels), ("i2", pixels)], [("i3", "bad pixels")])
+    store.forget(["i0", "i1", "i3"])  # two done, one failed
+    store.forget(["i0", "i1", "nope"])  # again, and an unknown id
+    counts = store.counts()
+    assert (counts.total, counts.done, counts.failed, counts.collected) == (2, 1, 0, 2)

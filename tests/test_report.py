@@ -164,3 +164,73 @@ def test_throughput_series_of_several_workers_counts_every_image_once():
     assert series.bin_s == 1.0 and len(series.img_per_s) == 25
     assert series.img_per_s.sum() * series.bin_s == pytest.approx(48)
     assert series.img_per_s[16:19].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_report_refuses_the_workers_console_output_and_splits_total_latency_in_full(tmp_path, client, redis_url,
+                                                                                    queue_name, small_engine):
+    """A real `worker run --burst`: its console output (stderr) is refused by name, its --log-file is reported,
+    and the latency table's parts (fetch, compute, write, waiting between stages) add up to its total."""
+    write_synthetic_images(tmp_path / "images", 13, seed=5)
+    enqueue_folder(client, queue_name, tmp_path / "images", job_size=3)
+    log, console = tmp_path / "worker.log", tmp_path / "worker_console.txt"
+    worker = cli("worker", "run", "--burst", "--engine", str(small_engine), "--redis-url", redis_url,
+                 "--queue", queue_name, "--log-file", str(log))
+    assert worker.returncode == 0, worker.stderr
+    console.write_text(worker.stdout + worker.stderr)
+    assert len(console.read_text().splitlines()) >= 2
+
+    refused = cli("producer", "report", str(console), "--out", str(tmp_path / "refused"))
+    lines = len([line for line in console.read_text().splitlines() if line.strip()])
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert (f"error: {console}: no batch lines ({lines} lines are not JSON batch records); pass the worker's "
+            "--log-file JSON log, not its console output") in refused.stderr
+    assert not (tmp_path / "refused" / "report.md").exists()
+    # one console output among real logs is refused just the same
+    mixed = cli("producer", "report", str(log), str(console), "--out", str(tmp_path / "mixed"))
+    assert mixed.returncode == 2 and f"{console}: no batch lines" in mixed.stderr
+
+    result = cli("producer", "report", str(log), "--out", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| per batch, mean ms | fetch | compute | write | waiting between stages | total |" in markdown
+    fetch, compute, write, waiting, total = (float(cell.replace(",", ""))
+                                             for cell in table_row(markdown, "per batch")[1:])
+    batches = [e for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "batch"]
+    mean = lambda key: sum(e[key] for e in batches) / len(batches)  # noqa: E731
+    expected_waiting = sum(max(0.0, e["total_ms"] - e["fetch_ms"] - e["compute_ms"] - e["write_ms"])
+                           for e in batches) / len(batches)
+    assert waiting == pytest.approx(expected_waiting, abs=0.006)
+    assert total == pytest.approx(mean("total_ms"), abs=0.006)
+    assert fetch + compute + write + waiting == pytest.approx(total, abs=0.03)  # the row adds up (2-digit rounding)
+    assert "waiting between stages (total minus those three" in markdown
+
+
+def test_dice_axis_fits_the_scores(tmp_path):
+    """Real masks scoring 0.95-1.0 get an axis over that range, not 0.5-1.0; equal scores get a minimum span."""
+    from report.analysis import dice_against
+    from report.plots import DICE_MIN_SPAN, dice_axis_range
+
+    rng = np.random.default_rng(3)
+    for folder in ("truth", "masks"):
+        (tmp_path / folder).mkdir()
+    for i in range(12):  # a 40x40 square; the prediction misses 0..30 of its 1,600 pixels: Dice 0.99-1.0
+        truth = np.zeros((64, 64), np.uint8)
+        truth[12:52, 12:52] = 255
+        mask = truth.copy()
+        misses = rng.choice(40 * 40, size=int(rng.integers(0, 31)), replace=False)
+        mask[12 + misses // 40, 12 + misses % 40] = 0
+        Image.fromarray(truth).save(tmp_path / "truth" / f"m{i}.png")
+        Image.fromarray(mask).save(tmp_path / "masks" / f"m{i}.png")
+    scores = list(dice_against(tmp_path / "masks", tmp_path / "truth").per_file.values())
+    assert len(scores) == 12 and min(scores) > 0.98
+    low, high = dice_axis_range(scores)
+    assert low <= min(scores) and max(scores) <= high <= 1.0
+    assert high - low <= max(DICE_MIN_SPAN, 1.2 * (max(scores) - min(scores))) + 1e-9
+    assert low > 0.95  # the old axis started at 0.5, leaving every bar in its last 2%
+    assert dice_axis_range([1.0] * 5) == pytest.approx((1.0 - DICE_MIN_SPAN, 1.0))
+    assert dice_axis_range([0.0, 0.001]) == pytest.approx((0.0, DICE_MIN_SPAN))
+    assert dice_axis_range([0.2, 1.0]) == pytest.approx((0.16, 1.0))
+    write_report(tmp_path / "report", read_logs([write_log(tmp_path / "w.log", [(1.0, 100.0)])]),
+                 dice_against(tmp_path / "masks", tmp_path / "truth"))
+    assert Image.open(tmp_path / "report" / "dice.png").size[0] > 100
