@@ -14,9 +14,9 @@ hash, no data) is taken off the queue and its record replaced, in the claim's tr
 failed rq job whose result and exc_info give the reason: it shows in the failed registry, `rq info`
 and `producer status`. One rq cannot even build a job for (an id it refuses) is recorded in the
 queue's store instead (QueueStore.record_bad_job). Either way the reason is logged with the job id,
-and the images its data (else its meta) still names are failed with it. A job whose arguments rq loads
-but cannot be used (data not JSON, a pickle) fails (no retry) with a reason that says what is wrong
-with them, and so do the images its meta names.
+and the images its data (else its meta) still names are failed with it. A job whose record rq loads
+but whose arguments cannot be used (data not JSON, a pickle) fails (no retry) with a reason that says
+what is wrong with them, and so do the images its meta names.
 
 Every rq internal used here is pinned by tests/test_rq_internals.py.
 """
