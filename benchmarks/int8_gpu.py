@@ -66,8 +66,31 @@ def timed_build(source: Path, output: Path, **options: Any) -> float:
     return spent
 
 
-def speed(work: Path, calib: Path, calib_n: int, skip_fp16: bool, rounds: int, iters: int) -> dict[str, Any]:
-    """Engine-alone img/s of the width-64 INT8 cuDNN and compiled FP16 engines, alternated."""
+def engine_alone(files: dict[str, Path], rounds: int, iters: int) -> dict[str, Any]:
+    """Load time and img/s (batch 8, two in flight) of each engine file, alternated over `rounds`."""
+    images = bench_images(EngineSpec(), 8)
+    loads: dict[str, float] = {}
+    runs: dict[str, list[float]] = {name: [] for name in files}
+    engines = {}
+    try:
+        for name, path in files.items():
+            started = time.perf_counter()
+            engines[name] = load_engine(path, device="cuda")
+            loads[name] = time.perf_counter() - started
+            log(f"{name}: loaded in {loads[name]:.1f} s ({getattr(engines[name], 'load_timings', {})})")
+        for _ in range(rounds):
+            for name, engine in engines.items():
+                runs[name].append(throughput(engine, images, iters=iters, warmup=20))
+                log(f"{name}: {runs[name][-1]:.0f} img/s")
+    finally:
+        for engine in engines.values():
+            engine.close()
+    return {"load_s": loads, "runs_img_s": runs, "median_img_s": {k: statistics.median(v) for k, v in runs.items()}}
+
+
+def speed(work: Path, calib: Path, calib_n: int, skip_fp16: bool, rounds: int, iters: int,
+          save: Any) -> dict[str, Any]:
+    """Engine-alone img/s of the width-64 INT8 cuDNN and compiled FP16 engines (INT8 alone first, then both)."""
     import torch
 
     from engines.unet import UNet, UNetConfig
@@ -76,35 +99,25 @@ def speed(work: Path, calib: Path, calib_n: int, skip_fp16: bool, rounds: int, i
     if not ckpt.exists():
         torch.manual_seed(0)
         save_checkpoint(ckpt, UNet(UNetConfig(width=64)).eval(), EngineSpec())
-    builds = {"onnx_s": timed_build(ckpt, work / "w64.onnx", precision="fp32")}
+    result: dict[str, Any] = {"builds_s": {}}
+    builds = result["builds_s"]
+    builds["onnx_s"] = timed_build(ckpt, work / "w64.onnx", precision="fp32")
     builds["int8_onnx_s"] = timed_build(work / "w64.onnx", work / "w64_int8.onnx", precision="int8",
                                         calib=str(calib), calib_count=calib_n)
     builds["cudnn_s"] = timed_build(work / "w64_int8.onnx", work / "w64_int8.cudnn", target="cuda")
     files = {"int8": work / "w64_int8.cudnn"}
-    if not skip_fp16:
-        builds["ptc_s"] = timed_build(ckpt, work / "w64.ptc", compile=True, precision="fp16")
-        files["fp16"] = work / "w64.ptc"
-    images = bench_images(EngineSpec(), 8)
-    runs: dict[str, list[float]] = {name: [] for name in files}
-    loads: dict[str, float] = {}
-    for name, path in files.items():
-        started = time.perf_counter()
-        engine = load_engine(path, device="cuda")
-        loads[name] = time.perf_counter() - started
-        engine.close()
-    engines = {name: load_engine(path, device="cuda") for name, path in files.items()}
-    try:
-        for _ in range(rounds):
-            for name, engine in engines.items():
-                runs[name].append(throughput(engine, images, iters=iters, warmup=20))
-    finally:
-        for engine in engines.values():
-            engine.close()
-    result: dict[str, Any] = {"builds_s": builds, "load_s": loads, "runs_img_s": runs}
-    result["int8_img_s"] = statistics.median(runs["int8"])
-    if "fp16" in runs:
-        result["fp16_compiled_img_s"] = statistics.median(runs["fp16"])
-        result["int8_over_fp16"] = result["int8_img_s"] / result["fp16_compiled_img_s"]
+    result["int8_alone"] = engine_alone(files, 1, iters)
+    result["int8_img_s"] = result["int8_alone"]["median_img_s"]["int8"]
+    save(result)
+    if skip_fp16:
+        return result
+    builds["ptc_s"] = timed_build(ckpt, work / "w64.ptc", compile=True, precision="fp16")
+    files["fp16"] = work / "w64.ptc"
+    both = engine_alone(files, rounds, iters)
+    result.update(both)
+    result["int8_img_s"] = both["median_img_s"]["int8"]
+    result["fp16_compiled_img_s"] = both["median_img_s"]["fp16"]
+    result["int8_over_fp16"] = result["int8_img_s"] / result["fp16_compiled_img_s"]
     return result
 
 
@@ -148,6 +161,7 @@ def gpu_name() -> str:
 
 
 def main() -> None:
+    """Parse the options, run the phases, write the JSON and print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/int8_gpu"))
     parser.add_argument("--calib-n", type=int, default=32, help="calibration images (synthetic, their own seed)")
@@ -175,16 +189,21 @@ def main() -> None:
     import torch
 
     result["versions"]["cudnn"] = str(torch.backends.cudnn.version())
-    result["speed"] = speed(args.work, calib / "images", args.calib_n, args.skip_fp16, args.rounds, args.iters)
-    for key in ("fp16_compiled_img_s", "int8_img_s", "int8_over_fp16"):
-        if key in result["speed"]:
-            result[key] = result["speed"][key]
-    if not args.skip_quality:
-        result.update(quality(args.work, calib / "images", args.calib_n, args.dice_n))
     out = args.out_json or ROOT / "benchmarks" / "results" / (
         f"int8_gpu_{result['gpu'].lower().replace(' ', '_')}_{dt.datetime.now():%Y%m%dT%H%M%S}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+
+    def save(speed_result: dict[str, Any]) -> None:  # after each phase: a run cut short keeps what it measured
+        result["speed"] = speed_result
+        for key in ("fp16_compiled_img_s", "int8_img_s", "int8_over_fp16"):
+            if key in speed_result:
+                result[key] = speed_result[key]
+        out.write_text(json.dumps(result, indent=1))
+
+    save(speed(args.work, calib / "images", args.calib_n, args.skip_fp16, args.rounds, args.iters, save))
+    if not args.skip_quality:
+        result.update(quality(args.work, calib / "images", args.calib_n, args.dice_n))
+        out.write_text(json.dumps(result, indent=1))
     log(f"\nwrote {out}")
     for key in ("gpu", "fp16_compiled_img_s", "int8_img_s", "int8_over_fp16", "dice_fp32", "dice_fp16", "dice_int8",
                 "dice_int8_uncalibrated", "int8_pixel_agreement_with_onnx_int8"):
