@@ -123,8 +123,8 @@ def scale_out_plot(path: Path) -> None:
     for bar, value in zip(bars8, ratio8, strict=True):
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 12, f"{value:.3f}", ha="center", fontsize=8)
     for bar, value in zip(bars1, ratio1, strict=True):
-        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 12, "not run" if value is None else f"{value:.3f}",
-                ha="center", fontsize=8)
+        text = "not run" if value is None else f"{value:.3f}"
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 12, text, ha="center", fontsize=8)
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("images per second")
     ax.set_ylim(0, 1400)
