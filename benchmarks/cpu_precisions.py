@@ -42,14 +42,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import engines  # noqa: E402
-from engines.base import EngineSpec, infer, metadata_path  # noqa: E402
-from toolchain.bench import bench_engines, format_table, machine_info  # noqa: E402
 from common.metrics import dice  # noqa: E402
+from engines.base import EngineSpec, infer, metadata_path  # noqa: E402
 from engines.onnx_engine import OnnxEngine, normalize_array  # noqa: E402
+from engines.versions import built_with  # noqa: E402
+from toolchain.bench import bench_engines, format_table, machine_info  # noqa: E402
 from toolchain.fp16 import convert_fp16  # noqa: E402
 from toolchain.int8 import quantize_int8  # noqa: E402
 from toolchain.synth import generate, write_dataset  # noqa: E402
-from engines.versions import built_with  # noqa: E402
 
 EVAL_SEED = 1_000_003
 
@@ -203,8 +203,8 @@ def main() -> None:
             ref = all_masks[variants[0]["variant"]]
             for v in variants:
                 masks = all_masks[v["variant"]]
-                v["dice_truth"] = float(np.mean([dice(m, t) for m, t in zip(masks, truth)]))
-                v["dice_vs_fp32_masks"] = float(np.mean([dice(m, r) for m, r in zip(masks, ref)]))
+                v["dice_truth"] = float(np.mean([dice(m, t) for m, t in zip(masks, truth, strict=True)]))
+                v["dice_vs_fp32_masks"] = float(np.mean([dice(m, r) for m, r in zip(masks, ref, strict=True)]))
                 v["pixel_agreement_fp32"] = float((masks == ref).mean())
             print("quality measured; timing ...", flush=True)
             rows = bench_engines(loaded, [args.batch], args.samples, warmup=2, rounds=args.rounds,
@@ -213,7 +213,7 @@ def main() -> None:
             for _, engine in loaded:
                 engine.close()
 
-        for v, row in zip(variants, rows):
+        for v, row in zip(variants, rows, strict=True):
             best = max(row.runs)
             fps = best if args.statistic == "best" else row.fps
             v.update(batch=row.batch, samples=row.samples, runtime_s=row.samples / fps, fps=fps, runs=list(row.runs),
@@ -267,7 +267,7 @@ def main() -> None:
     )
     record = {
         "benchmark": "cpu_precisions",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "gpu": None,
         "versions": built_with("cpu"),
@@ -288,7 +288,7 @@ def main() -> None:
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     out = args.out / f"cpu_precisions_{stamp}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     if profiles:

@@ -39,10 +39,10 @@ import torch  # noqa: E402
 
 from engines import DEMO_CHECKPOINT  # noqa: E402
 from engines.base import EngineSpec, infer  # noqa: E402
-from toolchain.bench import throughput  # noqa: E402
 from engines.checkpoint import save_checkpoint  # noqa: E402
-from toolchain.synth import generate  # noqa: E402
 from engines.unet import UNet, UNetConfig  # noqa: E402
+from toolchain.bench import throughput  # noqa: E402
+from toolchain.synth import generate  # noqa: E402
 
 TARGET = 1100.0  # img/s, compiled FP16, width 64, batch 8, on an H200 (DESIGN.md bar)
 
@@ -196,7 +196,7 @@ def main() -> int:
     w64_compiled = [r for m in results if m["model"] == "w64" for r in m["rows"] if r["variant"].startswith("compiled")]
     report = {
         "benchmark": "gpu_engines",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "gpu": {"name": gpu, "compute_capability": cap, "count": torch.cuda.device_count()},
         "machine": {"host": platform.node(), "platform": platform.platform(), "cores": os.cpu_count()},
         "versions": _versions(),
@@ -209,7 +209,7 @@ def main() -> int:
         "models": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     slug = "".join(c if c.isalnum() else "_" for c in gpu.lower()).strip("_")
     path = args.out / f"gpu_engines_{slug}_{stamp}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -40,7 +40,6 @@ import zstandard  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from broker import payloads  # noqa: E402
-
 from engines.versions import package_version  # noqa: E402
 from toolchain.bench import cpu_model  # noqa: E402
 from toolchain.synth import generate  # noqa: E402
@@ -109,9 +108,9 @@ def measure(arrays: list[np.ndarray], codecs: dict[str, tuple[Callable, Callable
             encoded = [encode(a) for a in arrays]
             enc_ms.append((time.perf_counter() - start) * 1000 / len(arrays))
             start = time.perf_counter()
-            decoded = [decode(e, a.shape) for e, a in zip(encoded, arrays)]
+            decoded = [decode(e, a.shape) for e, a in zip(encoded, arrays, strict=True)]
             dec_ms.append((time.perf_counter() - start) * 1000 / len(arrays))
-        for a, d in zip(arrays, decoded):
+        for a, d in zip(arrays, decoded, strict=True):
             assert np.array_equal(a, d), f"{name} did not round-trip"
         stored = sum(_size(e) for e in encoded)
         rows.append({"codec": name, "ratio": round(raw_bytes / stored, 2),
@@ -156,7 +155,7 @@ def main() -> None:
     print_table(f"images, synthetic + camera noise sigma {args.extra_noise} ({n})", results["images_synthetic_extra_noise"])
     print_table(f"masks, 0/1 ({n})", results["masks"])
 
-    stamp = dt.datetime.now(dt.timezone.utc)
+    stamp = dt.datetime.now(dt.UTC)
     machine = args.machine or "cpu"
     result = {
         "benchmark": "payloads",

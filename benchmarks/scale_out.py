@@ -372,14 +372,14 @@ class Bench:
             logs.append(log)
         deadline = time.monotonic() + self.args.ready_timeout
         while not all(events(log, "worker_ready") for log in logs):
-            for proc, log in zip(procs, logs):
+            for proc, log in zip(procs, logs, strict=True):
                 if proc.poll() is not None:
                     raise BenchError(f"worker exited with {proc.returncode} before ready; see {log.with_suffix('.out')}:\n"
                                      f"{log.with_suffix('.out').read_text()[-3000:]}")
             if time.monotonic() > deadline:
                 raise BenchError(f"workers not ready within {self.args.ready_timeout:.0f} s")
             time.sleep(0.2)
-        start_s = [round(stamp(events(log, "worker_ready")[0]) - t, 2) for log, t in zip(logs, spawned)]
+        start_s = [round(stamp(events(log, "worker_ready")[0]) - t, 2) for log, t in zip(logs, spawned, strict=True)]
         return procs, logs, start_s
 
     def stop_workers(self, procs: list[subprocess.Popen]) -> list[int]:
@@ -425,7 +425,7 @@ class Bench:
                 bad = [p for p in producers if p.poll() not in (None, 0)]
                 if bad:
                     raise BenchError(f"producer enqueue exited with {bad[0].returncode}; see {self.tmp / 'logs'}")
-                for proc, log in zip(procs, logs):
+                for proc, log in zip(procs, logs, strict=True):
                     if proc.poll() is not None:
                         raise BenchError(f"worker exited with {proc.returncode} mid-run; see {log.with_suffix('.out')}")
                 if time.monotonic() > deadline:
@@ -657,7 +657,7 @@ def main() -> int:
     gpu = engine_bench.get("gpu") or ("cpu" if args.device_kind == "cpu" else "unknown")
     if args.device_kind == "cpu":
         gpu = "cpu"
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     result: dict[str, Any] = {
         "benchmark": "scale_out",
         "date": now.isoformat(timespec="seconds"),

@@ -28,12 +28,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.metrics import dice  # noqa: E402
 from engines import DEMO_CHECKPOINT  # noqa: E402
 from engines.base import infer  # noqa: E402
+from engines.loader import load_engine  # noqa: E402
 from toolchain.bench import BenchRow, bench_engines, format_table, report  # noqa: E402
 from toolchain.build import build  # noqa: E402
-from engines.loader import load_engine  # noqa: E402
-from common.metrics import dice  # noqa: E402
 from toolchain.synth import generate, write_dataset  # noqa: E402
 
 HELDOUT_SEED = 1000003  # the demo model's held-out seed (engines/demo/README.md)
@@ -130,7 +130,7 @@ def mean_dice(engine, images: np.ndarray, truth: np.ndarray) -> float:
     scores = []
     for first in range(0, len(images), 8):
         masks = infer(engine, images[first:first + 8])
-        scores += [dice(m, t) for m, t in zip(masks, truth[first:first + 8])]
+        scores += [dice(m, t) for m, t in zip(masks, truth[first:first + 8], strict=True)]
     return float(np.mean(scores))
 
 

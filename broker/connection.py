@@ -83,7 +83,7 @@ class BrokerSettings:
     state_dir: Path = Path()
 
     @classmethod
-    def resolve(cls, redis_url: str | None, queue: str | None, state_dir: Path | None = None) -> "BrokerSettings":
+    def resolve(cls, redis_url: str | None, queue: str | None, state_dir: Path | None = None) -> BrokerSettings:
         """Fill gaps from the environment: REDIS_URL, then the embedded default."""
         url = redis_url or os.environ.get("REDIS_URL") or None
         return cls(redis_url=url, queue=queue or DEFAULT_QUEUE, state_dir=state_dir or default_state_dir())

@@ -110,7 +110,7 @@ class RedisServer:
                      "--tls-auth-clients", "no"]
         return args
 
-    def start(self, timeout_s: float = 15.0) -> "RedisServer":
+    def start(self, timeout_s: float = 15.0) -> RedisServer:
         """Start the server and wait until it answers PING; raise BrokerUnavailable on failure."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(

@@ -247,7 +247,7 @@ class QueueStore:
         if not image_ids:
             return {}
         values = self.client.hmget(self._manifest, list(image_ids))
-        return {i: v.decode(errors="backslashreplace") for i, v in zip(image_ids, values) if v is not None}
+        return {i: v.decode(errors="backslashreplace") for i, v in zip(image_ids, values, strict=True) if v is not None}
 
     def manifest_size(self) -> int:
         """How many images the manifest holds."""

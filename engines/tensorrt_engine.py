@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import collections
 import threading
-from dataclasses import replace
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
@@ -107,7 +107,7 @@ def check_plan_shape(
     hint = rebuild_hint(path, spec)
     if len(input_shape) != 4:
         raise EngineError(f"{path}: plan input must be NCHW, got shape {tuple(input_shape)}. {hint}")
-    for got, want, what in zip(input_shape[1:], (spec.channels, spec.height, spec.width), ("channels", "height", "width")):
+    for got, want, what in zip(input_shape[1:], (spec.channels, spec.height, spec.width), ("channels", "height", "width"), strict=True):
         if got != want:
             raise EngineError(f"{path}: plan input {what} is {got}, its metadata says {want}. {hint}")
     low, high = batch_range

@@ -172,7 +172,7 @@ class ProducerPool:
             self._executor.shutdown(wait=True, cancel_futures=cancel)
             self._executor = None
 
-    def __enter__(self) -> "ProducerPool":
+    def __enter__(self) -> ProducerPool:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -18,8 +18,8 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from broker.store import QueueStore, StoredImage, now
-from engines import DEMO_ONNX
 from common.metrics import dice
+from engines import DEMO_ONNX
 from producer.enqueue import segmentation_queue
 from tests.conftest import SMALL_SIZE, free_port, tiny_unet, write_synthetic_images
 

@@ -18,9 +18,9 @@ import redis
 from broker.connection import BrokerSettings
 from broker.store import QueueStore, StoredImage, new_image_id, now
 from engines.loader import load_engine
-from toolchain.synth import generate
 from tests.conftest import SMALL_SIZE
 from tests.fake_jobs import FakeJobSource
+from toolchain.synth import generate
 from worker.batch import BatchItem, SubmittedBatch
 from worker.claims import OpenClaims
 from worker.logs import configure_logging

@@ -88,7 +88,7 @@ def tls_binary() -> str:
             return binary
     reason = (f"TLS NOT TESTED: no redis-server built with TLS on this machine (found: {redis_binaries()}); "
               "install one (Debian: apt-get install redis-server) to run the TLS tests")
-    warnings.warn(reason)
+    warnings.warn(reason, stacklevel=2)
     pytest.skip(reason)
 
 
@@ -141,7 +141,7 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[TlsFiles, Path]
     """(server files signed by a throwaway CA, another CA's certificate that signed nothing here)."""
     if shutil.which("openssl") is None:
         reason = "TLS NOT TESTED: the openssl command is needed to make the test certificates"
-        warnings.warn(reason)
+        warnings.warn(reason, stacklevel=2)
         pytest.skip(reason)
     folder = tmp_path_factory.mktemp("tls")
     ca, ca_key = make_ca(folder, "segqueue-test-ca")

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.metrics import mean_dice
 from engines import DEMO_CHECKPOINT
 from engines.base import EngineSpec, infer
-from toolchain.bench import throughput
 from engines.checkpoint import save_checkpoint
-from common.metrics import mean_dice
-from toolchain.synth import generate
 from engines.torch_engine import TorchEngine
 from engines.unet import UNet, UNetConfig
+from toolchain.bench import throughput
+from toolchain.synth import generate
 
 
 def check(checkpoint: Path, device: str = "cuda") -> list[str]:

@@ -99,7 +99,7 @@ def render(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
 
     radii = np.exp(rng.uniform(math.log(r_lo), math.log(r_hi), n)) if n else np.empty(0)
     centers = _cell_centers(rng, size, n, radii) if n else np.empty((0, 2))
-    for (cy, cx), r in zip(centers, radii):
+    for (cy, cx), r in zip(centers, radii, strict=True):
         a = r * rng.uniform(0.9, 1.25)  # semi-axes
         b = r * rng.uniform(0.6, 1.0)
         phi = rng.uniform(0, math.pi)

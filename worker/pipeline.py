@@ -203,7 +203,7 @@ class BatchPipeline:
         loaded = self.loader.load([item.image_id for item in items])
         good_items, images, rejected = [], [], []
         spec = self.engine.spec
-        for item, image in zip(items, loaded):
+        for item, image in zip(items, loaded, strict=True):
             if isinstance(image, str):
                 rejected.append((item, image))
             elif image.pixels.shape != (spec.height, spec.width):

@@ -311,7 +311,7 @@ class RqJobSource:
         """
         handles, unreadable = [], []
         with self.client.pipeline() as pipe:
-            for raw_id, job in zip(raw_ids, self._fetch(raw_ids)):
+            for raw_id, job in zip(raw_ids, self._fetch(raw_ids), strict=True):
                 pipe.lrem(self.queue.intermediate_queue_key, 1, raw_id)
                 if isinstance(job, Job):
                     handles.append(self._prepare(job, pipe))
@@ -462,7 +462,7 @@ class RqJobSource:
             with self.client.pipeline() as pipe:
                 handles: list[_RqHandle] = [claim.handle for claim in finished]
                 finished_until = {}
-                for claim, handle in zip(finished, handles):
+                for claim, handle in zip(finished, handles, strict=True):
                     result_ttl = self._record_success(claim, pipe)
                     if result_ttl != 0:
                         finished_until[handle.job.id] = self._registry_score(result_ttl)

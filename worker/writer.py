@@ -105,7 +105,7 @@ class ResultWriter:
         """Store masks and failures in one round trip, and note each image's outcome on its job."""
         self.store.save_results([(item.image_id, masks[index]) for index, item in enumerate(submitted.items)],
                                 [(item.image_id, reason) for item, reason in submitted.rejected])
-        for item, image in zip(submitted.items, submitted.images):
+        for item, image in zip(submitted.items, submitted.images, strict=True):
             item.claim.outcomes[item.image_id] = ImageOutcome(item.image_id, ok=True, name=image.name)
         for item, reason in submitted.rejected:
             item.claim.outcomes[item.image_id] = ImageOutcome(item.image_id, ok=False, error=reason)
