@@ -80,7 +80,8 @@ def diagnosis_variant(source: Path, out: Path, calib_dir: Path, count: int, *, p
             quant_pre_process(str(source), str(ready))
         options = {**quant_options("tensorrt", onnx.load(str(ready), load_external_data=False)), **overrides}
         if not options["per_channel"]:
-            options["extra_options"] = {k: v for k, v in options["extra_options"].items() if k != "TensorQuantOverrides"}
+            options["extra_options"] = {k: v for k, v in options["extra_options"].items()
+                                        if k != "TensorQuantOverrides"}
         quantize_static(str(ready), str(out), CalibrationReader(calibration_batches(images, spec, 4), spec.input_name),
                         calibrate_method=CalibrationMethod.MinMax, **options)
     spec = EngineSpec.from_dict({**json.loads(spec.to_json()), "precision": "int8"})
@@ -240,7 +241,8 @@ def main() -> None:
                 f"Why (ONNX Runtime profile, ms per batch of {args.batch}): its int8 convolutions are fast "
                 f"(QLinearConv {p8.get('QLinearConv', 0):.0f} ms vs FP32 Conv {p32.get('Conv', 0):.0f} ms), but "
                 f"{overhead:.0f} ms go to DequantizeLinear {p8.get('DequantizeLinear', 0):.0f}, QuantizeLinear "
-                f"{p8.get('QuantizeLinear', 0):.0f}, Relu {p8.get('Relu', 0):.0f}, Transpose {p8.get('Transpose', 0):.0f}, "
+                f"{p8.get('QuantizeLinear', 0):.0f}, Relu {p8.get('Relu', 0):.0f}, "
+                f"Transpose {p8.get('Transpose', 0):.0f}, "
                 f"Concat {p8.get('Concat', 0):.0f}, MaxPool {p8.get('MaxPool', 0):.0f}: with int8 zero point 0 "
                 "(what TensorRT requires) a Relu does not vanish into the quantized range, so ONNX Runtime "
                 "keeps each Relu, Concat and MaxPool in float between extra Dequantize/Quantize passes over "

@@ -8,7 +8,8 @@ shipped width-16 demo model, both 1x512x512, 2 classes. Rows, at batch 8 and 1 (
   torch FP32 eager, TF32 off | TF32 eager | torch AMP FP16 | FP16 channels_last eager | compiled FP16 (.ptc)
 Each rate is the median of --repeats runs of --iters batches with the engine's 2 slots in flight
 (toolchain.bench.throughput), uint8 in and uint8 masks out, as a worker runs them.
-The compiled engine (static --batch-sizes, default 8; smaller batches run padded) is built in a fresh process with empty inductor/triton cache directories (cold
+The compiled engine (static --batch-sizes, default 8; smaller batches run padded) is built in a fresh
+process with empty inductor/triton cache directories (cold
 build time), then loaded in another fresh process with other empty cache directories (warm load
 time: everything comes from the .ptc), which times it and saves its masks; mask agreement with the
 FP16 eager engine is reported. Prints a table last and writes JSON (date, GPU, versions, command)
@@ -183,7 +184,8 @@ def main() -> int:
             print(f"-- {label}", flush=True)
             rows, fp16_masks = eager_rows(ckpt, images, args.iters, args.repeats, args.eager.split(","), batches)
             for row in rows:
-                print(f"   {row['variant']:<26} b8 {row['b8_img_s']:>8.1f}  b1 {row['b1_img_s']:>8.1f} img/s", flush=True)
+                print(f"   {row['variant']:<26} b8 {row['b8_img_s']:>8.1f}  b1 {row['b1_img_s']:>8.1f} img/s",
+                      flush=True)
             if not args.no_compiled:
                 row = compiled_row(ckpt, work, fp16_masks, args.iters, args.repeats, args.batch_sizes, batches)
                 print(f"   {row['variant']:<26} b8 {row['b8_img_s']:>8.1f}  b1 {row['b1_img_s']:>8.1f} img/s "
@@ -220,7 +222,8 @@ def main() -> int:
         for row in model["rows"]:
             notes = ""
             if "cold_build_s" in row:
-                notes = (f"built for batch {row['compiled_batch_sizes']}: cold build {row['cold_build_s']} s, warm load {row['warm_load_s']} s "
+                notes = (f"built for batch {row['compiled_batch_sizes']}: cold build {row['cold_build_s']} s, "
+                         f"warm load {row['warm_load_s']} s "
                          f"(process {row['warm_load_process_s']} s), {row['ptc_mb']} MB, "
                          f"agreement {row['mask_agreement_vs_fp16_eager']}")
             rates = " ".join(f"{row.get(f'b{b}_img_s', float('nan')):>9.1f}" for b in batches)

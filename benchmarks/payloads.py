@@ -61,8 +61,10 @@ def image_codecs() -> dict[str, tuple[Callable, Callable]]:
     zd = zstandard.ZstdDecompressor()
     return {
         "raw": (lambda a: a.tobytes(), lambda b, s: np.frombuffer(b, np.uint8).reshape(s)),
-        "zstd-1": (lambda a: z1.compress(a.tobytes()), lambda b, s: np.frombuffer(zd.decompress(b), np.uint8).reshape(s)),
-        "zstd-3": (lambda a: z3.compress(a.tobytes()), lambda b, s: np.frombuffer(zd.decompress(b), np.uint8).reshape(s)),
+        "zstd-1": (lambda a: z1.compress(a.tobytes()),
+                   lambda b, s: np.frombuffer(zd.decompress(b), np.uint8).reshape(s)),
+        "zstd-3": (lambda a: z3.compress(a.tobytes()),
+                   lambda b, s: np.frombuffer(zd.decompress(b), np.uint8).reshape(s)),
         "lz4": (lambda a: lz4.frame.compress(a.tobytes()),
                 lambda b, s: np.frombuffer(lz4.frame.decompress(b), np.uint8).reshape(s)),
         "png": (_png_encode, _png_decode),
@@ -81,7 +83,8 @@ def mask_codecs() -> dict[str, tuple[Callable, Callable]]:
     return {
         "raw": (lambda a: a.tobytes(), lambda b, s: np.frombuffer(b, np.uint8).reshape(s)),
         "packbits": (lambda a: np.packbits(a, axis=None).tobytes(), unpack),
-        "zstd-1": (lambda a: z1.compress(a.tobytes()), lambda b, s: np.frombuffer(zd.decompress(b), np.uint8).reshape(s)),
+        "zstd-1": (lambda a: z1.compress(a.tobytes()),
+                   lambda b, s: np.frombuffer(zd.decompress(b), np.uint8).reshape(s)),
         "packbits+zstd-1": (lambda a: z1.compress(np.packbits(a, axis=None).tobytes()),
                             lambda b, s: unpack(zd.decompress(b), s)),
         "segqueue (packbits+zstd-1 + checksum)": (lambda a: payloads.encode_mask(a),
@@ -152,7 +155,8 @@ def main() -> None:
     }
     n = f"{args.images} x {args.size}x{args.size} uint8"
     print_table(f"images, synthetic ({n})", results["images_synthetic"])
-    print_table(f"images, synthetic + camera noise sigma {args.extra_noise} ({n})", results["images_synthetic_extra_noise"])
+    print_table(f"images, synthetic + camera noise sigma {args.extra_noise} ({n})",
+                results["images_synthetic_extra_noise"])
     print_table(f"masks, 0/1 ({n})", results["masks"])
 
     stamp = dt.datetime.now(dt.UTC)

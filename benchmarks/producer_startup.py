@@ -142,7 +142,8 @@ def main() -> int:
     print(f"{'workers':>8}{'first image s':>15}{'first job s':>13}{'all stored s':>14}{'exit s':>8}{'img/s':>8}"
           f"{'Redis CPU/1000':>16}{'main thread busy':>18}")
     for run in runs:
-        print(f"{run['workers']:>8}{run.get('first_image_s', float('nan')):>15.3f}{run.get('first_job_s', float('nan')):>13.3f}"
+        print(f"{run['workers']:>8}{run.get('first_image_s', float('nan')):>15.3f}"
+              f"{run.get('first_job_s', float('nan')):>13.3f}"
               f"{run.get('all_stored_s', float('nan')):>14.3f}{run['exit_s']:>8.3f}{run['img_s']:>8.1f}"
               f"{run['redis_cpu_s_per_1000']:>16.3f}{run['redis_main_thread_busy']:>18.3f}")
     print(f"wrote {path}")

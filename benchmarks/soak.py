@@ -1,4 +1,5 @@
-"""Soak under faults: many small images through 3 workers on one Redis (AOF on), workers SIGKILLed at random, Redis restarted.
+"""Soak under faults: many small images through 3 workers on one Redis (AOF on), workers SIGKILLed at random,
+Redis restarted.
 
     python benchmarks/soak.py --images 20000 --workers 3
 

@@ -40,7 +40,8 @@ SOCKET_TIMEOUT_S = 30.0  # every Redis call returns or fails within this (blocki
 # seen with MONITOR while `producer enqueue` (also with --out and --max-pending), `worker run`
 # (--burst, a SIGTERM drain, a SIGKILLed worker's jobs recovered by another's maintenance, per-image
 # and whole-job failures, an rq retry, garbled and vanished jobs), `producer status` and
-# `producer collect --delete` ran, and nothing else (GET and TTL: the worker's maintenance, see worker/rq_source.py). INFO is allowed for its `server` section only
+# `producer collect --delete` ran, and nothing else (GET and TTL: the worker's maintenance, see
+# worker/rq_source.py). INFO is allowed for its `server` section only
 # (rq reads the version there; Redis 7 logs that first-argument rule as deprecated). AUTH and HELLO
 # need no rule. Left out on purpose:
 # - CLIENT SETINFO and CLIENT MAINT_NOTIFICATIONS, which redis-py tries on every new connection and
@@ -244,7 +245,9 @@ def connect(settings: BrokerSettings) -> redis.Redis:
     except redis.AuthenticationError as exc:  # wrong user or password (a ConnectionError to redis-py)
         raise BrokerUnavailable(f"Redis at {settings.describe()} refused the login: {_detail(exc, url)}") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        raise BrokerUnavailable(f"cannot reach Redis at {settings.describe()}: {_tls_hint(_detail(exc, url))}") from None
+        raise BrokerUnavailable(
+            f"cannot reach Redis at {settings.describe()}: {_tls_hint(_detail(exc, url))}"
+        ) from None
     except redis.RedisError as exc:  # answered, but refused (e.g. a database number out of range)
         raise BrokerUnavailable(f"Redis at {settings.describe()} refused the connection: {_detail(exc, url)}") from None
     except ValueError as exc:  # malformed URL

@@ -145,7 +145,8 @@ def read_compiled(path: Path | str) -> CompiledFile:
     path = Path(path)
     if not path.is_file():
         raise EngineError(f"{path}: compiled engine file not found")
-    data = require_format(path, load_weights_only(path, "a readable compiled engine", mmap=True), FORMAT, f"{FORMAT} file")
+    loaded = load_weights_only(path, "a readable compiled engine", mmap=True)
+    data = require_format(path, loaded, FORMAT, f"{FORMAT} file")
     try:
         spec = EngineSpec.from_dict(data["spec"])
         config = UNetConfig.from_dict(data["config"])
@@ -153,7 +154,8 @@ def read_compiled(path: Path | str) -> CompiledFile:
         sizes = tuple(int(b) for b in compile_info["batch_sizes"])
         cache = data["compile_cache"]
         built = {str(k): str(v) for k, v in data["built_with"].items()}
-        if not isinstance(cache, torch.Tensor) or cache.dtype != torch.uint8 or not isinstance(data["state_dict"], dict):
+        if (not isinstance(cache, torch.Tensor) or cache.dtype != torch.uint8
+                or not isinstance(data["state_dict"], dict)):
             raise TypeError("compile_cache must be a uint8 tensor and state_dict a dict")
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise EngineError(f"{path}: malformed compiled engine ({type(exc).__name__}: {exc})") from None

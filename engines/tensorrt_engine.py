@@ -107,7 +107,8 @@ def check_plan_shape(
     hint = rebuild_hint(path, spec)
     if len(input_shape) != 4:
         raise EngineError(f"{path}: plan input must be NCHW, got shape {tuple(input_shape)}. {hint}")
-    for got, want, what in zip(input_shape[1:], (spec.channels, spec.height, spec.width), ("channels", "height", "width"), strict=True):
+    wanted = (spec.channels, spec.height, spec.width)
+    for got, want, what in zip(input_shape[1:], wanted, ("channels", "height", "width"), strict=True):
         if got != want:
             raise EngineError(f"{path}: plan input {what} is {got}, its metadata says {want}. {hint}")
     low, high = batch_range
@@ -226,9 +227,13 @@ class TensorRTEngine(SlotEngine):
         spec = self.spec
         context = self._engine.create_execution_context()
         if context is None:
-            raise EngineError(f"{self.path}: cannot create a TensorRT execution context ({trt_logger(self._trt).recent()})")
-        inp = torch.empty((self._rows, spec.channels, spec.height, spec.width), dtype=self._in_dtype, device=self.device)
-        out = torch.empty((self._rows, spec.classes, spec.height, spec.width), dtype=self._out_dtype, device=self.device)
+            raise EngineError(
+                f"{self.path}: cannot create a TensorRT execution context ({trt_logger(self._trt).recent()})"
+            )
+        inp = torch.empty((self._rows, spec.channels, spec.height, spec.width), dtype=self._in_dtype,
+                          device=self.device)
+        out = torch.empty((self._rows, spec.classes, spec.height, spec.width), dtype=self._out_dtype,
+                          device=self.device)
         # a slice [:n] of these starts at the same address: set once, only the input shape changes
         context.set_tensor_address(self._input, inp.data_ptr())
         context.set_tensor_address(self._output, out.data_ptr())

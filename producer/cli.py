@@ -54,20 +54,36 @@ def _default_workers() -> int:
 DEFAULT_WORKERS = _default_workers()  # one per CPU core, read once at import (typer shows it in --help)
 
 
-Workers = Annotated[int, typer.Option(min=1, help="Processes that decode files and write masks (default: one per CPU core).")]
+Workers = Annotated[int, typer.Option(min=1, help=(
+    "Processes that decode files and write masks (default: one per CPU core)."
+))]
 
 
 @app.command()
 def enqueue(
-    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (PNG, JPEG, TIFF, BMP; searched recursively).")],
+    paths: Annotated[list[Path], typer.Argument(help=(
+        "Image files or folders (PNG, JPEG, TIFF, BMP; searched recursively)."
+    ))],
     job_size: Annotated[int, typer.Option(min=1, help="Images per rq job.")] = 8,
-    size: Annotated[int, typer.Option(min=16, help="The engine's input size: images are resized to size x size.")] = 512,
+    size: Annotated[int, typer.Option(min=16, help=(
+        "The engine's input size: images are resized to size x size."
+    ))] = 512,
     workers: Workers = DEFAULT_WORKERS,
-    max_pending: Annotated[int | None, typer.Option(min=1, help="Wait while this many of this run's images are held in Redis, not yet collected (bounds Redis memory).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Write each mask here as it finishes (as collect does), free it from Redis, and return when all are done.")] = None,
+    max_pending: Annotated[int | None, typer.Option(min=1, help=(
+        "Wait while this many of this run's images are held in Redis, not yet collected (bounds Redis memory)."
+    ))] = None,
+    out: Annotated[Path | None, typer.Option(help=(
+        "Write each mask here as it finishes (as collect does), free it from Redis, and return when all are done."
+    ))] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Older spelling of --out DIR; needs --out.")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait, with --out, for the last masks once everything is enqueued, and with --max-pending, for room each time Redis is full.")] = 3600.0,
-    stall_warning: Annotated[float, typer.Option(min=0.1, help="While waiting (--out, --max-pending), say so after this many seconds in which no image has finished (no worker?).")] = STALL_WARNING_S,
+    timeout: Annotated[float, typer.Option(help=(
+        "Seconds to wait, with --out, for the last masks once everything is enqueued, and with --max-pending, for room "
+        "each time Redis is full."
+    ))] = 3600.0,
+    stall_warning: Annotated[float, typer.Option(min=0.1, help=(
+        "While waiting (--out, --max-pending), say so after this many seconds in which no image has finished (no "
+        "worker?)."
+    ))] = STALL_WARNING_S,
     redis_url: RedisUrl = None,
     queue: QueueName = None,
 ) -> None:
@@ -181,7 +197,9 @@ def _print_collect(report: CollectReport) -> int:
 @app.command()
 def collect(
     out: Annotated[Path, typer.Option(help="Folder for the masks (same relative names, .png).")],
-    delete: Annotated[bool, typer.Option("--delete", help="After writing each mask file, delete that image and its mask from Redis.")] = False,
+    delete: Annotated[bool, typer.Option("--delete", help=(
+        "After writing each mask file, delete that image and its mask from Redis."
+    ))] = False,
     workers: Workers = DEFAULT_WORKERS,
     redis_url: RedisUrl = None,
     queue: QueueName = None,
@@ -239,7 +257,9 @@ def report(
     out: Annotated[Path, typer.Option(help="Folder for report.md and the PNG plots.")],
     masks: Annotated[Path | None, typer.Option(help="Masks to score (producer collect output).")] = None,
     truth: Annotated[Path | None, typer.Option(help="Ground-truth masks with the same relative names.")] = None,
-    reference: Annotated[Path | None, typer.Option(help="A reference run's masks (e.g. FP32) for the Deviation column.")] = None,
+    reference: Annotated[Path | None, typer.Option(help=(
+        "A reference run's masks (e.g. FP32) for the Deviation column."
+    ))] = None,
 ) -> None:
     """Offline analysis: FPS, latency split, batch sizes, latency percentiles, and Dice against ground truth.
 

@@ -197,7 +197,9 @@ MAX_BINS = 400  # and there are never more bins than a plot can show
 
 @dataclass(frozen=True)
 class ThroughputSeries:
-    """Images per second in equal time bins: bin i covers [starts_s[i], starts_s[i] + bin_s) since the first batch start."""
+    """Images per second in equal time bins.
+
+    Bin i covers [starts_s[i], starts_s[i] + bin_s) since the first batch start."""
 
     starts_s: np.ndarray
     img_per_s: np.ndarray

@@ -30,7 +30,8 @@ try:
 except Exception:
     HAVE_TENSORRT = False
 
-needs_no_tensorrt = pytest.mark.skipif(HAVE_TENSORRT, reason="TensorRT is installed: the missing-TensorRT message cannot show")
+needs_no_tensorrt = pytest.mark.skipif(HAVE_TENSORRT,
+                                       reason="TensorRT is installed: the missing-TensorRT message cannot show")
 
 FAKE_ENGINE = b"\x00fake serialized TensorRT engine\xff" * 10
 

@@ -96,7 +96,8 @@ def tls_binary() -> str:
 
 
 def write_aclfile(folder: Path) -> Path:
-    """An ACL file: the default user (full rights, ADMIN_PASSWORD) and LEAST_PRIVILEGE_ACL as proposed, with its password."""
+    """An ACL file: the default user (full rights, ADMIN_PASSWORD) and LEAST_PRIVILEGE_ACL as proposed, with its
+    password."""
     assert LEAST_PRIVILEGE_ACL.count(">CHANGE-ME") == 1
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "users.acl"
@@ -294,7 +295,8 @@ def test_the_least_privilege_user_is_refused_everything_else(acl_server):
     allowed.subscribe("rq:pubsub:some-worker")
     assert allowed.get_message(timeout=5.0)["type"] == "subscribe"
     allowed.close()
-    assert {entry["reason"] for entry in acl_denials(acl_server)} >= {"command", "key", "channel"}, acl_denials(acl_server)
+    denials = acl_denials(acl_server)
+    assert {entry["reason"] for entry in denials} >= {"command", "key", "channel"}, denials
     client.close()
 
 

@@ -119,7 +119,9 @@ def test_old_format_image_fails_alone_in_the_worker(tmp_path, client, redis_url,
     assert [r["ok"] for r in job.return_value()["images"]] == [False, True]
 
 
-def test_collect_reports_an_old_format_mask_and_writes_the_others(tmp_path, client, redis_url, queue_name, small_engine):
+def test_collect_reports_an_old_format_mask_and_writes_the_others(
+    tmp_path, client, redis_url, queue_name, small_engine
+):
     write_synthetic_images(tmp_path / "images", 3)
     report = enqueue_folder(client, queue_name, tmp_path / "images", job_size=3)
     run_worker(redis_url, queue_name, small_engine, tmp_path / "worker.log")

@@ -204,7 +204,9 @@ def _log_text(log_file: Path) -> str:
     return log_file.read_text(encoding="utf-8", errors="replace")
 
 
-def test_jobs_rq_cannot_read_are_recorded_as_failed_with_the_reason(tmp_path, client, redis_url, queue_name, small_engine):
+def test_jobs_rq_cannot_read_are_recorded_as_failed_with_the_reason(
+    tmp_path, client, redis_url, queue_name, small_engine
+):
     """A job hash rq cannot load is failed where users look (rq's failed registry, status), not dropped."""
     from producer.status import queue_status
 
@@ -247,7 +249,9 @@ def test_jobs_rq_cannot_read_are_recorded_as_failed_with_the_reason(tmp_path, cl
     assert (status.images.queued, status.images.finished, status.images.failed) == (0, 2, 4)
 
 
-def test_a_job_whose_data_is_garbage_or_a_pickle_fails_with_a_reason(tmp_path, client, redis_url, queue_name, small_engine):
+def test_a_job_whose_data_is_garbage_or_a_pickle_fails_with_a_reason(
+    tmp_path, client, redis_url, queue_name, small_engine
+):
     import pickle
 
     queue = segmentation_queue(client, queue_name)

@@ -140,7 +140,8 @@ def format_table(rows: Sequence[BenchRow], extra: dict[str, Sequence[str]] | Non
     extra = extra or {}
     header = ["variant", "batch size", "samples", "runtime (s)", "FPS", *extra]
     body = [
-        [r.variant, str(r.batch), str(r.samples), f"{r.runtime_s:.2f}", f"{r.fps:.2f}", *(col[i] for col in extra.values())]
+        [r.variant, str(r.batch), str(r.samples), f"{r.runtime_s:.2f}", f"{r.fps:.2f}",
+         *(col[i] for col in extra.values())]
         for i, r in enumerate(rows)
     ]
     widths = [max(len(h), *(len(line[c]) for line in body)) if body else len(h) for c, h in enumerate(header)]

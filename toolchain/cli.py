@@ -16,7 +16,10 @@ from common.cli import Typer, exit_2_on
 from engines.base import EngineError
 
 app = Typer(
-    help="U-Net engines: synthetic data, training, ONNX export, FP16/INT8/TensorRT builds, engine info, Dice and throughput.",
+    help=(
+        "U-Net engines: synthetic data, training, ONNX export, FP16/INT8/TensorRT builds, engine info, Dice and "
+        "throughput."
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -198,7 +201,9 @@ def build(
         ),
     ] = None,
     calib_method: Annotated[
-        str, typer.Option(help="INT8 range method: minmax (default; the study found entropy wrong), entropy, percentile.")
+        str, typer.Option(help=(
+            "INT8 range method: minmax (default; the study found entropy wrong), entropy, percentile."
+        ))
     ] = "minmax",
     calib_count: Annotated[int, typer.Option(help="INT8: calibration images used (spread over the folder).")] = 64,
     target: Annotated[

@@ -77,7 +77,8 @@ def main(argv: list[str]) -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 0
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}")
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, "
+          f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}")
     failures = check(checkpoint)
     rows = timings(checkpoint)
     print(f"\n{'model':<12} {'precision':<9} {'batch':>5} {'img/s':>9}")

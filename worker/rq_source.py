@@ -407,7 +407,8 @@ class RqJobSource:
         return self.queue.count
 
     def maintain(self) -> None:
-        """Registry maintenance on rq's schedule, with rq's own steps but a short lock (re-enqueues jobs of dead workers).
+        """Registry maintenance on rq's schedule, with rq's own steps but a short lock (re-enqueues jobs of dead
+        workers).
 
         rq's run_maintenance_tasks takes a 899 s lock and deletes it when done: a worker killed while
         cleaning (the soak did it) stops every worker's maintenance on the queue for 15 minutes, and
@@ -443,7 +444,8 @@ class RqJobSource:
                 continue
             job = self.queue.fetch_job(job_id)
             if job is not None:
-                self._rq.handle_job_failure(job, self.queue, exc_string="the worker that claimed it died before starting it")
+                self._rq.handle_job_failure(job, self.queue,
+                                            exc_string="the worker that claimed it died before starting it")
             intermediate.remove(job_id)
 
     # --- completing ------------------------------------------------------------------------
@@ -522,7 +524,8 @@ class RqJobSource:
                 job.retries_left = 0
             job.ended_at = now()
             try:
-                self._rq.handle_job_failure(job=job, queue=self.queue, started_job_registry=self.queue.started_job_registry,
+                self._rq.handle_job_failure(job=job, queue=self.queue,
+                                            started_job_registry=self.queue.started_job_registry,
                                             exc_string=reason, execution=handle.execution)
             except redis.RedisError as exc:
                 log.error("could not record the failure of job %s (%s); rq re-enqueues it after its "

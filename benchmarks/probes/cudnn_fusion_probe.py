@@ -67,7 +67,8 @@ def check(label, io, n, cin, cout, side, k, relu, strided=False):
             ws = (torch.randn(cout, k, k, cin, device=dev) * 0.5).half()
         x, w = nchw(xs), nchw(ws)
         fan = cin * k * k
-        sc = (torch.rand(1, cout, 1, 1, device=dev) * 4 / (fan ** 0.5 * 128 * 64)).contiguous(memory_format=torch.channels_last)
+        sc = (torch.rand(1, cout, 1, 1, device=dev) * 4 / (fan ** 0.5 * 128 * 64))
+        sc = sc.contiguous(memory_format=torch.channels_last)
         bi = (torch.randn(1, cout, 1, 1, device=dev) * 5).contiguous(memory_format=torch.channels_last)
         if strided:
             buf = torch.zeros(n, side, side, 2 * cout, device=dev, dtype=torch.int8)
