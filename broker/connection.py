@@ -188,11 +188,12 @@ def embedded_server(state_dir: Path, announce: Callable[[str], None] = _announce
     so the line is there even if the command then fails: the server outlives the command.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
-    server = RedisServer(data_dir=state_dir, unix_socket=state_dir / "redis.sock", detach=True)
+    socket = state_dir / "redis.sock"
+    server = RedisServer(data_dir=state_dir, unix_socket=socket, detach=True)
     with open(state_dir / "redis.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not ping(server.url):
-            server.unix_socket.unlink(missing_ok=True)
+            socket.unlink(missing_ok=True)
             server.start()
             announce(f"started the embedded Redis (unix socket {server.unix_socket}, data in {state_dir}); "
                      f"it keeps running for the next commands; stop it with `{STOP_COMMAND}`")

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import click
 import redis
 import typer
 
@@ -142,8 +143,8 @@ def _child_argv(ctx: typer.Context, options: dict[str, object], device: str, log
     --log-file, --name and --metrics-port as given, and no --redis-url (see _child_env)."""
     argv = [sys.executable, "-m", "worker.cli", "run"]
     for param in ctx.command.params:
-        if getattr(param, "param_type_name", "") != "option" or param.name in ("device", "log_file", "name",
-                                                                                 "metrics_port", "redis_url"):
+        if not isinstance(param, click.Option) or param.name in ("device", "log_file", "name", "metrics_port",
+                                                                  "redis_url"):
             continue
         value = options.get(param.name)
         if value is None:
@@ -173,7 +174,7 @@ def _child_env(options: dict[str, object]) -> dict[str, str]:
 def _child_port(options: dict[str, object], index: int) -> int | None:
     """The index-th pool child's metrics port: --metrics-port + index (None without --metrics-port)."""
     base = options.get("metrics_port")
-    return None if base is None else int(base) + index  # type: ignore[arg-type]
+    return base + index if isinstance(base, int) else None
 
 
 def _run_pool(ctx: typer.Context, options: dict[str, object], device: str, log_file: Path | None, name: str) -> int:
@@ -282,8 +283,9 @@ def _serve(settings: WorkerSettings, plan: DevicePlan | None, log, started: floa
                  max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, device=settings.device,
                  burst=settings.burst, pid=os.getpid(), load_s=round(load_s, 3), engine_s=round(engine_s, 3),
                  engine_load=engine_timings, **gpu)
-        if getattr(loaded, "cuda_graphs_error", None):
-            log.warning("cuda_graphs_off", reason=loaded.cuda_graphs_error,
+        graphs_error = getattr(loaded, "cuda_graphs_error", None)  # compiled engines only
+        if graphs_error:
+            log.warning("cuda_graphs_off", reason=graphs_error,
                         effect="kernels are launched one by one: slower feeding")
         try:
             warmup_s = _warm_up(loaded, settings.max_batch)
