@@ -110,7 +110,8 @@ class MasksFromPixels(nn.Module):
 def prepare_module(ckpt: Checkpoint, device: torch.device) -> MasksFromPixels:
     """The checkpoint's model, BatchNorm folded, FP16, channels_last, wrapped for uint8 in and masks out."""
     model = fold_batchnorm_modules(ckpt.build_model())
-    model = model.to(device, memory_format=torch.channels_last).half().eval()
+    # Module.to takes memory_format (torch documents it); torch's overloads leave it out
+    model = model.to(device, memory_format=torch.channels_last).half().eval()  # type: ignore[call-overload]
     return MasksFromPixels(model, ckpt.spec.normalization).eval()
 
 

@@ -83,4 +83,4 @@ class OnnxEngine(EngineBase):
 
     def _release(self) -> None:
         self._runner.close()
-        self._session = None  # type: ignore[assignment]
+        self._session = None

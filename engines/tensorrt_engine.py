@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -48,7 +49,7 @@ _LOGGER = None
 _LOGGER_LOCK = threading.Lock()
 
 
-def trt_logger(trt: ModuleType):
+def trt_logger(trt: Any):
     """The process's one TensorRT logger; it keeps the last 50 warnings/errors for error messages."""
     global _LOGGER
     with _LOGGER_LOCK:
@@ -177,7 +178,7 @@ class TensorRTEngine(SlotEngine):
             spec = self.spec
             self.name = f"tensorrt:{self.device} {spec.precision} {self.path.name}"
             self._slots = CudaSlots(self.device, self._rows, spec.height, spec.width, self.name, count=self.slots)
-            self._contexts = []
+            self._contexts: list[Any] = []
             self._inputs: list[torch.Tensor] = []
             self._outputs: list[torch.Tensor] = []
             self._shapes: list[int] = []

@@ -159,7 +159,8 @@ def busy_intervals(batches: list[BatchRecord]) -> list[tuple[float, float]]:
 
 def union_seconds(intervals: list[tuple[float, float]]) -> float:
     """Total length of the union of [start, end] intervals (overlaps counted once, gaps not at all)."""
-    total, current_start, current_end = 0.0, None, None
+    total, current_start = 0.0, 0.0
+    current_end: float | None = None
     for start, end in sorted(intervals):
         if current_end is None or start > current_end:
             if current_end is not None:

@@ -56,7 +56,7 @@ def smooth_field(rng: np.random.Generator, size: int, grid: int) -> np.ndarray:
     grid: number of random control points per side (2-4: illumination; 8-32: texture).
     """
     coarse = rng.standard_normal((grid, grid)).astype(np.float32)
-    return np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC))
+    return np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.Resampling.BICUBIC))
 
 
 def _cell_centers(rng: np.random.Generator, size: int, n: int, radii: np.ndarray) -> np.ndarray:
