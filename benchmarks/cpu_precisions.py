@@ -42,14 +42,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import engines  # noqa: E402
-from engines.base import EngineSpec, infer, metadata_path  # noqa: E402
-from toolchain.bench import bench_engines, format_table, machine_info  # noqa: E402
 from common.metrics import dice  # noqa: E402
+from engines.base import EngineSpec, infer, metadata_path  # noqa: E402
 from engines.onnx_engine import OnnxEngine, normalize_array  # noqa: E402
+from engines.versions import built_with  # noqa: E402
+from toolchain.bench import bench_engines, format_table, machine_info  # noqa: E402
 from toolchain.fp16 import convert_fp16  # noqa: E402
 from toolchain.int8 import quantize_int8  # noqa: E402
 from toolchain.synth import generate, write_dataset  # noqa: E402
-from engines.versions import built_with  # noqa: E402
 
 EVAL_SEED = 1_000_003
 
@@ -80,7 +80,8 @@ def diagnosis_variant(source: Path, out: Path, calib_dir: Path, count: int, *, p
             quant_pre_process(str(source), str(ready))
         options = {**quant_options("tensorrt", onnx.load(str(ready), load_external_data=False)), **overrides}
         if not options["per_channel"]:
-            options["extra_options"] = {k: v for k, v in options["extra_options"].items() if k != "TensorQuantOverrides"}
+            options["extra_options"] = {k: v for k, v in options["extra_options"].items()
+                                        if k != "TensorQuantOverrides"}
         quantize_static(str(ready), str(out), CalibrationReader(calibration_batches(images, spec, 4), spec.input_name),
                         calibrate_method=CalibrationMethod.MinMax, **options)
     spec = EngineSpec.from_dict({**json.loads(spec.to_json()), "precision": "int8"})
@@ -203,8 +204,8 @@ def main() -> None:
             ref = all_masks[variants[0]["variant"]]
             for v in variants:
                 masks = all_masks[v["variant"]]
-                v["dice_truth"] = float(np.mean([dice(m, t) for m, t in zip(masks, truth)]))
-                v["dice_vs_fp32_masks"] = float(np.mean([dice(m, r) for m, r in zip(masks, ref)]))
+                v["dice_truth"] = float(np.mean([dice(m, t) for m, t in zip(masks, truth, strict=True)]))
+                v["dice_vs_fp32_masks"] = float(np.mean([dice(m, r) for m, r in zip(masks, ref, strict=True)]))
                 v["pixel_agreement_fp32"] = float((masks == ref).mean())
             print("quality measured; timing ...", flush=True)
             rows = bench_engines(loaded, [args.batch], args.samples, warmup=2, rounds=args.rounds,
@@ -213,7 +214,7 @@ def main() -> None:
             for _, engine in loaded:
                 engine.close()
 
-        for v, row in zip(variants, rows):
+        for v, row in zip(variants, rows, strict=True):
             best = max(row.runs)
             fps = best if args.statistic == "best" else row.fps
             v.update(batch=row.batch, samples=row.samples, runtime_s=row.samples / fps, fps=fps, runs=list(row.runs),
@@ -240,7 +241,8 @@ def main() -> None:
                 f"Why (ONNX Runtime profile, ms per batch of {args.batch}): its int8 convolutions are fast "
                 f"(QLinearConv {p8.get('QLinearConv', 0):.0f} ms vs FP32 Conv {p32.get('Conv', 0):.0f} ms), but "
                 f"{overhead:.0f} ms go to DequantizeLinear {p8.get('DequantizeLinear', 0):.0f}, QuantizeLinear "
-                f"{p8.get('QuantizeLinear', 0):.0f}, Relu {p8.get('Relu', 0):.0f}, Transpose {p8.get('Transpose', 0):.0f}, "
+                f"{p8.get('QuantizeLinear', 0):.0f}, Relu {p8.get('Relu', 0):.0f}, "
+                f"Transpose {p8.get('Transpose', 0):.0f}, "
                 f"Concat {p8.get('Concat', 0):.0f}, MaxPool {p8.get('MaxPool', 0):.0f}: with int8 zero point 0 "
                 "(what TensorRT requires) a Relu does not vanish into the quantized range, so ONNX Runtime "
                 "keeps each Relu, Concat and MaxPool in float between extra Dequantize/Quantize passes over "
@@ -267,7 +269,7 @@ def main() -> None:
     )
     record = {
         "benchmark": "cpu_precisions",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "gpu": None,
         "versions": built_with("cpu"),
@@ -288,7 +290,7 @@ def main() -> None:
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     out = args.out / f"cpu_precisions_{stamp}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     if profiles:

@@ -8,7 +8,8 @@ shipped width-16 demo model, both 1x512x512, 2 classes. Rows, at batch 8 and 1 (
   torch FP32 eager, TF32 off | TF32 eager | torch AMP FP16 | FP16 channels_last eager | compiled FP16 (.ptc)
 Each rate is the median of --repeats runs of --iters batches with the engine's 2 slots in flight
 (toolchain.bench.throughput), uint8 in and uint8 masks out, as a worker runs them.
-The compiled engine (static --batch-sizes, default 8; smaller batches run padded) is built in a fresh process with empty inductor/triton cache directories (cold
+The compiled engine (static --batch-sizes, default 8; smaller batches run padded) is built in a fresh
+process with empty inductor/triton cache directories (cold
 build time), then loaded in another fresh process with other empty cache directories (warm load
 time: everything comes from the .ptc), which times it and saves its masks; mask agreement with the
 FP16 eager engine is reported. Prints a table last and writes JSON (date, GPU, versions, command)
@@ -39,10 +40,10 @@ import torch  # noqa: E402
 
 from engines import DEMO_CHECKPOINT  # noqa: E402
 from engines.base import EngineSpec, infer  # noqa: E402
-from toolchain.bench import throughput  # noqa: E402
 from engines.checkpoint import save_checkpoint  # noqa: E402
-from toolchain.synth import generate  # noqa: E402
 from engines.unet import UNet, UNetConfig  # noqa: E402
+from toolchain.bench import throughput  # noqa: E402
+from toolchain.synth import generate  # noqa: E402
 
 TARGET = 1100.0  # img/s, compiled FP16, width 64, batch 8, on an H200 (DESIGN.md bar)
 
@@ -183,7 +184,8 @@ def main() -> int:
             print(f"-- {label}", flush=True)
             rows, fp16_masks = eager_rows(ckpt, images, args.iters, args.repeats, args.eager.split(","), batches)
             for row in rows:
-                print(f"   {row['variant']:<26} b8 {row['b8_img_s']:>8.1f}  b1 {row['b1_img_s']:>8.1f} img/s", flush=True)
+                print(f"   {row['variant']:<26} b8 {row['b8_img_s']:>8.1f}  b1 {row['b1_img_s']:>8.1f} img/s",
+                      flush=True)
             if not args.no_compiled:
                 row = compiled_row(ckpt, work, fp16_masks, args.iters, args.repeats, args.batch_sizes, batches)
                 print(f"   {row['variant']:<26} b8 {row['b8_img_s']:>8.1f}  b1 {row['b1_img_s']:>8.1f} img/s "
@@ -196,7 +198,7 @@ def main() -> int:
     w64_compiled = [r for m in results if m["model"] == "w64" for r in m["rows"] if r["variant"].startswith("compiled")]
     report = {
         "benchmark": "gpu_engines",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "gpu": {"name": gpu, "compute_capability": cap, "count": torch.cuda.device_count()},
         "machine": {"host": platform.node(), "platform": platform.platform(), "cores": os.cpu_count()},
         "versions": _versions(),
@@ -209,7 +211,7 @@ def main() -> int:
         "models": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     slug = "".join(c if c.isalnum() else "_" for c in gpu.lower()).strip("_")
     path = args.out / f"gpu_engines_{slug}_{stamp}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
@@ -220,7 +222,8 @@ def main() -> int:
         for row in model["rows"]:
             notes = ""
             if "cold_build_s" in row:
-                notes = (f"built for batch {row['compiled_batch_sizes']}: cold build {row['cold_build_s']} s, warm load {row['warm_load_s']} s "
+                notes = (f"built for batch {row['compiled_batch_sizes']}: cold build {row['cold_build_s']} s, "
+                         f"warm load {row['warm_load_s']} s "
                          f"(process {row['warm_load_process_s']} s), {row['ptc_mb']} MB, "
                          f"agreement {row['mask_agreement_vs_fp16_eager']}")
             rates = " ".join(f"{row.get(f'b{b}_img_s', float('nan')):>9.1f}" for b in batches)

@@ -177,7 +177,7 @@ def main() -> None:
     if not calib.exists():
         write_dataset(calib, args.calib_n, size=512, seed=CALIB_SEED, progress=False)
     result: dict[str, Any] = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": socket.gethostname(), "gpu": gpu_name(), "batch": 8,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "versions": {"python": platform.python_version(), "torch": package_version("torch"),

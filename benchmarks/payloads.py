@@ -40,7 +40,6 @@ import zstandard  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from broker import payloads  # noqa: E402
-
 from engines.versions import package_version  # noqa: E402
 from toolchain.bench import cpu_model  # noqa: E402
 from toolchain.synth import generate  # noqa: E402
@@ -62,8 +61,10 @@ def image_codecs() -> dict[str, tuple[Callable, Callable]]:
     zd = zstandard.ZstdDecompressor()
     return {
         "raw": (lambda a: a.tobytes(), lambda b, s: np.frombuffer(b, np.uint8).reshape(s)),
-        "zstd-1": (lambda a: z1.compress(a.tobytes()), lambda b, s: np.frombuffer(zd.decompress(b), np.uint8).reshape(s)),
-        "zstd-3": (lambda a: z3.compress(a.tobytes()), lambda b, s: np.frombuffer(zd.decompress(b), np.uint8).reshape(s)),
+        "zstd-1": (lambda a: z1.compress(a.tobytes()),
+                   lambda b, s: np.frombuffer(zd.decompress(b), np.uint8).reshape(s)),
+        "zstd-3": (lambda a: z3.compress(a.tobytes()),
+                   lambda b, s: np.frombuffer(zd.decompress(b), np.uint8).reshape(s)),
         "lz4": (lambda a: lz4.frame.compress(a.tobytes()),
                 lambda b, s: np.frombuffer(lz4.frame.decompress(b), np.uint8).reshape(s)),
         "png": (_png_encode, _png_decode),
@@ -82,7 +83,8 @@ def mask_codecs() -> dict[str, tuple[Callable, Callable]]:
     return {
         "raw": (lambda a: a.tobytes(), lambda b, s: np.frombuffer(b, np.uint8).reshape(s)),
         "packbits": (lambda a: np.packbits(a, axis=None).tobytes(), unpack),
-        "zstd-1": (lambda a: z1.compress(a.tobytes()), lambda b, s: np.frombuffer(zd.decompress(b), np.uint8).reshape(s)),
+        "zstd-1": (lambda a: z1.compress(a.tobytes()),
+                   lambda b, s: np.frombuffer(zd.decompress(b), np.uint8).reshape(s)),
         "packbits+zstd-1": (lambda a: z1.compress(np.packbits(a, axis=None).tobytes()),
                             lambda b, s: unpack(zd.decompress(b), s)),
         "segqueue (packbits+zstd-1 + checksum)": (lambda a: payloads.encode_mask(a),
@@ -109,9 +111,9 @@ def measure(arrays: list[np.ndarray], codecs: dict[str, tuple[Callable, Callable
             encoded = [encode(a) for a in arrays]
             enc_ms.append((time.perf_counter() - start) * 1000 / len(arrays))
             start = time.perf_counter()
-            decoded = [decode(e, a.shape) for e, a in zip(encoded, arrays)]
+            decoded = [decode(e, a.shape) for e, a in zip(encoded, arrays, strict=True)]
             dec_ms.append((time.perf_counter() - start) * 1000 / len(arrays))
-        for a, d in zip(arrays, decoded):
+        for a, d in zip(arrays, decoded, strict=True):
             assert np.array_equal(a, d), f"{name} did not round-trip"
         stored = sum(_size(e) for e in encoded)
         rows.append({"codec": name, "ratio": round(raw_bytes / stored, 2),
@@ -153,10 +155,11 @@ def main() -> None:
     }
     n = f"{args.images} x {args.size}x{args.size} uint8"
     print_table(f"images, synthetic ({n})", results["images_synthetic"])
-    print_table(f"images, synthetic + camera noise sigma {args.extra_noise} ({n})", results["images_synthetic_extra_noise"])
+    print_table(f"images, synthetic + camera noise sigma {args.extra_noise} ({n})",
+                results["images_synthetic_extra_noise"])
     print_table(f"masks, 0/1 ({n})", results["masks"])
 
-    stamp = dt.datetime.now(dt.timezone.utc)
+    stamp = dt.datetime.now(dt.UTC)
     machine = args.machine or "cpu"
     result = {
         "benchmark": "payloads",

@@ -41,7 +41,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.scale_out import (  # noqa: E402
-    Children, redis_binary, redis_delta, redis_snapshot, start_redis, toolchain_module, versions)
+    Children,
+    redis_binary,
+    redis_delta,
+    redis_snapshot,
+    start_redis,
+    toolchain_module,
+    versions,
+)
 from broker.store import QueueStore  # noqa: E402
 from producer.enqueue import segmentation_queue  # noqa: E402
 
@@ -50,7 +57,7 @@ def import_seconds() -> float:
     """Cumulative import time of producer.cli in a fresh interpreter (python -X importtime), seconds."""
     out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import producer.cli"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
-    line = next(l for l in out.stderr.splitlines() if l.rstrip().endswith("| producer.cli"))
+    line = next(ln for ln in out.stderr.splitlines() if ln.rstrip().endswith("| producer.cli"))
     return int(line.split("|")[1]) / 1e6
 
 
@@ -100,7 +107,7 @@ def main() -> int:
                         help="Redis AOF everysec (--no-aof: off, to see what the AOF costs the producer)")
     parser.add_argument("--out-json", type=Path, default=None)
     args = parser.parse_args()
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     tmp = Path(tempfile.mkdtemp(prefix="producer_startup_"))
     children = Children()
     redis_bin = args.redis_server or redis_binary()
@@ -135,7 +142,8 @@ def main() -> int:
     print(f"{'workers':>8}{'first image s':>15}{'first job s':>13}{'all stored s':>14}{'exit s':>8}{'img/s':>8}"
           f"{'Redis CPU/1000':>16}{'main thread busy':>18}")
     for run in runs:
-        print(f"{run['workers']:>8}{run.get('first_image_s', float('nan')):>15.3f}{run.get('first_job_s', float('nan')):>13.3f}"
+        print(f"{run['workers']:>8}{run.get('first_image_s', float('nan')):>15.3f}"
+              f"{run.get('first_job_s', float('nan')):>13.3f}"
               f"{run.get('all_stored_s', float('nan')):>14.3f}{run['exit_s']:>8.3f}{run['img_s']:>8.1f}"
               f"{run['redis_cpu_s_per_1000']:>16.3f}{run['redis_main_thread_busy']:>18.3f}")
     print(f"wrote {path}")

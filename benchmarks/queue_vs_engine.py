@@ -29,11 +29,11 @@ sys.path.insert(0, str(ROOT))
 from broker.connection import BrokerSettings, connect  # noqa: E402
 from broker.server import RedisServer  # noqa: E402
 from broker.store import QueueStore, StoredImage, new_image_id, now  # noqa: E402
-from toolchain.bench import throughput  # noqa: E402
 from engines.loader import load_engine  # noqa: E402
-from toolchain.synth import generate  # noqa: E402
 from engines.versions import built_with  # noqa: E402
 from producer.enqueue import Enqueuer, segmentation_queue  # noqa: E402
+from toolchain.bench import throughput  # noqa: E402
+from toolchain.synth import generate  # noqa: E402
 from worker.logs import configure_logging  # noqa: E402
 from worker.pipeline import BatchPipeline  # noqa: E402
 from worker.rq_source import RqJobSource  # noqa: E402
@@ -116,7 +116,7 @@ def main() -> None:
         print(f"{row['variant']:<22}{row['batch']:>6}{row['images']:>8}{row['img_per_s']:>10.2f}{row['vs_engine']:>11.3f}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc)
+    stamp = dt.datetime.now(dt.UTC)
     result = {
         "benchmark": "queue_vs_engine",
         "date": stamp.isoformat(timespec="seconds"),

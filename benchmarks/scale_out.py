@@ -152,7 +152,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_redis(binary: str, data_dir: Path, aof: bool, io_threads: int, children: Children) -> tuple[str, subprocess.Popen]:
+def start_redis(binary: str, data_dir: Path, aof: bool, io_threads: int,
+                children: Children) -> tuple[str, subprocess.Popen]:
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", "",
@@ -372,14 +373,15 @@ class Bench:
             logs.append(log)
         deadline = time.monotonic() + self.args.ready_timeout
         while not all(events(log, "worker_ready") for log in logs):
-            for proc, log in zip(procs, logs):
+            for proc, log in zip(procs, logs, strict=True):
                 if proc.poll() is not None:
-                    raise BenchError(f"worker exited with {proc.returncode} before ready; see {log.with_suffix('.out')}:\n"
+                    raise BenchError(f"worker exited with {proc.returncode} before ready; "
+                                     f"see {log.with_suffix('.out')}:\n"
                                      f"{log.with_suffix('.out').read_text()[-3000:]}")
             if time.monotonic() > deadline:
                 raise BenchError(f"workers not ready within {self.args.ready_timeout:.0f} s")
             time.sleep(0.2)
-        start_s = [round(stamp(events(log, "worker_ready")[0]) - t, 2) for log, t in zip(logs, spawned)]
+        start_s = [round(stamp(events(log, "worker_ready")[0]) - t, 2) for log, t in zip(logs, spawned, strict=True)]
         return procs, logs, start_s
 
     def stop_workers(self, procs: list[subprocess.Popen]) -> list[int]:
@@ -425,7 +427,7 @@ class Bench:
                 bad = [p for p in producers if p.poll() not in (None, 0)]
                 if bad:
                     raise BenchError(f"producer enqueue exited with {bad[0].returncode}; see {self.tmp / 'logs'}")
-                for proc, log in zip(procs, logs):
+                for proc, log in zip(procs, logs, strict=True):
                     if proc.poll() is not None:
                         raise BenchError(f"worker exited with {proc.returncode} mid-run; see {log.with_suffix('.out')}")
                 if time.monotonic() > deadline:
@@ -452,7 +454,8 @@ class Bench:
         per_worker = [sum(e["images_ok"] for e in events(log, "batch")) for log in logs]
         producer_codes = [p.returncode for p in producers]
         phase: dict[str, Any] = {
-            "gpus": gpus, "producers": len(parts), "producer_workers": pool, "images": n, "finished": images["finished"],
+            "gpus": gpus, "producers": len(parts), "producer_workers": pool, "images": n,
+            "finished": images["finished"],
             "failed": images["failed"], "worker_start_s": start_s,
             "e2e_s": round(t_end - t0, 3), "e2e_img_s": round(n / (t_end - t0), 2),
             "e2e_img_s_by_status_poll": round(n / (t_poll - t0), 2), "status_polls": polls,
@@ -541,7 +544,8 @@ def table(result: dict[str, Any]) -> str:
     if result.get("collect_img_s") is not None:
         rows.append(("producer collect --delete", result["collect_img_s"]))
     lines = [f"scale_out on {result['gpu']} ({result['hostname']}, {result['cpu_count']} CPUs), "
-             f"{result['images']} images {result['size']}px, jobs of {result['job_size']}, AOF {'on' if result['aof'] else 'off'}, "
+             f"{result['images']} images {result['size']}px, jobs of {result['job_size']}, "
+             f"AOF {'on' if result['aof'] else 'off'}, "
              f"Redis io-threads {result['redis_io_threads']}"
              + (f", masks streamed to disk (--max-pending {result['stream_max_pending']})"
                 if result.get("stream_max_pending") else ""),
@@ -553,7 +557,8 @@ def table(result: dict[str, Any]) -> str:
     alone = result["raw"]["producer_alone"]
     lines.append(f"{'  producer alone: all threads / main thread':<58}"
                  f"{alone['redis_cpu_s_per_1000']:>10.3f}{alone['redis_main_thread_cpu_s_per_1000']:>8.3f}")
-    lines.append(f"{'  producer alone: Redis main thread busy (share of wall)':<58}{alone['redis_main_thread_busy']:>10.3f}")
+    lines.append(f"{'  producer alone: Redis main thread busy (share of wall)':<58}"
+                 f"{alone['redis_main_thread_busy']:>10.3f}")
     if first:
         lines.append(f"{'Redis bytes in, MB per 1,000 images':<58}{first['net_in_mb_per_1000']:>10.1f}")
         lines.append(f"{'AOF growth, MB per 1,000 images':<58}{first['aof_mb_per_1000']:>10.1f}")
@@ -565,8 +570,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", type=Path, required=True)
     parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--size", type=int, default=512, help="image side written and enqueued (the engine's input size)")
-    parser.add_argument("--producers", type=int, default=1, help="parallel producer enqueue processes in the end-to-end phases")
+    parser.add_argument("--size", type=int, default=512, help=(
+        "image side written and enqueued (the engine's input size)"
+    ))
+    parser.add_argument("--producers", type=int, default=1, help=(
+        "parallel producer enqueue processes in the end-to-end phases"
+    ))
     parser.add_argument("--producer-workers", type=int, default=None,
                         help="producer enqueue --workers (default: the CPU count divided by --producers)")
     parser.add_argument("--producer-repeats", type=int, default=1,
@@ -575,10 +584,13 @@ def main() -> int:
                         help="producer --workers while GPU workers run on the same host (default: half the CPUs, "
                              "split over --producers; the rest stay with the workers)")
     parser.add_argument("--distinct", type=int, default=256, help="distinct synthetic images behind the --images files")
-    parser.add_argument("--gpus", default="1,2", help="worker counts to run, e.g. 1,2 (cuda: those above the GPUs here are skipped)")
+    parser.add_argument("--gpus", default="1,2", help=(
+        "worker counts to run, e.g. 1,2 (cuda: those above the GPUs here are skipped)"
+    ))
     parser.add_argument("--stream", type=int, default=None, metavar="MAX_PENDING",
                         help="end-to-end phases run `producer enqueue --out DIR --max-pending MAX_PENDING`: the "
-                             "producer writes the masks to disk as they finish, and the phase ends with the last mask file")
+                             "producer writes the masks to disk as they finish, and the phase ends with the last "
+                             "mask file")
     parser.add_argument("--job-size", type=int, default=8)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--aof", action=argparse.BooleanOptionalAction, default=True, help="Redis AOF (everysec)")
@@ -657,7 +669,7 @@ def main() -> int:
     gpu = engine_bench.get("gpu") or ("cpu" if args.device_kind == "cpu" else "unknown")
     if args.device_kind == "cpu":
         gpu = "cpu"
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     result: dict[str, Any] = {
         "benchmark": "scale_out",
         "date": now.isoformat(timespec="seconds"),

@@ -1,4 +1,5 @@
-"""Soak under faults: many small images through 3 workers on one Redis (AOF on), workers SIGKILLed at random, Redis restarted.
+"""Soak under faults: many small images through 3 workers on one Redis (AOF on), workers SIGKILLed at random,
+Redis restarted.
 
     python benchmarks/soak.py --images 20000 --workers 3
 
@@ -278,7 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         recoveries = [k.recovered_s for k in soak.kills]
         return {
             "benchmark": "soak",
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "hostname": socket.gethostname(),
             "cpu_count": os.cpu_count(),
             "images_in": args.images,
@@ -328,7 +329,7 @@ def main() -> int:
     parser.add_argument("--out-json", type=Path, default=None)
     args = parser.parse_args()
     result = run(args)
-    path = args.out_json or ROOT / "benchmarks" / "results" / f"soak_{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}.json"
+    path = args.out_json or ROOT / "benchmarks" / "results" / f"soak_{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     for key in ("images_in", "masks_out", "lost", "duplicate_masks", "unexpected_masks", "rerun_images",

@@ -28,17 +28,20 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.metrics import dice  # noqa: E402
 from engines import DEMO_CHECKPOINT  # noqa: E402
 from engines.base import infer  # noqa: E402
+from engines.loader import load_engine  # noqa: E402
 from toolchain.bench import BenchRow, bench_engines, format_table, report  # noqa: E402
 from toolchain.build import build  # noqa: E402
-from engines.loader import load_engine  # noqa: E402
-from common.metrics import dice  # noqa: E402
 from toolchain.synth import generate, write_dataset  # noqa: E402
 
 HELDOUT_SEED = 1000003  # the demo model's held-out seed (engines/demo/README.md)
 CALIB_SEED = 4242
-NO_TENSORRT = "TensorRT cannot be installed here or on the GPU machine (DESIGN.md); tests/test_tensorrt.py runs where it can"
+NO_INT8_GPU = "no INT8 runtime on the GPU machine: TensorRT absent, onnxruntime CPU-only"
+NO_INT8_GPU = "no INT8 runtime on the GPU machine: TensorRT absent, onnxruntime CPU-only"
+NO_TENSORRT = ("TensorRT cannot be installed here or on the GPU machine (DESIGN.md); "
+               "tests/test_tensorrt.py runs where it can")
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ VARIANTS = (
             "onnxruntime on the GPU machine is the CPU build (no onnxruntime-gpu there)"),
     Variant("FP16 ONNX+TensorRT", None, None, (), NO_TENSORRT),
     Variant("INT8 ONNX Runtime, MinMax calibration", {"suffix": "_int8.onnx", "precision": "int8", "calib": "CALIB",
-            "target": "cpu"}, None, ("cpu",), "no INT8 runtime on the GPU machine: TensorRT absent, onnxruntime CPU-only"),
+            "target": "cpu"}, None, ("cpu",), NO_INT8_GPU),
     Variant("INT8 ONNX Runtime, MinMax, portable Q/DQ", {"suffix": "_int8_trt.onnx", "precision": "int8",
             "calib": "CALIB", "target": "tensorrt"}, None, ("cpu",),
             "no INT8 runtime on the GPU machine: TensorRT absent, onnxruntime CPU-only"),
@@ -76,7 +79,7 @@ VARIANTS = (
     Variant("INT8 cuDNN, no calibration", {"suffix": "_int8_nocal.cudnn", "target": "cuda",
             "from": "_int8_nocal_trt.onnx"}, None, ("cuda",), "cuDNN INT8 graphs run on a CUDA GPU"),
     Variant("INT8 ONNX Runtime, no calibration", {"suffix": "_int8_nocal.onnx", "precision": "int8", "calib": "none",
-            "target": "cpu"}, None, ("cpu",), "no INT8 runtime on the GPU machine: TensorRT absent, onnxruntime CPU-only"),
+            "target": "cpu"}, None, ("cpu",), NO_INT8_GPU),
 )
 
 
@@ -130,7 +133,7 @@ def mean_dice(engine, images: np.ndarray, truth: np.ndarray) -> float:
     scores = []
     for first in range(0, len(images), 8):
         masks = infer(engine, images[first:first + 8])
-        scores += [dice(m, t) for m, t in zip(masks, truth[first:first + 8])]
+        scores += [dice(m, t) for m, t in zip(masks, truth[first:first + 8], strict=True)]
     return float(np.mean(scores))
 
 

@@ -40,7 +40,8 @@ SOCKET_TIMEOUT_S = 30.0  # every Redis call returns or fails within this (blocki
 # seen with MONITOR while `producer enqueue` (also with --out and --max-pending), `worker run`
 # (--burst, a SIGTERM drain, a SIGKILLed worker's jobs recovered by another's maintenance, per-image
 # and whole-job failures, an rq retry, garbled and vanished jobs), `producer status` and
-# `producer collect --delete` ran, and nothing else (GET and TTL: the worker's maintenance, see worker/rq_source.py). INFO is allowed for its `server` section only
+# `producer collect --delete` ran, and nothing else (GET and TTL: the worker's maintenance, see
+# worker/rq_source.py). INFO is allowed for its `server` section only
 # (rq reads the version there; Redis 7 logs that first-argument rule as deprecated). AUTH and HELLO
 # need no rule. Left out on purpose:
 # - CLIENT SETINFO and CLIENT MAINT_NOTIFICATIONS, which redis-py tries on every new connection and
@@ -83,7 +84,7 @@ class BrokerSettings:
     state_dir: Path = Path()
 
     @classmethod
-    def resolve(cls, redis_url: str | None, queue: str | None, state_dir: Path | None = None) -> "BrokerSettings":
+    def resolve(cls, redis_url: str | None, queue: str | None, state_dir: Path | None = None) -> BrokerSettings:
         """Fill gaps from the environment: REDIS_URL, then the embedded default."""
         url = redis_url or os.environ.get("REDIS_URL") or None
         return cls(redis_url=url, queue=queue or DEFAULT_QUEUE, state_dir=state_dir or default_state_dir())
@@ -187,11 +188,12 @@ def embedded_server(state_dir: Path, announce: Callable[[str], None] = _announce
     so the line is there even if the command then fails: the server outlives the command.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
-    server = RedisServer(data_dir=state_dir, unix_socket=state_dir / "redis.sock", detach=True)
+    socket = state_dir / "redis.sock"
+    server = RedisServer(data_dir=state_dir, unix_socket=socket, detach=True)
     with open(state_dir / "redis.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not ping(server.url):
-            server.unix_socket.unlink(missing_ok=True)
+            socket.unlink(missing_ok=True)
             server.start()
             announce(f"started the embedded Redis (unix socket {server.unix_socket}, data in {state_dir}); "
                      f"it keeps running for the next commands; stop it with `{STOP_COMMAND}`")
@@ -244,7 +246,9 @@ def connect(settings: BrokerSettings) -> redis.Redis:
     except redis.AuthenticationError as exc:  # wrong user or password (a ConnectionError to redis-py)
         raise BrokerUnavailable(f"Redis at {settings.describe()} refused the login: {_detail(exc, url)}") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        raise BrokerUnavailable(f"cannot reach Redis at {settings.describe()}: {_tls_hint(_detail(exc, url))}") from None
+        raise BrokerUnavailable(
+            f"cannot reach Redis at {settings.describe()}: {_tls_hint(_detail(exc, url))}"
+        ) from None
     except redis.RedisError as exc:  # answered, but refused (e.g. a database number out of range)
         raise BrokerUnavailable(f"Redis at {settings.describe()} refused the connection: {_detail(exc, url)}") from None
     except ValueError as exc:  # malformed URL

@@ -147,7 +147,9 @@ def _unzstd(image_id: str, what: str, data: bytes, expected: int) -> bytes:
     return raw
 
 
-def _header(image_id: str, what: str, fields: dict[bytes, bytes], fmt: str, old_field: bytes) -> tuple[str, int, int, bytes]:
+def _header(
+    image_id: str, what: str, fields: dict[bytes, bytes], fmt: str, old_field: bytes
+) -> tuple[str, int, int, bytes]:
     """Check the format tag and read (codec, height, width, data) from a record's hash fields."""
     tag = fields.get(b"format")
     if tag is None:

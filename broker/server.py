@@ -52,7 +52,8 @@ class RedisServer:
     `stop()` or the owner's exit ends it (tests).
 
     binary: the redis-server to run (default: redis_server_binary()). password: the default user's
-    password (`--requirepass`, so it shows in the process list: for test servers); `url` carries it. aclfile: users loaded from this file
+    password (`--requirepass`, so it shows in the process list: for test servers); `url` carries it.
+    aclfile: users loaded from this file
     (`--aclfile`). tls: serve TLS only, on `port` (`--tls-port`, plain `--port 0`; clients are
     not asked for certificates); `url` is then `rediss://` with the CA file as `ssl_ca_certs`.
     """
@@ -110,7 +111,7 @@ class RedisServer:
                      "--tls-auth-clients", "no"]
         return args
 
-    def start(self, timeout_s: float = 15.0) -> "RedisServer":
+    def start(self, timeout_s: float = 15.0) -> RedisServer:
         """Start the server and wait until it answers PING; raise BrokerUnavailable on failure."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
@@ -128,7 +129,9 @@ class RedisServer:
                 return self
             time.sleep(0.05)
         self.stop()
-        raise BrokerUnavailable(f"redis-server did not answer within {timeout_s:.0f} s; see {self.data_dir / 'redis.log'}")
+        raise BrokerUnavailable(
+            f"redis-server did not answer within {timeout_s:.0f} s; see {self.data_dir / 'redis.log'}"
+        )
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL); idempotent."""

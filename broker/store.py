@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -124,9 +124,17 @@ class QueueStore:
     def _mask_key(self, image_id: str) -> str:
         return f"{self._prefix}mask:{image_id}"
 
+    def _hgetall(self, key: str) -> dict[bytes, bytes]:
+        """HGETALL: clients from broker.connection do not decode replies, so fields and values are bytes."""
+        return cast(dict[bytes, bytes], self.client.hgetall(key))
+
+    def _hmget(self, key: str, fields: list[str]) -> list[bytes | None]:
+        """HMGET: bytes per field, None where the field is missing."""
+        return cast(list[bytes | None], self.client.hmget(key, fields))
+
     def _wrong_type_reason(self, image_id: str, key: str, record: str) -> str:
         """Why an image's key that got WRONGTYPE cannot be used, naming what the key holds (one TYPE)."""
-        kind = self.client.type(key).decode()
+        kind = cast(bytes, self.client.type(key)).decode()
         return f"image {image_id}: its key {key} holds a Redis {kind}, not {record} record (WRONGTYPE)"
 
     # --- producer: images in ----------------------------------------------------------------
@@ -144,13 +152,13 @@ class QueueStore:
             return
         pipe = self.client.pipeline(transaction=False)
         for image in images:
-            pipe.hset(self._image_key(image.image_id), mapping={
+            pipe.hset(self._image_key(image.image_id), mapping=_hash_fields({
                 **image.payload.fields(),
                 "original_height": image.original_height,
                 "original_width": image.original_width,
                 "name": image.name,
                 "enqueued_at": repr(image.enqueued_at),
-            })
+            }))
         pipe.hset(self._manifest, mapping={image.image_id: image.name for image in images})  # after the images
         pipe.execute()
 
@@ -183,14 +191,15 @@ class QueueStore:
         pipe = self.client.pipeline(transaction=False)
         done: list[str] = []
         for image_id, mask in masks:
-            pipe.hset(self._mask_key(image_id), mapping=encode_mask(np.asarray(mask, dtype=np.uint8)).fields())
+            fields = encode_mask(np.asarray(mask, dtype=np.uint8)).fields()
+            pipe.hset(self._mask_key(image_id), mapping=_hash_fields(fields))
             done.append(image_id)
         if done:  # one command each for all the masks
             pipe.sadd(self._done, *done)
             pipe.hdel(self._failed, *done)
         failed = dict(failures)
         if failed:
-            pipe.hset(self._failed, mapping=failed)
+            pipe.hset(self._failed, mapping=_hash_fields(failed))
         pipe.execute()
 
     # --- collect, wait, status --------------------------------------------------------------
@@ -200,7 +209,7 @@ class QueueStore:
 
         Raises PayloadError (naming the image) if the mask cannot be decoded.
         """
-        fields = self.client.hgetall(self._mask_key(image_id))
+        fields = self._hgetall(self._mask_key(image_id))
         return decode_mask(image_id, fields) if fields else None
 
     def load_results(self, image_ids: Sequence[str]) -> list[StoredMask]:
@@ -235,19 +244,19 @@ class QueueStore:
 
         Raises ValueError if the stored size is not two positive integers.
         """
-        return _original_size(self.client.hmget(self._image_key(image_id), ["original_height", "original_width"]))
+        return _original_size(self._hmget(self._image_key(image_id), ["original_height", "original_width"]))
 
     def manifest(self) -> dict[str, str]:
         """Every image enqueued on the queue and not forgotten: id -> relative name."""
         return {k.decode(errors="backslashreplace"): v.decode(errors="backslashreplace")
-                for k, v in self.client.hgetall(self._manifest).items()}
+                for k, v in self._hgetall(self._manifest).items()}
 
     def names(self, image_ids: Sequence[str]) -> dict[str, str]:
         """id -> relative name for those of `image_ids` still in the manifest (one command)."""
         if not image_ids:
             return {}
-        values = self.client.hmget(self._manifest, list(image_ids))
-        return {i: v.decode(errors="backslashreplace") for i, v in zip(image_ids, values) if v is not None}
+        values = self._hmget(self._manifest, list(image_ids))
+        return {i: v.decode(errors="backslashreplace") for i, v in zip(image_ids, values, strict=True) if v is not None}
 
     def manifest_size(self) -> int:
         """How many images the manifest holds."""
@@ -255,7 +264,7 @@ class QueueStore:
 
     def failures(self) -> dict[str, str]:
         """Failed images: id -> reason."""
-        return {k.decode(): v.decode() for k, v in self.client.hgetall(self._failed).items()}
+        return {k.decode(): v.decode() for k, v in self._hgetall(self._failed).items()}
 
     def is_done(self, image_id: str) -> bool:
         """Whether the image's mask is written."""
@@ -326,7 +335,7 @@ class QueueStore:
     def bad_jobs(self) -> dict[str, str]:
         """Jobs recorded by `record_bad_job`: job id -> reason."""
         return {k.decode(errors="backslashreplace"): v.decode(errors="backslashreplace")
-                for k, v in self.client.hgetall(self.bad_jobs_key).items()}
+                for k, v in self._hgetall(self.bad_jobs_key).items()}
 
     def bad_job_count(self) -> int:
         """How many jobs `record_bad_job` recorded."""
@@ -421,3 +430,8 @@ def _is_wrong_type(reply: Any) -> bool:
 job_arguments = QueueStore.job_arguments
 parse_job_arguments = QueueStore.parse_job_arguments
 image_ids_in_meta = QueueStore.image_ids_in_meta
+
+
+def _hash_fields(fields: Mapping[str, Any]) -> Mapping[Any, Any]:
+    """A str-keyed mapping as redis-py's HSET accepts it (its key type is a union, and mapping keys are invariant)."""
+    return fields

@@ -43,13 +43,12 @@ class exit_2_on(contextlib.ContextDecorator):  # noqa: N801 - used as a decorato
             raise TypeError("exit_2_on needs at least one error type")
         self.errors = errors
 
-    def __enter__(self) -> "exit_2_on":
+    def __enter__(self) -> exit_2_on:
         return self
 
-    def __exit__(self, kind, exc, tb) -> bool:
+    def __exit__(self, kind, exc, tb) -> None:
         if exc is not None and isinstance(exc, self.errors):
             fail(exc)
-        return False
 
 
 # --- help text -----------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -520,7 +520,7 @@ def _check_pixels(path: Path, height: int, width: int, max_pixels: int) -> None:
 
 # Pillow's openers for the formats _sniff names: what Image.open(formats=[fmt])
 # calls, minus Image.open's own decompression-bomb check (MAX_IMAGE_PIXELS).
-_PILLOW_OPENERS = {
+_PILLOW_OPENERS: dict[str, Callable[..., ImageFile.ImageFile]] = {
     "PNG": PngImagePlugin.PngImageFile,
     "JPEG": JpegImagePlugin.jpeg_factory,  # a JPEG, or an MPO (camera JPEG + previews)
     "BMP": BmpImagePlugin.BmpImageFile,

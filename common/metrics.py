@@ -27,4 +27,4 @@ def mean_dice(pred_masks: np.ndarray, true_masks: np.ndarray) -> float:
     """Mean of per-image Dice over a batch (N, H, W) of masks."""
     if len(pred_masks) != len(true_masks):
         raise ValueError(f"mean_dice: {len(pred_masks)} predictions vs {len(true_masks)} masks")
-    return float(np.mean([dice(p, t) for p, t in zip(pred_masks, true_masks)]))
+    return float(np.mean([dice(p, t) for p, t in zip(pred_masks, true_masks, strict=True)]))

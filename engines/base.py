@@ -56,7 +56,7 @@ class EngineSpec:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EngineSpec":
+    def from_dict(cls, data: dict) -> EngineSpec:
         """Build from a JSON-decoded dict; unknown keys are ignored, missing ones take defaults."""
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         if isinstance(known.get("normalization"), dict):
@@ -64,7 +64,7 @@ class EngineSpec:
         return cls(**known)
 
     @classmethod
-    def read_beside(cls, engine_path: Path) -> "EngineSpec":
+    def read_beside(cls, engine_path: Path) -> EngineSpec:
         """Read `<engine>.json` next to an engine file; raise EngineError naming the file if absent/bad."""
         meta = metadata_path(engine_path)
         try:

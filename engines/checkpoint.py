@@ -103,7 +103,9 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
         spec = EngineSpec.from_dict(data["spec"])
     except (TypeError, ValueError) as exc:
         raise EngineError(f"{path}: bad config or spec in checkpoint ({exc})") from None
-    training = data.get("training") if isinstance(data.get("training"), dict) else {}
+    training = data.get("training")
+    if not isinstance(training, dict):
+        training = {}
     return Checkpoint(path=path, config=config, state_dict=data["state_dict"], spec=spec, training=training)
 
 

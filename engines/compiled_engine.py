@@ -28,6 +28,7 @@ CUDA only.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,7 @@ def fold_batchnorm_modules(model: nn.Module) -> nn.Module:
         if not isinstance(module, nn.Sequential):
             continue
         children = list(module.named_children())
-        for (name_a, a), (name_b, b) in zip(children, children[1:]):
+        for (name_a, a), (name_b, b) in itertools.pairwise(children):
             if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
                 setattr(module, name_a, fuse_conv_bn_eval(a, b))
                 setattr(module, name_b, nn.Identity())
@@ -109,7 +110,8 @@ class MasksFromPixels(nn.Module):
 def prepare_module(ckpt: Checkpoint, device: torch.device) -> MasksFromPixels:
     """The checkpoint's model, BatchNorm folded, FP16, channels_last, wrapped for uint8 in and masks out."""
     model = fold_batchnorm_modules(ckpt.build_model())
-    model = model.to(device, memory_format=torch.channels_last).half().eval()
+    # Module.to takes memory_format (torch documents it); torch's overloads leave it out
+    model = model.to(device, memory_format=torch.channels_last).half().eval()  # type: ignore[call-overload]
     return MasksFromPixels(model, ckpt.spec.normalization).eval()
 
 
@@ -144,7 +146,8 @@ def read_compiled(path: Path | str) -> CompiledFile:
     path = Path(path)
     if not path.is_file():
         raise EngineError(f"{path}: compiled engine file not found")
-    data = require_format(path, load_weights_only(path, "a readable compiled engine", mmap=True), FORMAT, f"{FORMAT} file")
+    loaded = load_weights_only(path, "a readable compiled engine", mmap=True)
+    data = require_format(path, loaded, FORMAT, f"{FORMAT} file")
     try:
         spec = EngineSpec.from_dict(data["spec"])
         config = UNetConfig.from_dict(data["config"])
@@ -152,7 +155,8 @@ def read_compiled(path: Path | str) -> CompiledFile:
         sizes = tuple(int(b) for b in compile_info["batch_sizes"])
         cache = data["compile_cache"]
         built = {str(k): str(v) for k, v in data["built_with"].items()}
-        if not isinstance(cache, torch.Tensor) or cache.dtype != torch.uint8 or not isinstance(data["state_dict"], dict):
+        if (not isinstance(cache, torch.Tensor) or cache.dtype != torch.uint8
+                or not isinstance(data["state_dict"], dict)):
             raise TypeError("compile_cache must be a uint8 tensor and state_dict a dict")
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise EngineError(f"{path}: malformed compiled engine ({type(exc).__name__}: {exc})") from None

@@ -66,7 +66,7 @@ class CudaSlots:
     def __iter__(self):
         return iter(self._slots)
 
-    def submit(self, images: np.ndarray, compute: Compute) -> "CudaInFlight":
+    def submit(self, images: np.ndarray, compute: Compute) -> CudaInFlight:
         """Start one checked uint8 (n, H, W) batch on the next slot; returns its InFlight.
 
         RuntimeError raised while enqueuing (CUDA errors, out of memory) becomes EngineError.

@@ -24,6 +24,7 @@ torch loaded. The file is refused on another GPU model or cuDNN major version.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,7 +106,7 @@ def layer_weights(plan: Int8Plan, layer: Layer, precision: str, device: torch.de
         cin, cout = w.shape[0], w.shape[1]
         weight = np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(4 * cout, cin))[:, None, None, :]
         scale, bias = np.tile(scale, 4), np.tile(bias, 4)
-        dtype = np.float16
+        dtype = np.dtype(np.float16)
     else:
         assert layer.weight is not None
         cout, cin, k, _ = layer.weight.shape
@@ -184,7 +185,7 @@ class ConvGraph:
                 if need > workspace_limit:
                     continue
                 ws = torch.empty(max(need, 1), dtype=torch.uint8, device=x.device)
-                ms = timer(lambda i=index, w=ws: g.execute_plan_at_index(pack, w, index=i, handle=handle))
+                ms = timer(functools.partial(g.execute_plan_at_index, pack, ws, index=index, handle=handle))
             except Exception:  # a plan that fails to run is skipped, as cuDNN's own autotuner does
                 continue
             if ms < best:
@@ -269,7 +270,10 @@ class PlanRunner:
             else:
                 acts[out] = torch.zeros(shape(out), dtype=torch.int8, device=dev)
         for up, (cat, index) in self.upconv_target.items():
-            offset = sum(plan.tensor(s).channels for s in self._producer(cat).sources[:index])  # type: ignore[union-attr]
+            producer = self._producer(cat)
+            if producer is None:
+                raise EngineError(f"cuDNN plan: no layer writes {cat}, which {up} is written into")
+            offset = sum(plan.tensor(s).channels for s in producer.sources[:index])
             acts[up] = acts[cat][..., offset:offset + plan.tensor(up).channels]
         pixels = torch.zeros((batch, spec.height, spec.width), dtype=torch.uint8, device=dev)
         masks = torch.zeros_like(pixels)

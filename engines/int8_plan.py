@@ -155,7 +155,7 @@ class _Reader:
         self.layers: list[Layer] = []
         self.producer: dict[str, Layer] = {}
         self.input_tensor = ""
-        self.uses = {}
+        self.uses: dict[str, int] = {}
         for node in self.graph.node:
             for name in node.input:
                 self.uses[name] = self.uses.get(name, 0) + 1

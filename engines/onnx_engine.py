@@ -69,7 +69,7 @@ class OnnxEngine(EngineBase):
         if len(shape) != 4:
             raise EngineError(f"{self.path}: model input must be NCHW, got shape {shape}")
         want = [self.spec.channels, self.spec.height, self.spec.width]
-        for got, expected, what in zip(shape[1:], want, ("channels", "height", "width")):
+        for got, expected, what in zip(shape[1:], want, ("channels", "height", "width"), strict=True):
             if isinstance(got, int) and got != expected:
                 raise EngineError(f"{self.path}: model input {what} is {got}, metadata says {expected}")
 
@@ -83,4 +83,4 @@ class OnnxEngine(EngineBase):
 
     def _release(self) -> None:
         self._runner.close()
-        self._session = None  # type: ignore[assignment]
+        self._session = None

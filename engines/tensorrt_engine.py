@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import collections
 import threading
-from dataclasses import replace
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -48,7 +49,7 @@ _LOGGER = None
 _LOGGER_LOCK = threading.Lock()
 
 
-def trt_logger(trt: ModuleType):
+def trt_logger(trt: Any):
     """The process's one TensorRT logger; it keeps the last 50 warnings/errors for error messages."""
     global _LOGGER
     with _LOGGER_LOCK:
@@ -107,7 +108,8 @@ def check_plan_shape(
     hint = rebuild_hint(path, spec)
     if len(input_shape) != 4:
         raise EngineError(f"{path}: plan input must be NCHW, got shape {tuple(input_shape)}. {hint}")
-    for got, want, what in zip(input_shape[1:], (spec.channels, spec.height, spec.width), ("channels", "height", "width")):
+    wanted = (spec.channels, spec.height, spec.width)
+    for got, want, what in zip(input_shape[1:], wanted, ("channels", "height", "width"), strict=True):
         if got != want:
             raise EngineError(f"{path}: plan input {what} is {got}, its metadata says {want}. {hint}")
     low, high = batch_range
@@ -176,7 +178,7 @@ class TensorRTEngine(SlotEngine):
             spec = self.spec
             self.name = f"tensorrt:{self.device} {spec.precision} {self.path.name}"
             self._slots = CudaSlots(self.device, self._rows, spec.height, spec.width, self.name, count=self.slots)
-            self._contexts = []
+            self._contexts: list[Any] = []
             self._inputs: list[torch.Tensor] = []
             self._outputs: list[torch.Tensor] = []
             self._shapes: list[int] = []
@@ -226,9 +228,13 @@ class TensorRTEngine(SlotEngine):
         spec = self.spec
         context = self._engine.create_execution_context()
         if context is None:
-            raise EngineError(f"{self.path}: cannot create a TensorRT execution context ({trt_logger(self._trt).recent()})")
-        inp = torch.empty((self._rows, spec.channels, spec.height, spec.width), dtype=self._in_dtype, device=self.device)
-        out = torch.empty((self._rows, spec.classes, spec.height, spec.width), dtype=self._out_dtype, device=self.device)
+            raise EngineError(
+                f"{self.path}: cannot create a TensorRT execution context ({trt_logger(self._trt).recent()})"
+            )
+        inp = torch.empty((self._rows, spec.channels, spec.height, spec.width), dtype=self._in_dtype,
+                          device=self.device)
+        out = torch.empty((self._rows, spec.classes, spec.height, spec.width), dtype=self._out_dtype,
+                          device=self.device)
         # a slice [:n] of these starts at the same address: set once, only the input shape changes
         context.set_tensor_address(self._input, inp.data_ptr())
         context.set_tensor_address(self._output, out.data_ptr())

@@ -77,7 +77,8 @@ class TorchEngine(EngineBase):
             self._runner = BackgroundRunner(self._run_cpu, self.name)
         else:
             torch.backends.cudnn.benchmark = True
-            model = model.to(self.device, memory_format=torch.channels_last)
+            # Module.to takes memory_format (torch documents it); torch's overloads leave it out
+            model = model.to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
             self._model = model.half() if precision == "fp16" else model
             self._dtype = torch.float16 if precision == "fp16" else torch.float32
             self._slots = CudaSlots(self.device, self.spec.max_batch, self.spec.height, self.spec.width, self.name)

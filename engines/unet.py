@@ -35,7 +35,7 @@ class UNetConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "UNetConfig":
+    def from_dict(cls, data: dict) -> UNetConfig:
         """Inverse of `to_dict`; unknown keys are ignored."""
         return cls(**{k: int(v) for k, v in data.items() if k in cls.__dataclass_fields__})
 

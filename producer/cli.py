@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import redis
 import typer
@@ -22,7 +22,7 @@ from broker.store import QueueStore
 from common.cli import Typer
 from common.images import ImageError
 from producer.collect import CollectReport, absorb
-from producer.enqueue import RESULT_TTL_S, EnqueueReport, Enqueuer, enqueue_paths, segmentation_queue
+from producer.enqueue import RESULT_TTL_S, Enqueuer, EnqueueReport, enqueue_paths, segmentation_queue
 from producer.pool import ProducerPool
 from producer.status import queue_status
 from producer.stream import COLLECT_CHUNK, STALL_WARNING_S, PendingImages
@@ -34,8 +34,8 @@ redis_app = Typer(help="The embedded Redis: the one every command uses when neit
                   no_args_is_help=True, add_completion=False, rich_markup_mode="markdown")
 app.add_typer(redis_app, name="redis")
 
-RedisUrl = Annotated[Optional[str], typer.Option(help="Redis URL; default $REDIS_URL, else the embedded server.")]
-QueueName = Annotated[Optional[str], typer.Option(help="Queue name (default: segment).")]
+RedisUrl = Annotated[str | None, typer.Option(help="Redis URL; default $REDIS_URL, else the embedded server.")]
+QueueName = Annotated[str | None, typer.Option(help="Queue name (default: segment).")]
 
 
 def _connect(redis_url: str | None, queue: str | None) -> tuple[BrokerSettings, redis.Redis]:
@@ -51,20 +51,39 @@ def _default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-Workers = Annotated[int, typer.Option(min=1, help="Processes that decode files and write masks (default: one per CPU core).")]
+DEFAULT_WORKERS = _default_workers()  # one per CPU core, read once at import (typer shows it in --help)
+
+
+Workers = Annotated[int, typer.Option(min=1, help=(
+    "Processes that decode files and write masks (default: one per CPU core)."
+))]
 
 
 @app.command()
 def enqueue(
-    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (PNG, JPEG, TIFF, BMP; searched recursively).")],
+    paths: Annotated[list[Path], typer.Argument(help=(
+        "Image files or folders (PNG, JPEG, TIFF, BMP; searched recursively)."
+    ))],
     job_size: Annotated[int, typer.Option(min=1, help="Images per rq job.")] = 8,
-    size: Annotated[int, typer.Option(min=16, help="The engine's input size: images are resized to size x size.")] = 512,
-    workers: Workers = _default_workers(),
-    max_pending: Annotated[Optional[int], typer.Option(min=1, help="Wait while this many of this run's images are held in Redis, not yet collected (bounds Redis memory).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write each mask here as it finishes (as collect does), free it from Redis, and return when all are done.")] = None,
+    size: Annotated[int, typer.Option(min=16, help=(
+        "The engine's input size: images are resized to size x size."
+    ))] = 512,
+    workers: Workers = DEFAULT_WORKERS,
+    max_pending: Annotated[int | None, typer.Option(min=1, help=(
+        "Wait while this many of this run's images are held in Redis, not yet collected (bounds Redis memory)."
+    ))] = None,
+    out: Annotated[Path | None, typer.Option(help=(
+        "Write each mask here as it finishes (as collect does), free it from Redis, and return when all are done."
+    ))] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Older spelling of --out DIR; needs --out.")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait, with --out, for the last masks once everything is enqueued, and with --max-pending, for room each time Redis is full.")] = 3600.0,
-    stall_warning: Annotated[float, typer.Option(min=0.1, help="While waiting (--out, --max-pending), say so after this many seconds in which no image has finished (no worker?).")] = STALL_WARNING_S,
+    timeout: Annotated[float, typer.Option(help=(
+        "Seconds to wait, with --out, for the last masks once everything is enqueued, and with --max-pending, for room "
+        "each time Redis is full."
+    ))] = 3600.0,
+    stall_warning: Annotated[float, typer.Option(min=0.1, help=(
+        "While waiting (--out, --max-pending), say so after this many seconds in which no image has finished (no "
+        "worker?)."
+    ))] = STALL_WARNING_S,
     redis_url: RedisUrl = None,
     queue: QueueName = None,
 ) -> None:
@@ -178,8 +197,10 @@ def _print_collect(report: CollectReport) -> int:
 @app.command()
 def collect(
     out: Annotated[Path, typer.Option(help="Folder for the masks (same relative names, .png).")],
-    delete: Annotated[bool, typer.Option("--delete", help="After writing each mask file, delete that image and its mask from Redis.")] = False,
-    workers: Workers = _default_workers(),
+    delete: Annotated[bool, typer.Option("--delete", help=(
+        "After writing each mask file, delete that image and its mask from Redis."
+    ))] = False,
+    workers: Workers = DEFAULT_WORKERS,
     redis_url: RedisUrl = None,
     queue: QueueName = None,
 ) -> None:
@@ -234,9 +255,11 @@ def status(
 def report(
     logs: Annotated[list[Path], typer.Argument(help="Worker JSON-line logs (worker run --log-file), one or more.")],
     out: Annotated[Path, typer.Option(help="Folder for report.md and the PNG plots.")],
-    masks: Annotated[Optional[Path], typer.Option(help="Masks to score (producer collect output).")] = None,
-    truth: Annotated[Optional[Path], typer.Option(help="Ground-truth masks with the same relative names.")] = None,
-    reference: Annotated[Optional[Path], typer.Option(help="A reference run's masks (e.g. FP32) for the Deviation column.")] = None,
+    masks: Annotated[Path | None, typer.Option(help="Masks to score (producer collect output).")] = None,
+    truth: Annotated[Path | None, typer.Option(help="Ground-truth masks with the same relative names.")] = None,
+    reference: Annotated[Path | None, typer.Option(help=(
+        "A reference run's masks (e.g. FP32) for the Deviation column."
+    ))] = None,
 ) -> None:
     """Offline analysis: FPS, latency split, batch sizes, latency percentiles, and Dice against ground truth.
 

@@ -93,7 +93,7 @@ def collect_masks(
     for start in range(0, len(wanted), ROUND_TRIP_IMAGES):
         chunk = wanted[start:start + ROUND_TRIP_IMAGES]
         written_ids = []
-        for image_id, result in zip(chunk, store.load_results(chunk)):
+        for image_id, result in zip(chunk, store.load_results(chunk), strict=True):
             if _collect_one(report, out_dir, names.get(image_id) or image_id, result, failures.get(image_id)):
                 written_ids.append(image_id)
             on_progress()

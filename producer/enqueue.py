@@ -157,7 +157,8 @@ class _StoreWindow:
 
 def _make_room(window: _StoreWindow, pending: PendingImages, files: int, max_pending: int, timeout_s: float,
                stop: threading.Event) -> None:
-    """Block until `files` more images fit under max_pending (counting those being stored); PendingTimeout if not in time.
+    """Block until `files` more images fit under max_pending (counting those being stored); PendingTimeout if not in
+    time.
 
     Returns early once `stop` is set."""
     while len(window) and len(pending) + window.files + files > max_pending:

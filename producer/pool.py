@@ -154,7 +154,9 @@ class ProducerPool:
         return self._executor.submit(_store_task, sources, height, width)
 
     def submit_collect(self, image_ids: list[str], out_dir: Path, delete: bool) -> Future:
-        """Write the masks of `image_ids` under out_dir (and forget them if delete); the Future gives a CollectReport."""
+        """Write the masks of `image_ids` under out_dir (and forget them if delete).
+
+        The Future gives a CollectReport."""
         if self._executor is None:
             return self._inline(collect_masks, self._store, out_dir, image_ids, delete=delete)
         return self._executor.submit(_collect_task, image_ids, out_dir, delete)
@@ -172,7 +174,7 @@ class ProducerPool:
             self._executor.shutdown(wait=True, cancel_futures=cancel)
             self._executor = None
 
-    def __enter__(self) -> "ProducerPool":
+    def __enter__(self) -> ProducerPool:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import threading
 import time
-from itertools import islice
 from collections.abc import Callable
 from concurrent.futures import Future
+from itertools import islice
 from pathlib import Path
 
 from broker.store import QueueStore
@@ -81,10 +81,10 @@ class PendingImages:
         if not candidates:
             return
         if self.out_dir is None:
-            gone = [i for i, kept in zip(candidates, self.store.still_stored(candidates)) if not kept]
+            gone = [i for i, kept in zip(candidates, self.store.still_stored(candidates), strict=True) if not kept]
             self._drop(gone)
             return
-        finished = [i for i, done in zip(candidates, self.store.resolved(candidates)) if done]
+        finished = [i for i, done in zip(candidates, self.store.resolved(candidates), strict=True) if done]
         for start in range(0, len(finished), COLLECT_CHUNK):
             chunk = finished[start:start + COLLECT_CHUNK]
             self._collecting.update(chunk)

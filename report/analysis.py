@@ -159,7 +159,8 @@ def busy_intervals(batches: list[BatchRecord]) -> list[tuple[float, float]]:
 
 def union_seconds(intervals: list[tuple[float, float]]) -> float:
     """Total length of the union of [start, end] intervals (overlaps counted once, gaps not at all)."""
-    total, current_start, current_end = 0.0, None, None
+    total, current_start = 0.0, 0.0
+    current_end: float | None = None
     for start, end in sorted(intervals):
         if current_end is None or start > current_end:
             if current_end is not None:
@@ -197,7 +198,9 @@ MAX_BINS = 400  # and there are never more bins than a plot can show
 
 @dataclass(frozen=True)
 class ThroughputSeries:
-    """Images per second in equal time bins: bin i covers [starts_s[i], starts_s[i] + bin_s) since the first batch start."""
+    """Images per second in equal time bins.
+
+    Bin i covers [starts_s[i], starts_s[i] + bin_s) since the first batch start."""
 
     starts_s: np.ndarray
     img_per_s: np.ndarray

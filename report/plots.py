@@ -60,7 +60,7 @@ def batch_size_histogram(batches: list[BatchRecord], path: Path) -> Path:
     """How many batches had each size."""
     sizes = [b.batch_size for b in batches]
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.hist(sizes, bins=np.arange(0.5, max(sizes) + 1.5, 1.0), rwidth=0.8)
+    ax.hist(sizes, bins=[size + 0.5 for size in range(max(sizes) + 1)], rwidth=0.8)  # one bin per size
     ax.set_xlabel("batch size (images)")
     ax.set_ylabel("batches")
     ax.set_title("Batch sizes")

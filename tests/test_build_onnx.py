@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 
 import engines
+from common.metrics import dice
 from engines.base import EngineError, EngineSpec, metadata_path
+from tests.conftest import tiny_checkpoint, write_synthetic_images
 from toolchain.build import build
 from toolchain.export import export_onnx
-from common.metrics import dice
 from toolchain.fp16 import FP16_TOLERANCE
 from toolchain.int8 import fold_batchnorm_onnx, quantize_int8, tensorrt_incompatibilities
 from toolchain.onnx_checks import op_counts
 from toolchain.onnx_precision import onnx_logits
 from toolchain.synth import generate
-from tests.conftest import tiny_checkpoint, write_synthetic_images
 
 SIZE = 128
 CALIB_N = 16
@@ -41,7 +41,7 @@ def _write_pngs(folder: Path, n: int, seed: int) -> Path:
 
 def _fg_dice(a: np.ndarray, b: np.ndarray) -> float:
     """Mean per-image foreground Dice between two stacks of masks."""
-    return float(np.mean([dice(x, y) for x, y in zip(a, b)]))
+    return float(np.mean([dice(x, y) for x, y in zip(a, b, strict=True)]))
 
 
 @pytest.fixture(scope="module")

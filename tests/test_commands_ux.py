@@ -136,7 +136,8 @@ def test_help_reads_cleanly():
     assert "cuda:<index>" in worker and "cuda::" not in worker
     enqueue = _help("producer", "enqueue")
     assert "Usage: producer enqueue [OPTIONS] PATHS..." in " ".join(enqueue.split())
-    for text in (worker, enqueue, _help("producer"), _help("producer", "redis", "stop"), _help("toolchain.cli", "synth")):
+    for text in (worker, enqueue, _help("producer"), _help("producer", "redis", "stop"),
+                 _help("toolchain.cli", "synth")):
         assert "<bool>" not in text and "{" not in text and "<int" not in text and "<list" not in text, text
     assert re.search(r"--burst\s+Exit when the queue is empty", worker), worker
     assert re.search(r"--max-batch\s+INTEGER", worker), worker

@@ -20,10 +20,10 @@ from engines.compiled_engine import (
     rebuild_hint,
 )
 from engines.loader import load_engine, read_spec
-from toolchain.compile import build_compiled
-from toolchain.synth import generate
 from engines.unet import UNet
 from tests.conftest import tiny_checkpoint, tiny_unet
+from toolchain.compile import build_compiled
+from toolchain.synth import generate
 
 SIZE = 64
 
@@ -135,7 +135,7 @@ def test_compiled_engine_builds_loads_and_matches_eager(tmp_path: Path) -> None:
     with CompiledTorchEngine(out) as engine:
         assert engine.uses_cuda_graphs and engine.name.endswith("+graphs")
         # the per-slot CUDA graphs give exactly the masks of the kernels launched one by one
-        for expected, n in zip(direct, (1, 3, 4)):
+        for expected, n in zip(direct, (1, 3, 4), strict=True):
             assert np.array_equal(infer(engine, images[:n]), expected)
         assert engine.spec.precision == "fp16" and engine.spec.max_batch == 4
         assert engine.load_timings["compile_warm_s"] > 0
@@ -148,7 +148,7 @@ def test_compiled_engine_builds_loads_and_matches_eager(tmp_path: Path) -> None:
         # three batches in flight on two slots: each returns its own masks
         alone = [infer(engine, images[i : i + 2]) for i in range(3)]
         flights = [engine.submit(images[i : i + 2]) for i in range(3)]
-        for expected, flight in zip(alone, flights):
+        for expected, flight in zip(alone, flights, strict=True):
             assert np.array_equal(flight.result(), expected)
     with load_engine(out, device="cuda") as loaded:
         assert isinstance(loaded, CompiledTorchEngine)

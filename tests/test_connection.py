@@ -1,4 +1,6 @@
-"""broker.connection: passwords hidden in every message, malformed URLs as one-line errors (real redis-server, real CLI)."""
+"""broker.connection: passwords hidden in every message, malformed URLs as one-line errors.
+
+Real redis-server, real CLI."""
 
 from __future__ import annotations
 

@@ -317,7 +317,8 @@ def test_compose_services_and_required_keys(compose):
     assert re.fullmatch(r"redis:7(\.\d+)*(-\w+)?", redis["image"])
     script = " ".join(redis["command"]) if isinstance(redis["command"], list) else redis["command"]
     assert "--appendonly yes" in script and "requirepass" in script and "/run/secrets/redis_password" in script
-    assert any(v.split(":")[1] == "/data" for v in redis["volumes"]) and redis["volumes"][0].split(":")[0] in compose["volumes"]
+    assert any(v.split(":")[1] == "/data" for v in redis["volumes"])
+    assert redis["volumes"][0].split(":")[0] in compose["volumes"]
     test = " ".join(redis["healthcheck"]["test"])
     assert "redis-cli ping" in test and "REDISCLI_AUTH" in test
     assert compose["secrets"]["redis_password"]["file"]

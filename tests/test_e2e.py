@@ -18,8 +18,8 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from broker.store import QueueStore, StoredImage, now
-from engines import DEMO_ONNX
 from common.metrics import dice
+from engines import DEMO_ONNX
 from producer.enqueue import segmentation_queue
 from tests.conftest import SMALL_SIZE, free_port, tiny_unet, write_synthetic_images
 
@@ -130,7 +130,8 @@ def test_embedded_redis_full_size_demo_engine(tmp_path):
 
 def test_unreachable_redis_gives_a_clear_message_without_the_password(tmp_path):
     url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
-    for args in (["producer", "status"], ["producer", "enqueue", str(tmp_path)], ["worker", "run", "--engine", str(DEMO_ONNX)]):
+    for args in (["producer", "status"], ["producer", "enqueue", str(tmp_path)],
+                 ["worker", "run", "--engine", str(DEMO_ONNX)]):
         result = cli(*args, "--redis-url", url)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert "cannot reach Redis" in result.stderr
@@ -256,7 +257,8 @@ def test_default_settings_recover_a_sigkilled_workers_jobs_within_15_s(tmp_path,
 
 def test_enqueue_out_writes_masks_as_collect_does_and_frees_them(tmp_path, redis_url, queue_name, small_engine, client):
     write_synthetic_images(tmp_path / "in", 5, seed=9)
-    streamed, collected = ["--redis-url", redis_url, "--queue", queue_name], ["--redis-url", redis_url, "--queue", queue_name + "c"]
+    streamed = ["--redis-url", redis_url, "--queue", queue_name]
+    collected = ["--redis-url", redis_url, "--queue", queue_name + "c"]
     workers = [start("worker", "run", "--engine", str(small_engine), *common) for common in (streamed, collected)]
     try:
         enq = cli("producer", "enqueue", str(tmp_path / "in"), "--size", str(SMALL_SIZE), "--job-size", "2",

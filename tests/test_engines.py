@@ -15,16 +15,16 @@ import pytest
 import torch
 
 import engines
+from common.metrics import dice, mean_dice
 from engines.base import EngineError, EngineSpec, Normalization, check_batch, infer, metadata_path
 from engines.checkpoint import FORMAT, load_checkpoint, load_model, save_checkpoint
-from toolchain.export import export_onnx
 from engines.loader import load_engine, read_spec
-from common.metrics import dice, mean_dice
 from engines.onnx_engine import OnnxEngine
-from toolchain.synth import generate, read_mask, write_dataset
 from engines.torch_engine import TorchEngine
 from engines.unet import UNet, UNetConfig
 from tests.conftest import tiny_checkpoint, tiny_unet
+from toolchain.export import export_onnx
+from toolchain.synth import generate, read_mask, write_dataset
 
 SIZE = 64
 MAX_BATCH = 4
@@ -92,10 +92,10 @@ def test_unet_config_round_trip() -> None:
 def test_synth_is_deterministic_and_prefix_stable() -> None:
     a = list(generate(3, 64, seed=11))
     b = list(generate(5, 64, seed=11))
-    for (ia, ma), (ib, mb) in zip(a, b):
+    for (ia, ma), (ib, mb) in zip(a, b, strict=False):  # b's first 3 are a's 3
         assert np.array_equal(ia, ib) and np.array_equal(ma, mb)
     c = list(generate(3, 64, seed=12))
-    assert not all(np.array_equal(x[0], y[0]) for x, y in zip(a, c))
+    assert not all(np.array_equal(x[0], y[0]) for x, y in zip(a, c, strict=True))
 
 
 def test_synth_masks_are_sane() -> None:
@@ -152,7 +152,7 @@ def test_checkpoint_round_trip(tiny) -> None:
     raw = torch.load(tiny["ckpt"], map_location="cpu", weights_only=True)
     assert raw["format"] == FORMAT
     model, _ = load_model(tiny["ckpt"])
-    for (k, v), (k2, v2) in zip(model.state_dict().items(), tiny["model"].state_dict().items()):
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), tiny["model"].state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
 
 

@@ -70,7 +70,7 @@ def test_decode_processes_load_exactly_what_the_store_loads(tmp_path, client, re
         loader.close()
     on_thread = store.load_images(asked)
     assert [type(x) for x in in_processes] == [type(x) for x in on_thread]
-    for got, expected in zip(in_processes[:2], on_thread[:2]):
+    for got, expected in zip(in_processes[:2], on_thread[:2], strict=True):
         assert (got.image_id, got.name, got.original_height, got.original_width) == \
                (expected.image_id, expected.name, expected.original_height, expected.original_width)
         np.testing.assert_array_equal(got.pixels, expected.pixels)

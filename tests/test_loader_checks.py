@@ -20,8 +20,8 @@ from engines.loader import KNOWN_SUFFIXES, load_engine, read_spec
 from engines.tensorrt_engine import check_plan_metadata, check_plan_shape, current_setup, rebuild_hint
 from engines.torch2trt_file import is_torch2trt_file, parse_torch2trt
 from engines.torch_engine import TorchEngine
-from tests.conftest import tiny_checkpoint
 from engines.versions import check_compatible
+from tests.conftest import tiny_checkpoint
 
 try:
     import tensorrt  # noqa: F401
@@ -30,7 +30,8 @@ try:
 except Exception:
     HAVE_TENSORRT = False
 
-needs_no_tensorrt = pytest.mark.skipif(HAVE_TENSORRT, reason="TensorRT is installed: the missing-TensorRT message cannot show")
+needs_no_tensorrt = pytest.mark.skipif(HAVE_TENSORRT,
+                                       reason="TensorRT is installed: the missing-TensorRT message cannot show")
 
 FAKE_ENGINE = b"\x00fake serialized TensorRT engine\xff" * 10
 

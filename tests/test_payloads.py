@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 
 from broker import payloads
-from broker.payloads import CorruptPayload, OldFormat, PayloadError, decode_image, decode_mask, encode_image, encode_mask
-
+from broker.payloads import (
+    CorruptPayload,
+    OldFormat,
+    PayloadError,
+    decode_image,
+    decode_mask,
+    encode_image,
+    encode_mask,
+)
 from toolchain.synth import generate
 
 

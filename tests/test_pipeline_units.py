@@ -18,9 +18,9 @@ import redis
 from broker.connection import BrokerSettings
 from broker.store import QueueStore, StoredImage, new_image_id, now
 from engines.loader import load_engine
-from toolchain.synth import generate
 from tests.conftest import SMALL_SIZE
 from tests.fake_jobs import FakeJobSource
+from toolchain.synth import generate
 from worker.batch import BatchItem, SubmittedBatch
 from worker.claims import OpenClaims
 from worker.logs import configure_logging
@@ -103,7 +103,9 @@ def test_a_job_whose_every_image_failed_is_completed_with_its_reasons(tmp_path, 
     assert claim.failure_reason().startswith("every image of this job failed: image ")
 
 
-def test_an_engine_failure_fails_every_job_of_the_batch_for_retry(tmp_path, client, redis_url, queue_name, small_engine):
+def test_an_engine_failure_fails_every_job_of_the_batch_for_retry(
+    tmp_path, client, redis_url, queue_name, small_engine
+):
     ids = store_images(client, queue_name, 4)
     broken = load_engine(small_engine)
     broken.close()  # a real engine that can no longer run

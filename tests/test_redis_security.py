@@ -88,7 +88,7 @@ def tls_binary() -> str:
             return binary
     reason = (f"TLS NOT TESTED: no redis-server built with TLS on this machine (found: {redis_binaries()}); "
               "install one (Debian: apt-get install redis-server) to run the TLS tests")
-    warnings.warn(reason)
+    warnings.warn(reason, stacklevel=2)
     pytest.skip(reason)
 
 
@@ -96,7 +96,8 @@ def tls_binary() -> str:
 
 
 def write_aclfile(folder: Path) -> Path:
-    """An ACL file: the default user (full rights, ADMIN_PASSWORD) and LEAST_PRIVILEGE_ACL as proposed, with its password."""
+    """An ACL file: the default user (full rights, ADMIN_PASSWORD) and LEAST_PRIVILEGE_ACL as proposed, with its
+    password."""
     assert LEAST_PRIVILEGE_ACL.count(">CHANGE-ME") == 1
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "users.acl"
@@ -141,7 +142,7 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[TlsFiles, Path]
     """(server files signed by a throwaway CA, another CA's certificate that signed nothing here)."""
     if shutil.which("openssl") is None:
         reason = "TLS NOT TESTED: the openssl command is needed to make the test certificates"
-        warnings.warn(reason)
+        warnings.warn(reason, stacklevel=2)
         pytest.skip(reason)
     folder = tmp_path_factory.mktemp("tls")
     ca, ca_key = make_ca(folder, "segqueue-test-ca")
@@ -294,7 +295,8 @@ def test_the_least_privilege_user_is_refused_everything_else(acl_server):
     allowed.subscribe("rq:pubsub:some-worker")
     assert allowed.get_message(timeout=5.0)["type"] == "subscribe"
     allowed.close()
-    assert {entry["reason"] for entry in acl_denials(acl_server)} >= {"command", "key", "channel"}, acl_denials(acl_server)
+    denials = acl_denials(acl_server)
+    assert {entry["reason"] for entry in denials} >= {"command", "key", "channel"}, denials
     client.close()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -13,8 +13,7 @@ from PIL import Image
 
 from broker.store import QueueStore
 from producer.collect import collect_masks
-from report.analysis import (BATCHES_PER_BIN, parse_batch, read_logs, throughput, throughput_series,
-                             union_seconds)
+from report.analysis import BATCHES_PER_BIN, parse_batch, read_logs, throughput, throughput_series, union_seconds
 from report.writer import write_report
 from tests.conftest import write_synthetic_images
 from tests.test_e2e import cli
@@ -47,7 +46,7 @@ def test_report_numbers_match_the_log_and_independent_dice(tmp_path, client, red
     events = [json.loads(line) for line in log.read_text().splitlines()[:-2]]
     batches = [e for e in events if e["event"] == "batch"]
     ends = [datetime.fromisoformat(e["time"].replace("Z", "+00:00")).timestamp() for e in batches]
-    starts = [end - e["total_ms"] / 1000 for end, e in zip(ends, batches)]
+    starts = [end - e["total_ms"] / 1000 for end, e in zip(ends, batches, strict=True)]
     expected_fps = sum(e["images_ok"] for e in batches) / (max(ends) - min(starts))
 
     workers, n_batches, images, wall, fps, _ = table_row(markdown, "workers")
@@ -73,7 +72,7 @@ def test_report_numbers_match_the_log_and_independent_dice(tmp_path, client, red
 def _event(worker: str, end_s: float, total_ms: float, images: int = 8) -> dict:
     return {"event": "batch", "worker": worker, "batch_size": images, "images_ok": images, "fetch_ms": 1.0,
             "compute_ms": total_ms - 2, "write_ms": 1.0, "total_ms": total_ms,
-            "time": datetime.fromtimestamp(end_s, timezone.utc).isoformat().replace("+00:00", "Z")}
+            "time": datetime.fromtimestamp(end_s, UTC).isoformat().replace("+00:00", "Z")}
 
 
 def test_several_workers_merge_over_the_union_of_their_busy_time(tmp_path):

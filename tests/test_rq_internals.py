@@ -47,8 +47,9 @@ def test_worker_methods_the_adapter_calls_keep_their_signatures():
     assert WorkerStatus.BUSY
     # maintenance replays rq's steps (RqJobSource.maintain) with a short lock of its own
     source = inspect.getsource(SimpleWorker.clean_registries)
-    for step in ("acquire_maintenance_lock", "clean_registries(queue", "worker_registration.clean_worker_registry(queue)",
-                 "intermediate_queue.cleanup", "release_maintenance_lock", "self.last_cleaned_at = now()"):
+    for step in ("acquire_maintenance_lock", "clean_registries(queue",
+                 "worker_registration.clean_worker_registry(queue)", "intermediate_queue.cleanup",
+                 "release_maintenance_lock", "self.last_cleaned_at = now()"):
         assert step in source, step
     assert "registry_cleaning_key" in inspect.getsource(Queue.acquire_maintenance_lock)
     from rq.intermediate_queue import IntermediateQueue
@@ -109,7 +110,8 @@ def test_claim_replays_rqs_own_preparation_steps():
     assert params(Execution.save) == ["self", "ttl", "pipeline"]
     create = inspect.getsource(Execution.create)
     for step in ("uuid4().hex", "execution.save(ttl=ttl, pipeline=pipeline)",
-                 "ExecutionRegistry(job_id=job.id, connection=pipeline).add(execution=execution, ttl=ttl, pipeline=pipeline)",
+                 "ExecutionRegistry(job_id=job.id, connection=pipeline)"
+                 ".add(execution=execution, ttl=ttl, pipeline=pipeline)",
                  "job.started_job_registry.add_execution(execution, pipeline=pipeline, ttl=ttl, xx=False)",
                  "pipeline.sadd(execution.worker_executions_key, execution.composite_key)",
                  "pipeline.expire(execution.worker_executions_key, ttl + 60)"):
@@ -131,11 +133,13 @@ def test_completion_replays_rqs_own_success_records():
                  "job.cleanup(result_ttl, pipeline=pipeline, remove_from_queue=False)", "self.cleanup_execution"):
         assert step in success, step
     handle = inspect.getsource(Job._handle_success)
-    for step in ("set_status(JobStatus.FINISHED", "self.save(pipeline=pipeline, include_meta=False, include_result=False)",
-                 "Result.create", "finished_job_registry.add(self, result_ttl, pipeline)"):
+    for step in ("set_status(JobStatus.FINISHED",
+                 "self.save(pipeline=pipeline, include_meta=False, include_result=False)", "Result.create",
+                 "finished_job_registry.add(self, result_ttl, pipeline)"):
         assert step in handle, step
     assert params(Result.create)[:3] == ["job", "type", "ttl"]
-    for name in ("return_value", "worker_name", "pipeline", "execution_id", "execution_started_at", "execution_ended_at"):
+    for name in ("return_value", "worker_name", "pipeline", "execution_id", "execution_started_at",
+                 "execution_ended_at"):
         assert name in params(Result.create), name
     assert params(Job.get_result_ttl) == ["self", "default_ttl"]
     assert params(Job.set_status)[:3] == ["self", "status", "pipeline"]
@@ -145,8 +149,10 @@ def test_completion_replays_rqs_own_success_records():
     assert "self.save(pipeline=pipeline, include_meta=False, include_result=False)" in handle
     assert "'ended_at': utcformat(self.ended_at) if self.ended_at else ''" in inspect.getsource(Job.to_dict)
     delete = inspect.getsource(Execution.delete)
-    for step in ("pipeline.delete(self.key)", "job.started_job_registry.remove_execution(execution=self, pipeline=pipeline)",
-                 "ExecutionRegistry(job_id=self.job_id, connection=self.connection).remove(execution=self, pipeline=pipeline)",
+    for step in ("pipeline.delete(self.key)",
+                 "job.started_job_registry.remove_execution(execution=self, pipeline=pipeline)",
+                 "ExecutionRegistry(job_id=self.job_id, connection=self.connection)"
+                 ".remove(execution=self, pipeline=pipeline)",
                  "pipeline.srem(self.worker_executions_key, self.composite_key)"):
         assert step in delete, step
     cleanup = inspect.getsource(Job.cleanup)

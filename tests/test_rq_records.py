@@ -37,7 +37,8 @@ def shape(client: redis.Redis, job_id: str, worker_name: str, queue: str) -> dic
     """Every rq key that concerns this job or this worker, in a comparable shape."""
     names = {job_id: "<job>", worker_name: "<worker>"}
     keys = [k.decode() for k in client.keys("rq:*")]
-    mine = [k for k in keys if job_id in k or f":{worker_name}" in k or k.startswith((f"rq:wip:{queue}", f"rq:finished:{queue}"))]
+    mine = [k for k in keys
+            if job_id in k or f":{worker_name}" in k or k.startswith((f"rq:wip:{queue}", f"rq:finished:{queue}"))]
     described: dict[str, object] = {}
     for key in sorted(mine):
         kind = client.type(key).decode()
@@ -49,7 +50,8 @@ def shape(client: redis.Redis, job_id: str, worker_name: str, queue: str) -> dic
 
         if kind == "hash":
             fields = client.hgetall(key)
-            value: object = [*sorted(_norm(f, names) for f in fields), f"status={_norm(fields.get(b'status', b''), names)}"]
+            value: object = [*sorted(_norm(f, names) for f in fields),
+                             f"status={_norm(fields.get(b'status', b''), names)}"]
         elif kind == "zset":
             value = members(client.zrange(key, 0, -1))
         elif kind == "set":

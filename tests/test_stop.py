@@ -121,9 +121,10 @@ def test_many_sigterms_idle_and_busy_each_end_the_worker_within_seconds(tmp_path
         logs = [tmp_path / f"{queue_name}-w{round_}{i}.log" for i in range(3)]
         workers = [start_worker(small_engine, redis_url, queue_name, log) for log in logs]
         try:
-            wait_until(lambda: all(events(log, "worker_ready") for log in logs), 180, "3 workers to be ready")
+            wait_until(lambda logs=logs: all(events(log, "worker_ready") for log in logs), 180, "3 workers to be ready")
             if busy:
-                wait_until(lambda: all(events(log, "batch") for log in logs), 120, "a batch from every worker")
+                wait_until(lambda logs=logs: all(events(log, "batch") for log in logs), 120,
+                           "a batch from every worker")
                 assert queue.count > 0, "the backlog ran out before the SIGTERM: the workers were not busy"
             stops["busy" if busy else "idle"] += stop_and_time(workers, logs)
         finally:

@@ -14,7 +14,6 @@ from producer.collect import collect_masks
 from producer.enqueue import segmentation_queue
 from tests.conftest import SMALL_SIZE, write_synthetic_images
 from tests.test_worker import enqueue_folder, run_worker
-
 from toolchain.synth import generate
 
 
@@ -89,7 +88,7 @@ def test_full_size_image_and_mask_take_well_under_the_raw_512_kb(client, queue_n
     pairs = list(generate(4, size=512, seed=21))
     images = [stored(new_image_id(), image) for image, _ in pairs]
     store.store_images(images)
-    store.save_results([(image.image_id, mask) for image, (_, mask) in zip(images, pairs)])
+    store.save_results([(image.image_id, mask) for image, (_, mask) in zip(images, pairs, strict=True)])
     usage = [store.stored_bytes(image.image_id) for image in images]
     per_image = sum(u["image"] + u["mask"] for u in usage) / len(usage)
     print(f"stored bytes per 512x512 image + mask: {per_image:.0f} ({usage})")
@@ -120,7 +119,9 @@ def test_old_format_image_fails_alone_in_the_worker(tmp_path, client, redis_url,
     assert [r["ok"] for r in job.return_value()["images"]] == [False, True]
 
 
-def test_collect_reports_an_old_format_mask_and_writes_the_others(tmp_path, client, redis_url, queue_name, small_engine):
+def test_collect_reports_an_old_format_mask_and_writes_the_others(
+    tmp_path, client, redis_url, queue_name, small_engine
+):
     write_synthetic_images(tmp_path / "images", 3)
     report = enqueue_folder(client, queue_name, tmp_path / "images", job_size=3)
     run_worker(redis_url, queue_name, small_engine, tmp_path / "worker.log")
@@ -146,12 +147,12 @@ def test_a_malformed_original_size_is_an_error_naming_the_image_not_an_exception
     images = [stored(new_image_id(), np.zeros((8, 8), np.uint8)) for _ in range(4)]
     store.store_images(images)
     store.save_results([(i.image_id, np.ones((8, 8), np.uint8)) for i in images])
-    for image, height in zip(images, (-3, 0, "abc")):
+    for image, height in zip(images, (-3, 0, "abc"), strict=True):
         client.hset(store._image_key(image.image_id), "original_height", height)
 
     results = store.load_results([i.image_id for i in images])
 
-    for image, result, height in zip(images, results, ("-3", "0", "abc")):
+    for image, result, height in zip(images, results, ("-3", "0", "abc"), strict=True):
         assert result.mask is None and result.original_size is None
         assert result.error == (f"image {image.image_id} is malformed in Redis: original size (height, width) "
                                 f"[b'{height}', b'80'] is not two positive integers")

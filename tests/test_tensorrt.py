@@ -27,9 +27,9 @@ import torch  # noqa: E402
 from engines.base import EngineError, infer, metadata_path  # noqa: E402
 from engines.loader import load_engine  # noqa: E402
 from engines.onnx_engine import OnnxEngine  # noqa: E402
+from engines.tensorrt_engine import TensorRTEngine  # noqa: E402
 from toolchain.synth import generate  # noqa: E402
 from toolchain.tensorrt_build import build_plan  # noqa: E402
-from engines.tensorrt_engine import TensorRTEngine  # noqa: E402
 
 pytestmark = [
     pytest.mark.tensorrt,
@@ -73,7 +73,7 @@ def test_plan_masks_match_onnxruntime(plan: Path, onnx_w8: Path) -> None:
             assert float((got == expected).mean()) >= 0.995  # TensorRT may use TF32 for FP32 layers
         alone = [infer(engine, images[i : i + 2]) for i in range(3)]
         flights = [engine.submit(images[i : i + 2]) for i in range(3)]
-        for expected, flight in zip(alone, flights):
+        for expected, flight in zip(alone, flights, strict=True):
             assert np.array_equal(flight.result(), expected)
 
 

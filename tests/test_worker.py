@@ -14,10 +14,10 @@ from rq.serializers import JSONSerializer
 
 from broker.connection import BrokerSettings
 from broker.store import QueueStore, StoredImage, new_image_id, now
+from common.images import decode_image
 from engines.base import infer
 from engines.onnx_engine import OnnxEngine
 from producer.enqueue import Enqueuer, enqueue_paths, segmentation_queue
-from common.images import decode_image
 from tests.conftest import SMALL_SIZE, tiny_checkpoint, write_synthetic_images
 from worker.cli import serve
 from worker.settings import WorkerSettings
@@ -83,7 +83,7 @@ def test_worker_masks_equal_direct_engine_masks_bit_exact(tmp_path, client, redi
 
     store = QueueStore(client, queue_name)
     with OnnxEngine(small_engine) as engine:
-        for image_id, path in zip(report.image_ids, paths):
+        for image_id, path in zip(report.image_ids, paths, strict=True):
             pixels = decode_image(path, SMALL_SIZE, SMALL_SIZE).pixels
             direct = infer(engine, pixels[None])[0]
             stored = store.load_mask(image_id)
@@ -99,7 +99,7 @@ def test_a_bad_image_fails_alone(tmp_path, client, redis_url, queue_name, small_
     ids = [new_image_id() for _ in range(4)]
     pixels = np.zeros((SMALL_SIZE, SMALL_SIZE), np.uint8)
     store.store_images([StoredImage(image_id, f"{image_id}.png", np.zeros(shape, np.uint8), 64, 64, now())
-                        for image_id, shape in zip(ids, [(SMALL_SIZE, SMALL_SIZE)] * 3 + [(32, 32)])])
+                        for image_id, shape in zip(ids, [(SMALL_SIZE, SMALL_SIZE)] * 3 + [(32, 32)], strict=True)])
     client.hset(store._image_key(ids[1]), "data", b"truncated")  # damage the stored payload
     queue = segmentation_queue(client, queue_name)
     mixed = queue.enqueue_call("worker.jobs.segment_images", args=[ids], meta={"images": 4})
@@ -165,7 +165,6 @@ def test_max_batch_larger_than_the_engine_allows_is_refused(tmp_path, redis_url,
 
 def test_worker_runs_a_torch_checkpoint_on_cpu(tmp_path, client, redis_url, queue_name):
     """`.pt` engines through the queue: masks equal the same TorchEngine's, run directly."""
-    import torch
 
     from engines.torch_engine import TorchEngine
 
@@ -180,7 +179,7 @@ def test_worker_runs_a_torch_checkpoint_on_cpu(tmp_path, client, redis_url, queu
     with TorchEngine(checkpoint) as engine:
         pixels = np.stack([decode_image(p, SMALL_SIZE, SMALL_SIZE).pixels for p in paths])
         direct = infer(engine, pixels)
-    for image_id, expected in zip(report.image_ids, direct):
+    for image_id, expected in zip(report.image_ids, direct, strict=True):
         np.testing.assert_array_equal(store.load_mask(image_id), expected)
 
 
@@ -205,7 +204,9 @@ def _log_text(log_file: Path) -> str:
     return log_file.read_text(encoding="utf-8", errors="replace")
 
 
-def test_jobs_rq_cannot_read_are_recorded_as_failed_with_the_reason(tmp_path, client, redis_url, queue_name, small_engine):
+def test_jobs_rq_cannot_read_are_recorded_as_failed_with_the_reason(
+    tmp_path, client, redis_url, queue_name, small_engine
+):
     """A job hash rq cannot load is failed where users look (rq's failed registry, status), not dropped."""
     from producer.status import queue_status
 
@@ -248,7 +249,9 @@ def test_jobs_rq_cannot_read_are_recorded_as_failed_with_the_reason(tmp_path, cl
     assert (status.images.queued, status.images.finished, status.images.failed) == (0, 2, 4)
 
 
-def test_a_job_whose_data_is_garbage_or_a_pickle_fails_with_a_reason(tmp_path, client, redis_url, queue_name, small_engine):
+def test_a_job_whose_data_is_garbage_or_a_pickle_fails_with_a_reason(
+    tmp_path, client, redis_url, queue_name, small_engine
+):
     import pickle
 
     queue = segmentation_queue(client, queue_name)

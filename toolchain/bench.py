@@ -140,12 +140,13 @@ def format_table(rows: Sequence[BenchRow], extra: dict[str, Sequence[str]] | Non
     extra = extra or {}
     header = ["variant", "batch size", "samples", "runtime (s)", "FPS", *extra]
     body = [
-        [r.variant, str(r.batch), str(r.samples), f"{r.runtime_s:.2f}", f"{r.fps:.2f}", *(col[i] for col in extra.values())]
+        [r.variant, str(r.batch), str(r.samples), f"{r.runtime_s:.2f}", f"{r.fps:.2f}",
+         *(col[i] for col in extra.values())]
         for i, r in enumerate(rows)
     ]
     widths = [max(len(h), *(len(line[c]) for line in body)) if body else len(h) for c, h in enumerate(header)]
     fmt = lambda cells: "| " + " | ".join(  # noqa: E731
-        cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(cells, widths))
+        cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(cells, widths, strict=True))
     ) + " |"
     rule = "|" + "|".join("-" * (w + 2) if c == 0 else "-" * (w + 1) + ":" for c, w in enumerate(widths)) + "|"
     return "\n".join([fmt(header), rule, *(fmt(line) for line in body)])
@@ -187,7 +188,7 @@ def report(rows: Sequence[BenchRow], command: str, device: str, **extra: object)
     from engines.versions import built_with
 
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "gpu": gpu_name(device),
         "device": device,

@@ -105,7 +105,8 @@ def build(
         spec = EngineSpec.read_beside(source)
         want = precision or spec.precision
         if want == spec.precision:
-            raise _unsupported(source, output, f"the source is already {spec.precision}; choose --precision fp16 or int8")
+            raise _unsupported(source, output,
+                               f"the source is already {spec.precision}; choose --precision fp16 or int8")
         return _from_onnx(source, output, want, calib, calib_method, calib_count, target)
     raise _unsupported(source, output, f"unknown source type {src_suffix or '(no extension)'!r}")
 

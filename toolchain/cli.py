@@ -8,7 +8,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,7 +16,10 @@ from common.cli import Typer, exit_2_on
 from engines.base import EngineError
 
 app = Typer(
-    help="U-Net engines: synthetic data, training, ONNX export, FP16/INT8/TensorRT builds, engine info, Dice and throughput.",
+    help=(
+        "U-Net engines: synthetic data, training, ONNX export, FP16/INT8/TensorRT builds, engine info, Dice and "
+        "throughput."
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -60,12 +63,12 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for data, crops and weights.")] = 0,
     pool: Annotated[int, typer.Option(help="Synthetic images kept in memory (one is replaced per step).")] = 48,
     data_dir: Annotated[
-        Optional[Path], typer.Option(help="Train on an `engines synth` directory instead of fresh images.")
+        Path | None, typer.Option(help="Train on an `engines synth` directory instead of fresh images.")
     ] = None,
     eval_n: Annotated[int, typer.Option(help="Held-out images scored (Dice) at the end.")] = 32,
-    eval_seed: Annotated[Optional[int], typer.Option(help="Held-out seed (default: seed + 1000003).")] = None,
+    eval_seed: Annotated[int | None, typer.Option(help="Held-out seed (default: seed + 1000003).")] = None,
     max_batch: Annotated[int, typer.Option(help="Largest batch recorded in the checkpoint's spec.")] = 8,
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
 ) -> None:
     """Train a U-Net on synthetic images; stores held-out Dice and this command in the checkpoint."""
     from toolchain.train import TrainConfig
@@ -153,15 +156,15 @@ def evaluate(
     batch: Annotated[int, typer.Option(help="Batch size (at most the engine's max batch).")] = 8,
     device: Annotated[str, typer.Option(help="cpu or cuda[:i].")] = "cpu",
     precision: Annotated[
-        Optional[str], typer.Option(help="Torch checkpoints: fp32 or fp16 (CUDA); default: the file's own.")
+        str | None, typer.Option(help="Torch checkpoints: fp32 or fp16 (CUDA); default: the file's own.")
     ] = None,
 ) -> None:
     """Mean Dice of an engine on synthetic images of its input size."""
     import numpy as np
 
+    from common.metrics import dice
     from engines.base import infer
     from engines.loader import load_engine
-    from common.metrics import dice
     from toolchain.synth import generate
 
     engine = load_engine(file, device=device, precision=precision)
@@ -172,7 +175,7 @@ def evaluate(
         for i in range(0, n, step):
             chunk = pairs[i : i + step]
             masks = infer(engine, np.stack([p[0] for p in chunk]))
-            scores += [dice(m, p[1]) for m, p in zip(masks, chunk)]
+            scores += [dice(m, p[1]) for m, p in zip(masks, chunk, strict=True)]
     finally:
         engine.close()
     typer.echo(f"{engine.name}: mean Dice {np.mean(scores):.4f} on {n} images (seed {seed})")
@@ -187,10 +190,10 @@ def build(
                            help="File to write: .onnx, .trt/.engine/.plan (TensorRT), .ptc or .cudnn (cuDNN INT8).")
     ],
     precision: Annotated[
-        Optional[str], typer.Option(help="fp32, fp16 or int8 (default: the source's own; fp32 for a checkpoint).")
+        str | None, typer.Option(help="fp32, fp16 or int8 (default: the source's own; fp32 for a checkpoint).")
     ] = None,
     calib: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="INT8 only: a folder of real images (decoded as the producer does, at the engine's size) "
             "to calibrate on, or 'none' for the study's uncalibrated row: ranges computed from uniform "
@@ -198,7 +201,9 @@ def build(
         ),
     ] = None,
     calib_method: Annotated[
-        str, typer.Option(help="INT8 range method: minmax (default; the study found entropy wrong), entropy, percentile.")
+        str, typer.Option(help=(
+            "INT8 range method: minmax (default; the study found entropy wrong), entropy, percentile."
+        ))
     ] = "minmax",
     calib_count: Annotated[int, typer.Option(help="INT8: calibration images used (spread over the folder).")] = 64,
     target: Annotated[
@@ -227,8 +232,8 @@ def build(
       engines build unet_int8.onnx --target cuda -o unet_int8.cudnn
       engines build unet.pt -o unet.onnx
     """
-    from toolchain.build import build as run_build
     from engines.loader import read_spec
+    from toolchain.build import build as run_build
 
     written = run_build(
         source, output, precision=precision, calib=calib, calib_method=calib_method, calib_count=calib_count,
@@ -253,18 +258,18 @@ def bench(
     files: Annotated[list[Path], typer.Argument(help="Engine files (.onnx, .pt, .trt, .ptc, .cudnn, ...).")],
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated, e.g. 1,4,8.")] = "8",
     samples: Annotated[
-        Optional[int], typer.Option(help="Images per engine and batch size (default: 1000 on cuda, 32 on cpu).")
+        int | None, typer.Option(help="Images per engine and batch size (default: 1000 on cuda, 32 on cpu).")
     ] = None,
-    warmup: Annotated[Optional[int], typer.Option(help="Untimed batches first (default: 20 on cuda, 2 on cpu).")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Untimed batches first (default: 20 on cuda, 2 on cpu).")] = None,
     rounds: Annotated[
         int, typer.Option(help="Measurements per row, interleaved across engines; the median is shown.")
     ] = 1,
     device: Annotated[str, typer.Option(help="cpu or cuda[:i].")] = "cpu",
     precision: Annotated[
-        Optional[str], typer.Option(help="Torch checkpoints: fp32 or fp16 (CUDA); default: the file's own.")
+        str | None, typer.Option(help="Torch checkpoints: fp32 or fp16 (CUDA); default: the file's own.")
     ] = None,
     json_out: Annotated[
-        Optional[Path], typer.Option("--json", help="Also write the results as JSON (date, machine, versions, command).")
+        Path | None, typer.Option("--json", help="Also write the results as JSON (date, machine, versions, command).")
     ] = None,
 ) -> None:
     """Engine-only throughput in the study's table shape: variant, batch size, samples, runtime (s), FPS.
@@ -273,8 +278,8 @@ def bench(
     """
     import json
 
-    from toolchain.bench import DEFAULT_SAMPLES, DEFAULT_WARMUP, bench_engines, format_table, parse_batches, report
     from engines.loader import load_engine
+    from toolchain.bench import DEFAULT_SAMPLES, DEFAULT_WARMUP, bench_engines, format_table, parse_batches, report
 
     batches = parse_batches(batch)
     kind = "cuda" if device.startswith("cuda") else "cpu"

@@ -20,9 +20,9 @@ import torch
 
 from engines.base import EngineError, EngineSpec, metadata_path
 from engines.checkpoint import load_model
-from toolchain.onnx_checks import check_onnx, op_counts
 from engines.unet import UNet, check_size
 from engines.versions import built_with
+from toolchain.onnx_checks import check_onnx, op_counts
 
 PARITY_TOLERANCE = 1e-3  #: max abs logit difference allowed between ONNX Runtime and torch
 
@@ -55,7 +55,7 @@ def _quiet_exporter():
             with contextlib.redirect_stdout(None):
                 yield
     finally:
-        for lg, level in zip(loggers, levels):
+        for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 
 

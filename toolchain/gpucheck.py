@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.metrics import mean_dice
 from engines import DEMO_CHECKPOINT
 from engines.base import EngineSpec, infer
-from toolchain.bench import throughput
 from engines.checkpoint import save_checkpoint
-from common.metrics import mean_dice
-from toolchain.synth import generate
 from engines.torch_engine import TorchEngine
 from engines.unet import UNet, UNetConfig
+from toolchain.bench import throughput
+from toolchain.synth import generate
 
 
 def check(checkpoint: Path, device: str = "cuda") -> list[str]:
@@ -77,7 +77,8 @@ def main(argv: list[str]) -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 0
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}")
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, "
+          f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}")
     failures = check(checkpoint)
     rows = timings(checkpoint)
     print(f"\n{'model':<12} {'precision':<9} {'batch':>5} {'img/s':>9}")

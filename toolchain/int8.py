@@ -102,9 +102,9 @@ def fold_batchnorm_onnx(model) -> int:
             continue
         params = [const(name) for name in bn.input[1:]]
         weight = const(conv.input[1])
-        if weight is None or any(p is None for p in params):
-            continue
         gamma, beta, mean, var = params
+        if weight is None or gamma is None or beta is None or mean is None or var is None:
+            continue
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         scale = gamma / np.sqrt(var + eps)
         axis = 0 if conv.op_type == "Conv" else 1
@@ -312,7 +312,7 @@ def quantize_int8(
     spec = source_spec(source, output)
     data_free = calib is None or str(calib).lower() == "none"
     if data_free:
-        images, skipped = noise_images(count, spec.height, spec.width), []
+        images, skipped = noise_images(count, spec.height, spec.width), list[str]()
         origin = f"uniform noise 0..255, seed {NOISE_SEED}"
     else:
         images, skipped = calibration_images(Path(calib), spec.height, spec.width, count)  # type: ignore[arg-type]

@@ -56,7 +56,7 @@ def smooth_field(rng: np.random.Generator, size: int, grid: int) -> np.ndarray:
     grid: number of random control points per side (2-4: illumination; 8-32: texture).
     """
     coarse = rng.standard_normal((grid, grid)).astype(np.float32)
-    return np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC))
+    return np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.Resampling.BICUBIC))
 
 
 def _cell_centers(rng: np.random.Generator, size: int, n: int, radii: np.ndarray) -> np.ndarray:
@@ -99,7 +99,7 @@ def render(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
 
     radii = np.exp(rng.uniform(math.log(r_lo), math.log(r_hi), n)) if n else np.empty(0)
     centers = _cell_centers(rng, size, n, radii) if n else np.empty((0, 2))
-    for (cy, cx), r in zip(centers, radii):
+    for (cy, cx), r in zip(centers, radii, strict=True):
         a = r * rng.uniform(0.9, 1.25)  # semi-axes
         b = r * rng.uniform(0.6, 1.0)
         phi = rng.uniform(0, math.pi)

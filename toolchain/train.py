@@ -20,12 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.metrics import dice
 from engines.base import EngineSpec, Normalization
 from engines.checkpoint import save_checkpoint
-from common.metrics import dice
-from toolchain.synth import TRUTH_DIR, generate, read_mask
 from engines.unet import UNet, UNetConfig, check_size
 from engines.versions import built_with
+from toolchain.synth import TRUTH_DIR, generate, read_mask
 
 EVAL_SEED_OFFSET = 1_000_003  #: default held-out seed = seed + this
 

@@ -6,8 +6,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
+import click
 import redis
 import typer
 
@@ -47,22 +48,54 @@ def _fail(message: str) -> None:
 @app.command()
 def run(
     ctx: typer.Context,
-    engine: Annotated[Path, typer.Option(help="Engine file: .onnx (ONNX Runtime), .pt/.pth (torch checkpoint or torch2trt), .ptc (compiled torch, CUDA), .cudnn (cuDNN INT8, CUDA), .trt/.engine/.plan (TensorRT).")],
-    engine_sha256: Annotated[Optional[str], typer.Option(envvar="SEGQUEUE_ENGINE_SHA256", show_envvar=True, help="Refuse to load the engine file unless its SHA-256 is this (64 hex digits, as `sha256sum FILE` prints). Loading an engine can run code from it: pin the file you trust.")] = None,
+    engine: Annotated[Path, typer.Option(help=(
+        "Engine file: .onnx (ONNX Runtime), .pt/.pth (torch checkpoint or torch2trt), .ptc (compiled torch, CUDA), "
+        ".cudnn (cuDNN INT8, CUDA), .trt/.engine/.plan (TensorRT)."
+    ))],
+    engine_sha256: Annotated[str | None, typer.Option(envvar="SEGQUEUE_ENGINE_SHA256", show_envvar=True, help=(
+        "Refuse to load the engine file unless its SHA-256 is this (64 hex digits, as `sha256sum FILE` prints). "
+        "Loading an engine can run code from it: pin the file you trust."
+    ))] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Most images per engine call (across jobs).")] = 8,
-    max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest wait for a batch to fill, from its oldest image.")] = 20.0,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:<index>: one worker; cuda:N sees only GPU N (CUDA_VISIBLE_DEVICES, mapped through one you set) and runs as cuda:0. 'all', or a list such as cuda:0,cuda:1 or cpu,cpu: a pool, one worker process per entry (all: per visible GPU), see below.")] = "cpu",
-    precision: Annotated[Optional[str], typer.Option(help="Torch checkpoints: fp32 (default), amp (autocast FP16, CUDA) or fp16 (half + channels_last, CUDA). Other engines carry their precision; a mismatch is refused.")] = None,
-    burst: Annotated[bool, typer.Option("--burst", help="Exit when the queue is empty instead of waiting for work.")] = False,
-    log_file: Annotated[Optional[Path], typer.Option(help="Also write JSON lines (one per batch) to this file.")] = None,
-    redis_url: Annotated[Optional[str], typer.Option(help="Redis URL; default $REDIS_URL, else the embedded server.")] = None,
-    queue: Annotated[Optional[str], typer.Option(help="Queue name (default: segment).")] = None,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help=(
+        "Longest wait for a batch to fill, from its oldest image."
+    ))] = 20.0,
+    device: Annotated[str, typer.Option(help=(
+        "cpu, cuda or cuda:<index>: one worker; cuda:N sees only GPU N (CUDA_VISIBLE_DEVICES, mapped through one you "
+        "set) and runs as cuda:0. 'all', or a list such as cuda:0,cuda:1 or cpu,cpu: a pool, one worker process per "
+        "entry (all: per visible GPU), see below."
+    ))] = "cpu",
+    precision: Annotated[str | None, typer.Option(help=(
+        "Torch checkpoints: fp32 (default), amp (autocast FP16, CUDA) or fp16 (half + channels_last, CUDA). Other "
+        "engines carry their precision; a mismatch is refused."
+    ))] = None,
+    burst: Annotated[bool, typer.Option("--burst", help=(
+        "Exit when the queue is empty instead of waiting for work."
+    ))] = False,
+    log_file: Annotated[Path | None, typer.Option(help="Also write JSON lines (one per batch) to this file.")] = None,
+    redis_url: Annotated[str | None, typer.Option(help=(
+        "Redis URL; default $REDIS_URL, else the embedded server."
+    ))] = None,
+    queue: Annotated[str | None, typer.Option(help="Queue name (default: segment).")] = None,
     name: Annotated[str, typer.Option(help="Worker name shown by rq (default host.pid).")] = "",
-    job_heartbeat_ttl: Annotated[int, typer.Option(min=5, help="Seconds before a silent worker's jobs are re-enqueued (its lease thread renews them every 2 s).")] = 8,
-    maintenance_interval: Annotated[int, typer.Option(min=2, help="Seconds between rq registry maintenance runs (re-enqueues abandoned jobs).")] = 2,
-    metrics_port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="Serve Prometheus /metrics, /readyz (engine loaded and warm) and /livez (loop not stuck) on this port; a pool gives its children PORT, PORT+1, ...")] = None,
-    liveness_timeout: Annotated[float, typer.Option(min=1, help="/livez fails once the worker loop has not passed for this many seconds.")] = 60.0,
-    decode_processes: Annotated[int, typer.Option(min=0, help="Processes that read and decode images from Redis (2-4.5 ms of CPU per 512x512 PNG image: a GPU at 1,000 img/s needs about five busy ones, more than threads can share under the GIL); 0 decodes on the worker's fetch threads. Default: 8, or the number of CPUs if fewer.")] = DEFAULT_DECODE_PROCESSES,
+    job_heartbeat_ttl: Annotated[int, typer.Option(min=5, help=(
+        "Seconds before a silent worker's jobs are re-enqueued (its lease thread renews them every 2 s)."
+    ))] = 8,
+    maintenance_interval: Annotated[int, typer.Option(min=2, help=(
+        "Seconds between rq registry maintenance runs (re-enqueues abandoned jobs)."
+    ))] = 2,
+    metrics_port: Annotated[int | None, typer.Option(min=0, max=65535, help=(
+        "Serve Prometheus /metrics, /readyz (engine loaded and warm) and /livez (loop not stuck) on this port; a pool "
+        "gives its children PORT, PORT+1, ..."
+    ))] = None,
+    liveness_timeout: Annotated[float, typer.Option(min=1, help=(
+        "/livez fails once the worker loop has not passed for this many seconds."
+    ))] = 60.0,
+    decode_processes: Annotated[int, typer.Option(min=0, help=(
+        "Processes that read and decode images from Redis (2-4.5 ms of CPU per 512x512 PNG image: a GPU at 1,000 img/s "
+        "needs about five busy ones, more than threads can share under the GIL); 0 decodes on the worker's fetch "
+        "threads. Default: 8, or the number of CPUs if fewer."
+    ))] = DEFAULT_DECODE_PROCESSES,
 ) -> None:
     """Serve a queue: claim jobs, batch their images across jobs, run the engine, write masks back.
 
@@ -110,8 +143,8 @@ def _child_argv(ctx: typer.Context, options: dict[str, object], device: str, log
     --log-file, --name and --metrics-port as given, and no --redis-url (see _child_env)."""
     argv = [sys.executable, "-m", "worker.cli", "run"]
     for param in ctx.command.params:
-        if getattr(param, "param_type_name", "") != "option" or param.name in ("device", "log_file", "name",
-                                                                                 "metrics_port", "redis_url"):
+        if not isinstance(param, click.Option) or param.name in ("device", "log_file", "name", "metrics_port",
+                                                                  "redis_url"):
             continue
         value = options.get(param.name)
         if value is None:
@@ -141,7 +174,7 @@ def _child_env(options: dict[str, object]) -> dict[str, str]:
 def _child_port(options: dict[str, object], index: int) -> int | None:
     """The index-th pool child's metrics port: --metrics-port + index (None without --metrics-port)."""
     base = options.get("metrics_port")
-    return None if base is None else int(base) + index  # type: ignore[arg-type]
+    return base + index if isinstance(base, int) else None
 
 
 def _run_pool(ctx: typer.Context, options: dict[str, object], device: str, log_file: Path | None, name: str) -> int:
@@ -157,7 +190,7 @@ def _run_pool(ctx: typer.Context, options: dict[str, object], device: str, log_f
         ChildSpec(label, dev, _child_argv(ctx, options, dev, suffixed(log_file, label) if log_file else None,
                                           f"{name}.{label}" if name else "", _child_port(options, index)),
                   _child_env(options))
-        for index, (label, dev) in enumerate(zip(labels, devices))
+        for index, (label, dev) in enumerate(zip(labels, devices, strict=True))
     ]
     log = configure_logging(suffixed(log_file, "pool") if log_file else None).bind(pool=os.getpid())
     return WorkerPool(children, log).run()
@@ -243,14 +276,16 @@ def _serve(settings: WorkerSettings, plan: DevicePlan | None, log, started: floa
             maintenance_interval_s=settings.maintenance_interval_s,
         )
         log = log.bind(worker=source.name, engine=loaded.name)
-        gpu = {} if plan is None or plan.physical is None else {"gpu": plan.physical, "requested_device": plan.requested}
+        gpu = ({} if plan is None or plan.physical is None
+               else {"gpu": plan.physical, "requested_device": plan.requested})
         engine_timings = {k: round(v, 3) for k, v in getattr(loaded, "load_timings", {}).items()}
         log.info("worker_started", queue=settings.broker.queue, broker=settings.broker.describe(),
                  max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, device=settings.device,
                  burst=settings.burst, pid=os.getpid(), load_s=round(load_s, 3), engine_s=round(engine_s, 3),
                  engine_load=engine_timings, **gpu)
-        if getattr(loaded, "cuda_graphs_error", None):
-            log.warning("cuda_graphs_off", reason=loaded.cuda_graphs_error,
+        graphs_error = getattr(loaded, "cuda_graphs_error", None)  # compiled engines only
+        if graphs_error:
+            log.warning("cuda_graphs_off", reason=graphs_error,
                         effect="kernels are launched one by one: slower feeding")
         try:
             warmup_s = _warm_up(loaded, settings.max_batch)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import structlog
 
-_SHARED = [
+_SHARED: list[structlog.typing.Processor] = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
     structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
@@ -42,7 +42,8 @@ def configure_logging(log_file: Path | None, level: int = logging.INFO) -> struc
         log_file.parent.mkdir(parents=True, exist_ok=True)
         to_file = logging.FileHandler(log_file, encoding="utf-8")
         to_file.setFormatter(
-            structlog.stdlib.ProcessorFormatter(processor=structlog.processors.JSONRenderer(), foreign_pre_chain=_SHARED)
+            structlog.stdlib.ProcessorFormatter(processor=structlog.processors.JSONRenderer(),
+                                                foreign_pre_chain=_SHARED)
         )
         root.addHandler(to_file)
     return structlog.get_logger("segqueue.worker")

@@ -10,7 +10,8 @@ set the pace.) Each fetch thread hands its batch to an image loader (worker/load
 of up to eight decode processes (one per core on smaller hosts), which reads the images from Redis and
 decodes them with a GIL of its own.
 
-One image's problem (missing, malformed, wrong size) fails that image alone; an engine error fails the jobs of that batch, which rq then retries
+One image's problem (missing, malformed, wrong size) fails that image alone; an engine error fails the jobs
+of that batch, which rq then retries
 (`Retry`); a Redis outage is ridden out with a bounded backoff. Every batch logs one `batch` line.
 """
 
@@ -203,7 +204,7 @@ class BatchPipeline:
         loaded = self.loader.load([item.image_id for item in items])
         good_items, images, rejected = [], [], []
         spec = self.engine.spec
-        for item, image in zip(items, loaded):
+        for item, image in zip(items, loaded, strict=True):
             if isinstance(image, str):
                 rejected.append((item, image))
             elif image.pixels.shape != (spec.height, spec.width):

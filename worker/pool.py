@@ -159,7 +159,11 @@ class WorkerPool:
                 self._start(child)
 
     def _alive(self) -> list[_Child]:
-        return [c for c in self._children if c.process is not None and c.process.poll() is None]
+        return [child for child, _ in self._running()]
+
+    def _running(self) -> list[tuple[_Child, subprocess.Popen]]:
+        """The children whose process is running, each with that process."""
+        return [(c, c.process) for c in self._children if c.process is not None and c.process.poll() is None]
 
     def _stop(self, signum: int) -> None:
         """Pass `signum` on, wait (bounded) for every child, SIGKILL what is left."""
@@ -172,11 +176,11 @@ class WorkerPool:
                 forwarded = len(self._signals)
                 self._forward(self._signals[-1])
             time.sleep(self.settings.poll_interval_s)
-        for child in self._alive():
-            self._log.error("child_kill", child=child.spec.label, pid=child.process.pid,
+        for child, process in self._running():
+            self._log.error("child_kill", child=child.spec.label, pid=process.pid,
                             note=f"still running {self.settings.stop_timeout_s:.0f} s after the signal")
-            child.process.kill()
-            child.process.wait(timeout=30)
+            process.kill()
+            process.wait(timeout=30)
         for child in self._children:
             if child.process is not None:
                 child.last_status = child.process.wait(timeout=30)
@@ -199,9 +203,9 @@ class WorkerPool:
             if self._signals:
                 self._stop(self._signals[0])
         except BaseException:
-            for child in self._alive():  # an error in the supervisor itself: leave no orphans
-                child.process.kill()
-                child.process.wait(timeout=30)
+            for _, process in self._running():  # an error in the supervisor itself: leave no orphans
+                process.kill()
+                process.wait(timeout=30)
             raise
         finally:
             for sig, handler in previous.items():

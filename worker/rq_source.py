@@ -28,6 +28,7 @@ import logging
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 from uuid import uuid4
 
 import redis
@@ -66,8 +67,8 @@ class _RqWorker(SimpleWorker):
         """rq's subscribe (same channel, handler and exception handler), with a COMMAND_POLL_S wait."""
         self.pubsub = self.connection.pubsub()
         self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
-        self.pubsub_thread = self.pubsub.run_in_thread(sleep_time=COMMAND_POLL_S, daemon=True,
-                                                       exception_handler=self._pubsub_exception_handler)
+        self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]  # rq declares it as None
+            sleep_time=COMMAND_POLL_S, daemon=True, exception_handler=self._pubsub_exception_handler)
 
     def unsubscribe(self) -> None:
         """Stop the command thread (it notices within COMMAND_POLL_S), then close its connection."""
@@ -97,6 +98,13 @@ class _Unreadable:
     reason: str
     image_ids: list[str] = field(default_factory=list)
     record: Job | None = None
+
+
+def _working_seconds(job: Job) -> float:
+    """Seconds from the job's start (set when claimed) to its end (set when recorded); 0 if either is unset."""
+    if job.started_at is None or job.ended_at is None:
+        return 0.0
+    return (job.ended_at - job.started_at).total_seconds()
 
 
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)  # transient: never a reason to fail a job
@@ -237,10 +245,12 @@ class RqJobSource:
         """Move up to `count` job ids onto rq's intermediate list (rq's reliable dequeue)."""
         moved: list[bytes] = []
         if timeout_s > 0:
-            first = self.client.blmove(self.queue.key, self.queue.intermediate_queue_key, timeout_s)
+            # BLMOVE takes decimal seconds (Redis >= 6); redis-py types the timeout as int
+            first = self.client.blmove(self.queue.key, self.queue.intermediate_queue_key,
+                                       timeout_s)  # type: ignore[arg-type]
             if first is None:
                 return []
-            moved.append(first)
+            moved.append(cast(bytes, first))
             count -= 1
         if count > 0:
             pipe = self.client.pipeline(transaction=False)
@@ -252,8 +262,9 @@ class RqJobSource:
     def _fetch(self, raw_ids: list[bytes]) -> list[Job | _Unreadable | None]:
         """The jobs in one round trip; None for a job that is gone, _Unreadable for one rq cannot load."""
         try:
-            return Job.fetch_many([raw.decode() for raw in raw_ids], connection=self.client,
-                                  serializer=JSONSerializer)
+            jobs: list[Job | _Unreadable | None] = list(
+                Job.fetch_many([raw.decode() for raw in raw_ids], connection=self.client, serializer=JSONSerializer))
+            return jobs
         except _REDIS_DOWN:
             raise
         except Exception:  # one unreadable job spoils fetch_many: read them one by one
@@ -270,7 +281,7 @@ class RqJobSource:
         except (TypeError, ValueError) as exc:
             return _Unreadable(job_id, f"bad job: rq refuses its id: {_exc_text(exc)}")
         try:
-            raw = self.client.hgetall(job.key)
+            raw = cast(dict[bytes, bytes], self.client.hgetall(job.key))  # replies are not decoded
         except redis.ResponseError:  # WRONGTYPE: the key holds something other than a hash
             return self._unreadable(job_id, self._not_a_hash_reason(job.key), [])
         if not raw:
@@ -283,7 +294,7 @@ class RqJobSource:
 
     def _not_a_hash_reason(self, key: str) -> str:
         """Why a job key that is not a hash cannot be read, quoting a string's first bytes."""
-        kind = self.client.type(key).decode()
+        kind = cast(bytes, self.client.type(key)).decode()
         preview = f": {self.client.getrange(key, 0, _PREVIEW - 1)!r}" if kind == "string" else ""
         return f"bad job: its record {key} is a Redis {kind}, not the hash rq keeps jobs in{preview}"
 
@@ -295,9 +306,8 @@ class RqJobSource:
                                 status=JobStatus.FAILED, description=f"unreadable job {job_id}, recorded as failed")
         except Exception as exc:  # rq cannot build a job for it: recorded in the queue's store instead
             log.warning("rq cannot build a failed record for job %s: %s", job_id, _exc_text(exc))
-            record = None
-        else:
-            record.ended_at = now()
+            return _Unreadable(job_id, reason, image_ids, None)
+        record.ended_at = now()
         return _Unreadable(job_id, reason, image_ids, record)
 
     def _start(self, raw_ids: list[bytes]) -> list[Claim]:
@@ -311,8 +321,8 @@ class RqJobSource:
         """
         handles, unreadable = [], []
         with self.client.pipeline() as pipe:
-            for raw_id, job in zip(raw_ids, self._fetch(raw_ids)):
-                pipe.lrem(self.queue.intermediate_queue_key, 1, raw_id)
+            for raw_id, job in zip(raw_ids, self._fetch(raw_ids), strict=True):
+                pipe.lrem(self.queue.intermediate_queue_key, 1, raw_id)  # type: ignore[arg-type]  # bytes: as listed
                 if isinstance(job, Job):
                     handles.append(self._prepare(job, pipe))
                 elif isinstance(job, _Unreadable):
@@ -407,7 +417,8 @@ class RqJobSource:
         return self.queue.count
 
     def maintain(self) -> None:
-        """Registry maintenance on rq's schedule, with rq's own steps but a short lock (re-enqueues jobs of dead workers).
+        """Registry maintenance on rq's schedule, with rq's own steps but a short lock (re-enqueues jobs of dead
+        workers).
 
         rq's run_maintenance_tasks takes a 899 s lock and deletes it when done: a worker killed while
         cleaning (the soak did it) stops every worker's maintenance on the queue for 15 minutes, and
@@ -418,7 +429,7 @@ class RqJobSource:
         """
         if not self._rq.should_run_maintenance_tasks:
             return
-        self._rq.last_cleaned_at = now()
+        self._rq.last_cleaned_at = now()  # type: ignore[assignment]  # rq declares it as None
         lock = self.queue.registry_cleaning_key
         if self.client.ttl(lock) > MAINTENANCE_LOCK_S:
             self.client.delete(lock)  # rq's 899 s lock, left by a worker that died while cleaning
@@ -443,7 +454,8 @@ class RqJobSource:
                 continue
             job = self.queue.fetch_job(job_id)
             if job is not None:
-                self._rq.handle_job_failure(job, self.queue, exc_string="the worker that claimed it died before starting it")
+                self._rq.handle_job_failure(job, self.queue,
+                                            exc_string="the worker that claimed it died before starting it")
             intermediate.remove(job_id)
 
     # --- completing ------------------------------------------------------------------------
@@ -462,7 +474,7 @@ class RqJobSource:
             with self.client.pipeline() as pipe:
                 handles: list[_RqHandle] = [claim.handle for claim in finished]
                 finished_until = {}
-                for claim, handle in zip(finished, handles):
+                for claim, handle in zip(finished, handles, strict=True):
                     result_ttl = self._record_success(claim, pipe)
                     if result_ttl != 0:
                         finished_until[handle.job.id] = self._registry_score(result_ttl)
@@ -472,7 +484,7 @@ class RqJobSource:
                 pipe.zrem(self._started_registry.key, *composite_keys)
                 pipe.srem(handles[0].execution.worker_executions_key, *composite_keys)
                 # the worker's counters, as rq's increment_* write them, once for all these jobs
-                working_s = sum((h.job.ended_at - h.job.started_at).total_seconds() for h in handles)
+                working_s = sum(_working_seconds(h.job) for h in handles)
                 pipe.hincrby(self._rq.key, "successful_job_count", len(finished))
                 pipe.hincrbyfloat(self._rq.key, "total_working_time", working_s)
                 pipe.execute()
@@ -522,7 +534,8 @@ class RqJobSource:
                 job.retries_left = 0
             job.ended_at = now()
             try:
-                self._rq.handle_job_failure(job=job, queue=self.queue, started_job_registry=self.queue.started_job_registry,
+                self._rq.handle_job_failure(job=job, queue=self.queue,
+                                            started_job_registry=self.queue.started_job_registry,
                                             exc_string=reason, execution=handle.execution)
             except redis.RedisError as exc:
                 log.error("could not record the failure of job %s (%s); rq re-enqueues it after its "

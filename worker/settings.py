@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 

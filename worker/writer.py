@@ -103,9 +103,12 @@ class ResultWriter:
 
     def _store(self, submitted: SubmittedBatch, masks: np.ndarray | None) -> None:
         """Store masks and failures in one round trip, and note each image's outcome on its job."""
-        self.store.save_results([(item.image_id, masks[index]) for index, item in enumerate(submitted.items)],
+        if masks is None and submitted.items:  # masks are None only for a batch with no image to run
+            raise RuntimeError(f"no masks for a batch of {len(submitted.items)} images")
+        results = [] if masks is None else [(item.image_id, masks[index]) for index, item in enumerate(submitted.items)]
+        self.store.save_results(results,
                                 [(item.image_id, reason) for item, reason in submitted.rejected])
-        for item, image in zip(submitted.items, submitted.images):
+        for item, image in zip(submitted.items, submitted.images, strict=True):
             item.claim.outcomes[item.image_id] = ImageOutcome(item.image_id, ok=True, name=image.name)
         for item, reason in submitted.rejected:
             item.claim.outcomes[item.image_id] = ImageOutcome(item.image_id, ok=False, error=reason)

@@ -8,6 +8,7 @@ plan replay from (engine_id, knobs) and its build time against the heuristic sea
 """
 import json
 import time
+from typing import Any
 
 import cudnn
 import torch
@@ -27,7 +28,10 @@ def graph(x, w, sc, bi, y, io, k, relu, modes):
     compute = DT.INT32 if io == "int8" else DT.FLOAT
     g = cudnn.pygraph(io_data_type=DT.INT8 if io == "int8" else DT.HALF, intermediate_data_type=DT.FLOAT,
                       compute_data_type=DT.FLOAT, handle=handle)
-    X = g.tensor_like(x); Wt = g.tensor_like(w); Sc = g.tensor_like(sc); B = g.tensor_like(bi)
+    X = g.tensor_like(x)
+    Wt = g.tensor_like(w)
+    Sc = g.tensor_like(sc)
+    B = g.tensor_like(bi)
     p = k // 2
     c = g.conv_fprop(image=X, weight=Wt, padding=[p, p], stride=[1, 1], dilation=[1, 1], compute_data_type=compute)
     c.set_data_type(DT.FLOAT)
@@ -36,7 +40,8 @@ def graph(x, w, sc, bi, y, io, k, relu, modes):
         v = g.relu(input=v, compute_data_type=DT.FLOAT)
     v.set_output(True).set_data_type(DT.INT8)
     v.set_dim(list(y.shape)).set_stride(list(y.stride()))
-    g.validate(); g.build_operation_graph()
+    g.validate()
+    g.build_operation_graph()
     g.create_execution_plans(modes)
     g.check_support()
     g.build_plans(cudnn.build_plan_policy.ALL)
@@ -62,7 +67,8 @@ def check(label, io, n, cin, cout, side, k, relu, strided=False):
             ws = (torch.randn(cout, k, k, cin, device=dev) * 0.5).half()
         x, w = nchw(xs), nchw(ws)
         fan = cin * k * k
-        sc = (torch.rand(1, cout, 1, 1, device=dev) * 4 / (fan ** 0.5 * 128 * 64)).contiguous(memory_format=torch.channels_last)
+        sc = (torch.rand(1, cout, 1, 1, device=dev) * 4 / (fan ** 0.5 * 128 * 64))
+        sc = sc.contiguous(memory_format=torch.channels_last)
         bi = (torch.randn(1, cout, 1, 1, device=dev) * 5).contiguous(memory_format=torch.channels_last)
         if strided:
             buf = torch.zeros(n, side, side, 2 * cout, device=dev, dtype=torch.int8)
@@ -83,7 +89,8 @@ def check(label, io, n, cin, cout, side, k, relu, strided=False):
                 a.record()
                 for _ in range(10):
                     g.execute_plan_at_index(pack, ws_buf, index=i, handle=handle)
-                b.record(); torch.cuda.synchronize()
+                b.record()
+                torch.cuda.synchronize()
                 ms = a.elapsed_time(b) / 10
                 if ms < best:
                     best, best_i = ms, i
@@ -105,13 +112,15 @@ def check(label, io, n, cin, cout, side, k, relu, strided=False):
         if strided:
             out["untouched_half_zero"] = bool((buf[..., cout:] == 0).all())
         eng, knobs = g.get_engine_and_knobs_at_index(best_i)
-        rec = {"engine": int(eng), "knobs": {int(kk): int(vv) for kk, vv in knobs.items()}}
+        rec: dict[str, Any] = {"engine": int(eng), "knobs": {int(kk): int(vv) for kk, vv in knobs.items()}}
         out["recipe"] = rec
         t0 = time.perf_counter()
-        g2, pack2 = None, None
         g2 = cudnn.pygraph(io_data_type=DT.INT8 if io == "int8" else DT.HALF, intermediate_data_type=DT.FLOAT,
                            compute_data_type=DT.FLOAT, handle=handle)
-        X = g2.tensor_like(x); Wt = g2.tensor_like(w); Sc = g2.tensor_like(sc); B = g2.tensor_like(bi)
+        X = g2.tensor_like(x)
+        Wt = g2.tensor_like(w)
+        Sc = g2.tensor_like(sc)
+        B = g2.tensor_like(bi)
         p = k // 2
         c = g2.conv_fprop(image=X, weight=Wt, padding=[p, p], stride=[1, 1], dilation=[1, 1],
                           compute_data_type=DT.INT32 if io == "int8" else DT.FLOAT)
@@ -121,7 +130,8 @@ def check(label, io, n, cin, cout, side, k, relu, strided=False):
             v = g2.relu(input=v, compute_data_type=DT.FLOAT)
         v.set_output(True).set_data_type(DT.INT8)
         v.set_dim(list(y.shape)).set_stride(list(y.stride()))
-        g2.validate(); g2.build_operation_graph()
+        g2.validate()
+        g2.build_operation_graph()
         g2.create_execution_plan(rec["engine"], {cudnn.knob_type(kk): vv for kk, vv in rec["knobs"].items()})
         g2.build_plans()
         y2 = torch.zeros_like(y)
