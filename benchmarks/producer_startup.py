@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.scale_out import (  # noqa: E402
     Children, redis_binary, redis_delta, redis_snapshot, start_redis, toolchain_module, versions)
 from broker.store import QueueStore  # noqa: E402
-from producer.enqueue import segmentation_queue  # noqa: E402
+from broker.jobs import segmentation_queue  # noqa: E402
 
 
 def import_seconds() -> float:

@@ -33,7 +33,8 @@ from toolchain.bench import throughput  # noqa: E402
 from engines.loader import load_engine  # noqa: E402
 from toolchain.synth import generate  # noqa: E402
 from engines.versions import built_with  # noqa: E402
-from producer.enqueue import Enqueuer, segmentation_queue  # noqa: E402
+from broker.jobs import segmentation_queue  # noqa: E402
+from producer.enqueue import Enqueuer  # noqa: E402
 from worker.logs import configure_logging  # noqa: E402
 from worker.pipeline import BatchPipeline  # noqa: E402
 from worker.rq_source import RqJobSource  # noqa: E402
