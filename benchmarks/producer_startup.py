@@ -49,8 +49,8 @@ from benchmarks.scale_out import (  # noqa: E402
     toolchain_module,
     versions,
 )
+from broker.jobs import segmentation_queue  # noqa: E402
 from broker.store import QueueStore  # noqa: E402
-from producer.enqueue import segmentation_queue  # noqa: E402
 
 
 def import_seconds() -> float:

@@ -27,11 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from broker.connection import BrokerSettings, connect  # noqa: E402
+from broker.jobs import segmentation_queue  # noqa: E402
 from broker.server import RedisServer  # noqa: E402
 from broker.store import QueueStore, StoredImage, new_image_id, now  # noqa: E402
 from engines.loader import load_engine  # noqa: E402
 from engines.versions import built_with  # noqa: E402
-from producer.enqueue import Enqueuer, segmentation_queue  # noqa: E402
+from producer.enqueue import Enqueuer  # noqa: E402
 from toolchain.bench import throughput  # noqa: E402
 from toolchain.synth import generate  # noqa: E402
 from worker.logs import configure_logging  # noqa: E402

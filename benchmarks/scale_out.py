@@ -334,7 +334,7 @@ class Bench:
 
     def status_here(self, queue: str) -> dict[str, Any]:
         """The same status, computed in this process by the code behind the command."""
-        from producer.enqueue import segmentation_queue
+        from broker.jobs import segmentation_queue
         from producer.status import queue_status
 
         return queue_status(self.client, segmentation_queue(self.client, queue)).as_dict()

@@ -48,8 +48,8 @@ from rq.serializers import JSONSerializer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from broker.jobs import JOB_RETRIES  # noqa: E402
 from broker.store import QueueStore  # noqa: E402
-from producer.enqueue import JOB_RETRIES  # noqa: E402
 
 QUEUE = "soak"
 

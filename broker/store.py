@@ -25,10 +25,8 @@ or 150 KB (real microscopy) instead of 256 KB, and its 2-class mask about 4 KB i
 Records written before the format tag existed (raw `pixels` / `mask` fields) are refused with a
 message naming the image, not read as garbage.
 
-An rq job (JSON-serialized) calls `worker.jobs.segment_images` with one argument: the list of image
-ids (`QueueStore.job_arguments` / `QueueStore.parse_job_arguments`); its meta names them again
-(`QueueStore.job_meta`), for a job whose data turns out unreadable. Images travel by reference,
-never inside job arguments; writing a mask twice overwrites it, so processing is idempotent.
+The rq jobs that name these images (their function, arguments, meta and enqueue options) are
+broker/jobs.py's.
 """
 
 from __future__ import annotations
@@ -42,10 +40,7 @@ from typing import Any, cast
 import numpy as np
 import redis
 
-from broker.errors import BadJob
 from broker.payloads import Payload, PayloadError, decode_image, decode_mask, encode_image, encode_mask
-
-JOB_FUNC = "worker.jobs.segment_images"
 
 
 @dataclass(frozen=True)
@@ -341,42 +336,6 @@ class QueueStore:
         """How many jobs `record_bad_job` recorded."""
         return self.client.hlen(self.bad_jobs_key)
 
-    # --- job arguments ----------------------------------------------------------------------
-
-    @staticmethod
-    def job_arguments(image_ids: Sequence[str]) -> list[Any]:
-        """The positional arguments of a segmentation job (JSON-serializable)."""
-        return [list(image_ids)]
-
-    @staticmethod
-    def job_meta(image_ids: Sequence[str]) -> dict[str, Any]:
-        """A segmentation job's rq meta: its number of images, and their ids again, so that the images of a
-        job whose data cannot be read (not JSON, a pickle) can still be failed with it."""
-        return {"images": len(image_ids), "image_ids": list(image_ids)}
-
-    @staticmethod
-    def image_ids_in_meta(meta: Any) -> list[str]:
-        """The image ids `job_meta` wrote into a job's meta, or [] if it holds none (older jobs, damaged meta)."""
-        if not isinstance(meta, dict):
-            return []
-        try:
-            return QueueStore.parse_job_arguments([meta.get("image_ids")])
-        except BadJob:
-            return []
-
-    @staticmethod
-    def parse_job_arguments(args: Any) -> list[str]:
-        """Image ids from a job's arguments; BadJob if they are not what `job_arguments` writes."""
-        if (
-            not isinstance(args, (list, tuple))
-            or len(args) != 1
-            or not isinstance(args[0], list)
-            or not args[0]
-            or not all(isinstance(i, str) and i for i in args[0])
-        ):
-            raise BadJob(f"job arguments must be [[image_id, ...]] with at least one id, got {args!r:.200}")
-        return list(args[0])
-
 
 def _original_size(size_fields: Sequence[bytes | None]) -> tuple[int, int] | None:
     """(height, width) from the stored original_height/original_width; None if either is missing.
@@ -425,11 +384,6 @@ def _is_wrong_type(reply: Any) -> bool:
     """Whether a pipeline reply is Redis's WRONGTYPE error."""
     return isinstance(reply, redis.ResponseError) and str(reply).startswith("WRONGTYPE")
 
-
-# Module-level names for the rq adapter (worker/rq_source.py), which parses arguments without a store.
-job_arguments = QueueStore.job_arguments
-parse_job_arguments = QueueStore.parse_job_arguments
-image_ids_in_meta = QueueStore.image_ids_in_meta
 
 
 def _hash_fields(fields: Mapping[str, Any]) -> Mapping[Any, Any]:

@@ -18,11 +18,12 @@ from tqdm import tqdm
 
 from broker.connection import BrokerSettings, connect, default_state_dir, stop_embedded_server
 from broker.errors import SegqueueError
+from broker.jobs import RESULT_TTL_S, segmentation_queue
 from broker.store import QueueStore
 from common.cli import Typer
 from common.images import ImageError
 from producer.collect import CollectReport, absorb
-from producer.enqueue import RESULT_TTL_S, Enqueuer, EnqueueReport, enqueue_paths, segmentation_queue
+from producer.enqueue import Enqueuer, EnqueueReport, enqueue_paths
 from producer.pool import ProducerPool
 from producer.status import queue_status
 from producer.stream import COLLECT_CHUNK, STALL_WARNING_S, PendingImages

@@ -3,8 +3,8 @@
 Files are decoded and stored in chunks by the producer pool (producer/pool.py: `workers` processes,
 each with its own Redis connection); this process then enqueues the jobs naming the stored images,
 many jobs per round trip. Images are written before the job that names them, so a worker never sees
-a job whose images are not there yet. Jobs are JSON-serialized and carry `Retry` (at the front of the
-queue), so a job whose worker died is taken up again before the jobs queued behind it. A bad file is
+a job whose images are not there yet. The job format and enqueue options (JSON serializer, `Retry` at the
+front of the queue, TTLs) are broker/jobs.py's. A bad file is
 reported (file and problem) and skipped; the good ones are still enqueued. With `max_pending`, storing
 waits while that many of this run's images are held in Redis (producer/stream.py), so memory stays
 bounded however large the input.
@@ -21,21 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
-from rq import Queue, Retry
-from rq.serializers import JSONSerializer
+from rq import Queue
 
 from broker.errors import SegqueueError
-from broker.store import JOB_FUNC, QueueStore, StoredImage
+from broker.jobs import JOB_RETRIES, job_data, segmentation_queue  # noqa: F401 (tests still import them from here)
+from broker.store import QueueStore, StoredImage
 from common.images import ImageError, find_images
 from producer.pool import ProducerPool, StoredChunk
 from producer.stream import PendingImages
 
-JOB_RETRIES = 10  # a retried job (its worker died, or its engine failed) goes back to the front of the queue;
-# recovered jobs are claimed first, so repeated worker kills (a soak kills every few seconds) hit the same jobs again:
-# 3 retries let one job be failed after four kills in a soak run (2026-12-07)
-JOB_TIMEOUT_S = 3600  # rq's own limit on one job; the worker's heartbeat TTL is what detects dead workers
-RESULT_TTL_S = 7 * 24 * 3600
-FAILURE_TTL_S = 30 * 24 * 3600
 CHUNK_FILES = 16  # files per store task: one Redis round trip each
 
 
@@ -51,11 +45,6 @@ class EnqueueReport:
     job_ids: list[str] = field(default_factory=list)
     rejected: list[ImageError] = field(default_factory=list)
     interrupted: bool = False  # stopped early (Ctrl-C): files after the last chunk stored were not read
-
-
-def segmentation_queue(client: redis.Redis, name: str) -> Queue:
-    """The rq queue of this project (JSON serializer: nothing read from Redis is unpickled)."""
-    return Queue(name, connection=client, serializer=JSONSerializer)
 
 
 class Enqueuer:
@@ -96,17 +85,7 @@ class Enqueuer:
         datas = []
         for start in range(0, count, self.job_size):
             job = taken[start:start + self.job_size]
-            image_ids = [image_id for image_id, _ in job]
-            datas.append(Queue.prepare_data(
-                JOB_FUNC,
-                args=QueueStore.job_arguments(image_ids),
-                timeout=JOB_TIMEOUT_S,
-                result_ttl=RESULT_TTL_S,
-                failure_ttl=FAILURE_TTL_S,
-                retry=Retry(max=JOB_RETRIES, enqueue_at_front=True),
-                description=f"segment {len(job)} images: {job[0][1]} ...",
-                meta=QueueStore.job_meta(image_ids),
-            ))
+            datas.append(job_data([image_id for image_id, _ in job], f"segment {len(job)} images: {job[0][1]} ..."))
         with self.client.pipeline() as pipe:
             jobs = self.queue.enqueue_many(datas, pipeline=pipe)
             pipe.execute()

@@ -21,7 +21,7 @@ from engines.loader import load_engine
 from tests.conftest import SMALL_SIZE
 from tests.fake_jobs import FakeJobSource
 from toolchain.synth import generate
-from worker.batch import BatchItem, SubmittedBatch
+from worker.batch import BatchItem, FetchedBatch
 from worker.claims import OpenClaims
 from worker.logs import configure_logging
 from worker.pipeline import BatchPipeline
@@ -148,15 +148,15 @@ def test_open_jobs_are_heartbeated_and_closed_ones_are_not(tmp_path, client, red
 
 def computed(items: list[BatchItem], client: redis.Redis, queue: str) -> ComputedBatch:
     images = QueueStore(client, queue).load_images([item.image_id for item in items])
-    submitted = SubmittedBatch(items=items, images=images, rejected=[], inflight=None, taken_at=time.monotonic(),
-                               fetch_ms=0.0, image_wait_ms=[0.0] * len(items))
+    submitted = FetchedBatch(items=items, images=images, rejected=[], taken_at=time.monotonic(),
+                             fetch_ms=0.0, image_wait_ms=[0.0] * len(items))
     masks = np.stack([(image.pixels > 128).astype(np.uint8) for image in images])
     return ComputedBatch(submitted, masks, compute_ms=1.0)
 
 
 def make_writer(client, queue: str, source: FakeJobSource, claims: OpenClaims, tmp_path: Path) -> ResultWriter:
     log = configure_logging(tmp_path / "writer.log")
-    return ResultWriter(client, QueueStore(client, queue), source, claims, log, time.monotonic)
+    return ResultWriter(QueueStore(client, queue), source, claims, log, time.monotonic)
 
 
 def test_the_writer_completes_a_job_spanning_two_batches_once_after_the_second(tmp_path, client, queue_name):

@@ -27,6 +27,7 @@ import redis
 
 from broker.connection import LEAST_PRIVILEGE_ACL, BrokerSettings, connect
 from broker.errors import BrokerUnavailable
+from broker.jobs import parse_job_arguments
 from broker.server import RedisServer, TlsFiles, redis_server_binary
 from broker.store import QueueStore, StoredImage, now
 from producer.enqueue import segmentation_queue
@@ -241,7 +242,7 @@ def test_failed_images_and_jobs_as_the_least_privilege_user(tmp_path, acl_server
               "--workers", "1", "--queue", queue, url=url)
     assert enq.returncode == 0, enq.stderr
     with admin_client(acl_server) as admin:  # one image of the first job, both of the second, vanish
-        first, second = (QueueStore.parse_job_arguments(job.args) for job in segmentation_queue(admin, queue).jobs)
+        first, second = (parse_job_arguments(job.args) for job in segmentation_queue(admin, queue).jobs)
         admin.delete(*(f"segq:{queue}:img:{i}" for i in (first[0], *second)))
     work = cli("worker", "run", "--engine", str(small_engine), "--burst", "--queue", queue, url=url)
     assert work.returncode == 0, work.stderr

@@ -1,4 +1,4 @@
-"""Pins every rq internal that worker/rq_source.py uses. If rq changes one of them, this fails first."""
+"""Pins every rq internal of worker/rq_source.py and worker/rq_worker.py: if rq changes one, this fails first."""
 
 import inspect
 
@@ -27,7 +27,7 @@ def test_only_the_adapter_imports_rq_in_the_worker():
     worker_dir = Path(rq_source.__file__).parent
     importers = sorted(p.name for p in worker_dir.glob("*.py")
                        if any(line.startswith(("import rq", "from rq")) for line in p.read_text().splitlines()))
-    assert importers == ["rq_source.py"]
+    assert importers == ["rq_source.py", "rq_worker.py"]
 
 
 def test_worker_methods_the_adapter_calls_keep_their_signatures():
@@ -45,7 +45,8 @@ def test_worker_methods_the_adapter_calls_keep_their_signatures():
     for name in ("default_result_ttl", "worker_ttl"):
         assert name in inspect.getsource(SimpleWorker.__init__), name
     assert WorkerStatus.BUSY
-    # maintenance replays rq's steps (RqJobSource.maintain) with a short lock of its own
+    # maintenance replays rq's steps (RqWorker.clean_registries, rq's own maintenance hook) with a short lock
+    assert "self.clean_registries()" in inspect.getsource(SimpleWorker.run_maintenance_tasks)
     source = inspect.getsource(SimpleWorker.clean_registries)
     for step in ("acquire_maintenance_lock", "clean_registries(queue",
                  "worker_registration.clean_worker_registry(queue)", "intermediate_queue.cleanup",

@@ -8,6 +8,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from broker.errors import BadJob
+from broker.jobs import job_arguments, parse_job_arguments
 from broker.payloads import OldFormat
 from broker.store import QueueStore, StoredImage, new_image_id, now
 from producer.collect import collect_masks
@@ -76,10 +77,10 @@ def test_store_load_save_collect_forget(client, queue_name, tmp_path):
 
 def test_job_arguments_round_trip_and_refuse_anything_else():
     ids = [new_image_id(), new_image_id()]
-    assert QueueStore.parse_job_arguments(QueueStore.job_arguments(ids)) == ids
+    assert parse_job_arguments(job_arguments(ids)) == ids
     for bad in (["not-a-list"], [[]], [ids, ids], [[1, 2]], "x", None, [[""]]):
         with pytest.raises(BadJob):
-            QueueStore.parse_job_arguments(bad)
+            parse_job_arguments(bad)
 
 
 def test_full_size_image_and_mask_take_well_under_the_raw_512_kb(client, queue_name):

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from broker.store import StoredImage
-from engines.base import InFlight
 from worker.job_source import Claim
 
 
@@ -17,9 +16,9 @@ class BatchItem:
     image_id: str
 
 
-@dataclass
-class SubmittedBatch:
-    """A batch handed to the engine: `items[i]` is `images[i]`; `rejected` failed before the engine.
+@dataclass(frozen=True)
+class FetchedBatch:
+    """A batch whose images are read: `items[i]` is `images[i]`; `rejected` failed before the engine.
 
     taken_at: monotonic seconds when it left the batcher. fetch_ms: reading its pixels from Redis.
     image_wait_ms: per image, enqueue to taken_at (wall clock).
@@ -28,11 +27,9 @@ class SubmittedBatch:
     items: list[BatchItem]
     images: list[StoredImage]
     rejected: list[tuple[BatchItem, str]]
-    inflight: InFlight | None
     taken_at: float
     fetch_ms: float
     image_wait_ms: list[float]
-    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def all_items(self) -> list[BatchItem]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 
 from worker.job_source import Claim
 
@@ -36,6 +37,11 @@ class OpenClaims:
             claim.closed = True
             self._open = [c for c in self._open if c is not claim]
             return True
+
+    def close_all(self, claims: Iterable[Claim]) -> list[Claim]:
+        """Close these claims (an abandoned job is no longer heartbeated, so rq re-enqueues it after its
+        heartbeat TTL); the ones this call closed."""
+        return [claim for claim in claims if self.close(claim)]
 
     def __len__(self) -> int:
         with self._lock:

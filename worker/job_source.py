@@ -1,7 +1,8 @@
 """The worker's seam to its job queue: claim jobs, keep them alive, complete or fail them.
 
 The pipeline and the writer thread see only this interface and the project's own `Claim` objects;
-`worker/rq_source.py` is the one adapter, and the one file of the worker that imports rq. Tests
+`worker/rq_source.py` is the one adapter (with the rq worker it runs, worker/rq_worker.py: the worker's only
+rq files). Tests
 drive the pipeline and the writer through an in-memory source (tests/fake_jobs.py), the way the
 batcher is tested with a fake clock.
 """

@@ -1,4 +1,4 @@
-"""The function rq jobs of this project name (`broker.store.JOB_FUNC`).
+"""The function rq jobs of this project name (`broker.jobs.JOB_FUNC`).
 
 `worker run` never calls it: the batching worker completes these jobs itself, many images per
 engine call. A plain `rq worker` that picks such a job up fails it with this explanation instead of

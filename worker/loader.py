@@ -1,13 +1,10 @@
 """Reading a batch's images from Redis and decoding them, in processes of their own.
 
-Decoding a 512x512 PNG payload takes about 2 ms of CPU on the 2-core test machine and about 4.5 ms
-on the H200 host's cores, so a GPU at 1,000 img/s needs several cores of decoding. Measured on that
-host: four fetch threads decoding on their own took 46 ms per batch of 8 (Pillow releases the GIL
-while it inflates, but parses each file holding it, and six busy threads share one GIL); four decode
-processes took 33-37 ms per batch (736 img/s end to end); eight keep up with the engine (1,028-1,049
-img/s once the queue is full). `ProcessImageLoader` runs `QueueStore.load_images` in `processes`
-forked children, each with its own Redis connection and its own GIL; only the decoded pixels come
-back (pickled by our own child: nothing read from Redis is unpickled).
+A fast GPU needs several cores of decoding (PNG payloads above all), and threads cannot give it them:
+Pillow releases the GIL while it inflates but parses each file holding it, and the worker's busy
+threads share one GIL (the measurements are in docs/worker-measurements.md). `ProcessImageLoader` runs
+`QueueStore.load_images` in `processes` forked children, each with its own Redis connection and its own
+GIL; only the decoded pixels come back (pickled by our own child: nothing read from Redis is unpickled).
 
 The children are forked when the loader starts, before the engine loads (no CUDA context, no other
 threads yet). They ignore SIGINT (Ctrl-C reaches the whole process group; the worker drains with them)

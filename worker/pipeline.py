@@ -4,10 +4,9 @@ Up to `engine.slots` batches are in flight on the engine, and up to `prefetch_ba
 being fetched and decoded by `fetch_threads` threads: while the engine computes batch k, batches
 k+1 and k+2 are read from Redis and decompressed, the main thread claims the jobs after them, and
 the writer thread (worker/writer.py) writes batch k-1's masks and completes its jobs, so Redis I/O
-and payload decoding overlap compute. (On an H200, fetching and decoding a batch of 8 on the main
-thread took 5.7 ms of its 9.8 ms per batch against 7.2 ms of GPU work: the main thread, not the GPU,
-set the pace.) Each fetch thread hands its batch to an image loader (worker/loader.py): by default one
-of up to eight decode processes (one per core on smaller hosts), which reads the images from Redis and
+and payload decoding overlap compute (done on the main thread, they set the pace instead of the GPU:
+docs/worker-measurements.md). Each fetch thread hands its batch to an image loader (worker/loader.py): by default one
+of the decode processes (worker/settings.py), which reads the images from Redis and
 decodes them with a GIL of its own.
 
 One image's problem (missing, malformed, wrong size) fails that image alone; an engine error fails the jobs
@@ -30,8 +29,8 @@ import redis
 import structlog
 
 from broker.store import QueueStore, now
-from engines.base import Engine
-from worker.batch import BatchItem, SubmittedBatch, claims_of
+from engines.base import Engine, InFlight
+from worker.batch import BatchItem, FetchedBatch, claims_of
 from worker.batcher import Batcher
 from worker.claims import OpenClaims
 from worker.job_source import Claim, JobSource
@@ -44,12 +43,22 @@ from worker.writer import ComputedBatch, ResultWriter
 MAX_REDIS_BACKOFF_S = 10.0
 
 
-@dataclass
-class FetchedBatch:
-    """A batch whose pixels are read: the batch record, and the (N, H, W) uint8 array of its good images."""
+@dataclass(frozen=True)
+class Fetch:
+    """A fetch thread's result: the batch, and the (N, H, W) uint8 array of its good images (None if none)."""
 
-    submitted: SubmittedBatch
+    batch: FetchedBatch
     pixels: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class SubmittedBatch:
+    """A batch on the engine: its masks come from `inflight` (None: no usable image); submitted_at in
+    time.perf_counter() seconds."""
+
+    batch: FetchedBatch
+    inflight: InFlight | None
+    submitted_at: float
 
 
 class BatchPipeline:
@@ -76,17 +85,16 @@ class BatchPipeline:
         self.engine = engine
         self.source = source
         self.stop = stop
-        self.client = client
         self.store = QueueStore(client, settings.broker.queue)
         self.loader = loader or ThreadImageLoader(self.store)
         self.log = log
         self.clock = clock
         self.batcher: Batcher[BatchItem] = Batcher(settings.max_batch, settings.max_wait_s, clock)
         self.inflight: deque[SubmittedBatch] = deque()
-        self.fetching: deque[tuple[list[BatchItem], Future[FetchedBatch]]] = deque()
+        self.fetching: deque[tuple[list[BatchItem], Future[Fetch]]] = deque()
         self.fetcher = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="fetch")
         self.claims = OpenClaims()
-        self.writer = ResultWriter(client, self.store, source, self.claims, log, clock, metrics=self.metrics)
+        self.writer = ResultWriter(self.store, source, self.claims, log, clock, metrics=self.metrics)
         self._halt = threading.Event()
         self._leases = threading.Thread(target=self._renew_leases, name="job-leases", daemon=True)
         self._images_per_job = self.settings.max_batch  # until a job is seen: claim one at a time
@@ -198,7 +206,7 @@ class BatchPipeline:
 
     # --- one batch -------------------------------------------------------------------------
 
-    def _fetch(self, items: list[BatchItem], taken_at: float) -> FetchedBatch:
+    def _fetch(self, items: list[BatchItem], taken_at: float) -> Fetch:
         """On a fetch thread: read and decode a batch's pixels, and set aside unusable images."""
         fetch_start = time.perf_counter()
         loaded = self.loader.load([item.image_id for item in items])
@@ -216,36 +224,34 @@ class BatchPipeline:
                 images.append(image)
         pixels = np.stack([image.pixels for image in images]) if images else None
         taken_wall = now()
-        submitted = SubmittedBatch(
+        batch = FetchedBatch(
             items=good_items,
             images=images,
             rejected=rejected,
-            inflight=None,
             taken_at=taken_at,
             fetch_ms=(time.perf_counter() - fetch_start) * 1000,
             image_wait_ms=[round(max(0.0, taken_wall - image.enqueued_at) * 1000, 1) for image in images],
         )
-        return FetchedBatch(submitted, pixels)
+        return Fetch(batch, pixels)
 
-    def _submit(self, items: list[BatchItem], fetch: Future[FetchedBatch]) -> None:
+    def _submit(self, items: list[BatchItem], fetch: Future[Fetch]) -> None:
         """Wait for a batch's fetch (bounded by the Redis socket timeout) and hand its images to the engine."""
         try:
             fetched = fetch.result()
         except redis.RedisError as exc:
-            self.writer.abandon(items, f"redis error while fetching images: {exc}")
+            self._abandon(items, f"redis error while fetching images: {exc}")
             raise
         except LoaderDied as exc:
-            self.writer.abandon(items, str(exc))
+            self._abandon(items, str(exc))
             raise
-        submitted = fetched.submitted
-        submitted.timings["submitted"] = time.perf_counter()
+        submitted_at, inflight = time.perf_counter(), None
         if fetched.pixels is not None:
             try:
-                submitted.inflight = self.engine.submit(fetched.pixels)
+                inflight = self.engine.submit(fetched.pixels)
             except Exception as exc:  # the engine refused the batch: fail its jobs, rq retries them
-                self._fail_batch(submitted, f"engine {self.engine.name} failed: {type(exc).__name__}: {exc}")
+                self._fail_batch(fetched.batch, f"engine {self.engine.name} failed: {type(exc).__name__}: {exc}")
                 return
-        self.inflight.append(submitted)
+        self.inflight.append(SubmittedBatch(fetched.batch, inflight, submitted_at))
         self.metrics.engine_busy(True)
 
     def _finish(self, submitted: SubmittedBatch) -> None:
@@ -255,17 +261,22 @@ class BatchPipeline:
             if submitted.inflight is not None:
                 masks = submitted.inflight.result()
         except Exception as exc:
-            self._fail_batch(submitted, f"engine {self.engine.name} failed: {type(exc).__name__}: {exc}")
+            self._fail_batch(submitted.batch, f"engine {self.engine.name} failed: {type(exc).__name__}: {exc}")
             return
         finally:
             if not self.inflight:
                 self.metrics.engine_busy(False)
-        compute_ms = (time.perf_counter() - submitted.timings["submitted"]) * 1000
-        self.writer.put(ComputedBatch(submitted, masks, compute_ms))
+        compute_ms = (time.perf_counter() - submitted.submitted_at) * 1000
+        self.writer.put(ComputedBatch(submitted.batch, masks, compute_ms))
 
-    def _fail_batch(self, submitted: SubmittedBatch, reason: str) -> None:
+    def _abandon(self, items: list[BatchItem], reason: str) -> None:
+        """Stop heartbeating these images' jobs, so that rq re-enqueues them after their heartbeat TTL."""
+        self.log.error("batch_abandoned", reason=reason, batch_size=len(items))
+        self.claims.close_all(claims_of(items))
+
+    def _fail_batch(self, batch: FetchedBatch, reason: str) -> None:
         """A batch failed as a whole: fail every open job that had an image in it (rq retries)."""
-        self.log.error("batch_failed", reason=reason, batch_size=submitted.size)
-        failed = [claim for claim in claims_of(submitted.all_items) if self.claims.close(claim)]
+        self.log.error("batch_failed", reason=reason, batch_size=batch.size)
+        failed = self.claims.close_all(claims_of(batch.all_items))
         self.source.fail(failed, reason, retry=True)
         self.metrics.jobs.labels("retried").inc(len(failed))

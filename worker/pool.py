@@ -215,6 +215,3 @@ class WorkerPool:
         self._log.info("pool_stopped", statuses=statuses, status=status)
         return status
 
-    def pids(self) -> dict[str, int | None]:
-        """Label -> pid of the live child (None if not running)."""
-        return {c.spec.label: (c.process.pid if c.process else None) for c in self._children}

@@ -33,10 +33,9 @@ class WorkerSettings:
     max_batch: int = 8
     max_wait_ms: float = 20.0
     # Threads that fetch batches, batches fetched ahead of the engine besides those in flight on it, and
-    # the processes that read and decode them (worker/loader.py; 0: on the fetch threads). On the H200
-    # host a decode process took about 37 ms per batch of 8 PNG payloads (4.5 ms per 512x512 image)
-    # against about 7.5 ms of GPU per batch: eight decode at once to keep up, with room to spare (fewer
-    # on a host with fewer cores, where more processes would only queue for them).
+    # the processes that read and decode them (worker/loader.py; 0: on the fetch threads): one per core,
+    # up to eight (enough to keep up with an H200's engine: docs/worker-measurements.md); more processes
+    # than cores would only queue for them.
     fetch_threads: int = 8
     prefetch_batches: int = 8
     decode_processes: int = DEFAULT_DECODE_PROCESSES

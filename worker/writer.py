@@ -15,11 +15,10 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import redis
 import structlog
 
 from broker.store import QueueStore
-from worker.batch import BatchItem, SubmittedBatch, claims_of
+from worker.batch import FetchedBatch, claims_of
 from worker.claims import OpenClaims
 from worker.job_source import ImageOutcome, JobSource
 from worker.metrics import WorkerMetrics
@@ -27,9 +26,9 @@ from worker.metrics import WorkerMetrics
 
 @dataclass(frozen=True)
 class ComputedBatch:
-    """A batch whose masks (uint8 (N, H, W), one per `submitted.items`) are ready; masks None if none ran."""
+    """A batch whose masks (uint8 (N, H, W), one per `fetched.items`) are ready; masks None if none ran."""
 
-    submitted: SubmittedBatch
+    fetched: FetchedBatch
     masks: np.ndarray | None
     compute_ms: float
 
@@ -39,7 +38,6 @@ class ResultWriter:
 
     def __init__(
         self,
-        client: redis.Redis,
         store: QueueStore,
         source: JobSource,
         claims: OpenClaims,
@@ -49,7 +47,6 @@ class ResultWriter:
         put_timeout_s: float = 1.0,
         metrics: WorkerMetrics | None = None,
     ) -> None:
-        self.client = client
         self.store = store
         self.source = source
         self.claims = claims
@@ -87,21 +84,23 @@ class ResultWriter:
             try:
                 self._write_one(batch)
             except Exception as exc:  # never let the thread die: leave the jobs to the queue's retry
-                self.abandon(batch.submitted.all_items, f"{type(exc).__name__} while writing results: {exc}")
+                reason = f"{type(exc).__name__} while writing results: {exc}"
+                self.log.error("batch_abandoned", reason=reason, batch_size=batch.fetched.size)
+                self.claims.close_all(claims_of(batch.fetched.all_items))
 
     def _write_one(self, batch: ComputedBatch) -> None:
         write_start = time.perf_counter()
-        self._store(batch.submitted, batch.masks)
+        self._store(batch.fetched, batch.masks)
         jobs_completed, jobs_failed = self._complete_finished_jobs()
         write_ms = (time.perf_counter() - write_start) * 1000
-        submitted = batch.submitted
+        submitted = batch.fetched
         total_ms = (self.clock() - submitted.taken_at) * 1000  # taken from the batcher until written
         self._log_batch(submitted, batch.compute_ms, write_ms, total_ms, jobs_completed)
         self.metrics.observe_batch(len(submitted.items), len(submitted.rejected), jobs_completed - jobs_failed,
                                    jobs_failed, [wait / 1000 for wait in submitted.image_wait_ms],
                                    batch.compute_ms / 1000, total_ms / 1000)
 
-    def _store(self, submitted: SubmittedBatch, masks: np.ndarray | None) -> None:
+    def _store(self, submitted: FetchedBatch, masks: np.ndarray | None) -> None:
         """Store masks and failures in one round trip, and note each image's outcome on its job."""
         if masks is None and submitted.items:  # masks are None only for a batch with no image to run
             raise RuntimeError(f"no masks for a batch of {len(submitted.items)} images")
@@ -117,18 +116,12 @@ class ResultWriter:
     def _complete_finished_jobs(self) -> tuple[int, int]:
         """Finish (or, if every image failed, fail) each job whose images all have an outcome; (ended, failed)."""
         # a claim the main loop failed meanwhile is already closed, and skipped here
-        done = [claim for claim in self.claims.complete() if self.claims.close(claim)]
+        done = self.claims.close_all(self.claims.complete())
         if done:
             self.source.complete(done)
         return len(done), sum(1 for claim in done if not claim.any_ok)
 
-    def abandon(self, items: list[BatchItem], reason: str) -> None:
-        """Stop heartbeating these images' jobs, so that rq re-enqueues them after their heartbeat TTL."""
-        self.log.error("batch_abandoned", reason=reason, batch_size=len(items))
-        for claim in claims_of(items):
-            self.claims.close(claim)
-
-    def _log_batch(self, submitted: SubmittedBatch, compute_ms: float, write_ms: float, total_ms: float,
+    def _log_batch(self, submitted: FetchedBatch, compute_ms: float, write_ms: float, total_ms: float,
                    jobs_completed: int) -> None:
         self.batches_done += 1
         job_ids = sorted({claim.job_id for claim in claims_of(submitted.all_items)})
