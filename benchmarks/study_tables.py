@@ -38,7 +38,7 @@ from toolchain.synth import generate, write_dataset  # noqa: E402
 
 HELDOUT_SEED = 1000003  # the demo model's held-out seed (engines/demo/README.md)
 CALIB_SEED = 4242
-NO_TENSORRT = "TensorRT cannot be installed here or on the GPU machine (DESIGN.md); tests/test_tensorrt.py runs where it can"
+NO_TENSORRT = "TensorRT cannot be installed here or on the GPU machine (DESIGN.md); tests/integration/test_tensorrt.py runs where it can"
 
 
 @dataclass(frozen=True)

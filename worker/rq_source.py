@@ -18,7 +18,7 @@ and the images its data (else its meta) still names are failed with it. A job wh
 but whose arguments cannot be used (data not JSON, a pickle) fails (no retry) with a reason that says
 what is wrong with them, and so do the images its meta names.
 
-Every rq internal used here is pinned by tests/test_rq_internals.py.
+Every rq internal used here is pinned by tests/unit/test_rq_internals.py.
 """
 
 from __future__ import annotations
@@ -305,7 +305,7 @@ class RqJobSource:
 
         These are the records of rq's prepare_execution + prepare_job_execution (an Execution in the
         started registry, job status "started", off the intermediate list), pipelined over the jobs,
-        with one command per shared key for all of them (tests/test_rq_records.py compares the
+        with one command per shared key for all of them (tests/integration/test_rq_records.py compares the
         result with rq's own). A job rq cannot load is taken off the list and recorded as failed in
         the same transaction.
         """
