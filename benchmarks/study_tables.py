@@ -39,9 +39,8 @@ from toolchain.synth import generate, write_dataset  # noqa: E402
 HELDOUT_SEED = 1000003  # the demo model's held-out seed (engines/demo/README.md)
 CALIB_SEED = 4242
 NO_INT8_GPU = "no INT8 runtime on the GPU machine: TensorRT absent, onnxruntime CPU-only"
-NO_INT8_GPU = "no INT8 runtime on the GPU machine: TensorRT absent, onnxruntime CPU-only"
 NO_TENSORRT = ("TensorRT cannot be installed here or on the GPU machine (DESIGN.md); "
-               "tests/test_tensorrt.py runs where it can")
+               "tests/integration/test_tensorrt.py runs where it can")
 
 
 @dataclass(frozen=True)

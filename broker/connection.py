@@ -50,7 +50,7 @@ SOCKET_TIMEOUT_S = 30.0  # every Redis call returns or fails within this (blocki
 # - SELECT: add `+select` if the URL names a database other than 0;
 # - SCAN and MEMORY USAGE (QueueStore.record_counts and stored_bytes, for tests and benchmarks);
 # - whatever `rq info` or a dashboard needs: give those their own user.
-# tests/test_redis_security.py runs the commands as this user on every redis-server it finds.
+# tests/integration/test_redis_security.py runs the commands as this user on every redis-server it finds.
 LEAST_PRIVILEGE_ACL = (
     "user segqueue on >CHANGE-ME resetkeys ~segq:* ~rq:* resetchannels &rq:pubsub:* -@all"
     " +ping +info|server +client|setname +client|info"

@@ -1,16 +1,13 @@
-"""Shared fixtures: real redis-server processes started by the tests, small engines, synthetic images."""
+"""Helpers shared by both tiers (tests/README.md): small models, checkpoints, synthetic images, a free port.
+
+Nothing here starts a process or builds an engine: the fixtures that do (a real redis-server, the small ONNX
+engine) are in tests/integration/conftest.py, and tests/unit/conftest.py forbids them in the unit tier.
+"""
 
 from __future__ import annotations
 
 import socket
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
-import redis
-
-from broker.server import RedisServer
 
 
 def free_port() -> int:
@@ -18,34 +15,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One real redis-server (AOF on) for the whole session, on a free port, data in a temp dir."""
-    server = RedisServer(data_dir=tmp_path_factory.mktemp("redis"), port=free_port()).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    """The session server's URL."""
-    return redis_server.url
-
-
-@pytest.fixture
-def queue_name() -> str:
-    """A fresh queue name per test, so tests sharing the server never see each other's jobs."""
-    return f"t{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    """A raw-bytes client on the session server."""
-    connection = redis.Redis.from_url(redis_url)
-    yield connection
-    connection.close()
 
 
 SMALL_SIZE = 64  # px: logic tests use small images and a width-8 U-Net
@@ -81,16 +50,6 @@ def tiny_checkpoint(path: Path, size: int = SMALL_SIZE, max_batch: int = 4, mode
 
     spec = EngineSpec(height=size, width=size, max_batch=max_batch)
     return save_checkpoint(path, model if model is not None else tiny_unet(seed=seed), spec, training)
-
-
-@pytest.fixture(scope="session")
-def small_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A width-8 U-Net (fixed seed, untrained) exported to ONNX at 64x64, batch 1..8, metadata beside it."""
-    from toolchain.export import export_onnx
-
-    path = tmp_path_factory.mktemp("engine") / "unet_w8_64.onnx"
-    export_onnx(tiny_unet(), path, height=SMALL_SIZE, width=SMALL_SIZE, max_batch=8)
-    return path
 
 
 def write_synthetic_images(folder: Path, count: int, size: int = SMALL_SIZE, seed: int = 0) -> list[Path]:

@@ -29,7 +29,7 @@ from worker.signals import stop_on_signals
 
 # Nothing imported above initialises CUDA (torch reads CUDA_VISIBLE_DEVICES only when CUDA first
 # initialises, lazily): `run` pins the process to its GPU before any engine is loaded.
-# tests/test_devices.py checks this.
+# tests/integration/test_devices_worker.py checks this.
 
 app = Typer(help="Run segmentation workers: one process per GPU (or CPU), any number of hosts, one Redis.",
                   no_args_is_help=True, add_completion=False, rich_markup_mode="markdown")

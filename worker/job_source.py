@@ -3,7 +3,7 @@
 The pipeline and the writer thread see only this interface and the project's own `Claim` objects;
 `worker/rq_source.py` is the one adapter (with the rq worker it runs, worker/rq_worker.py: the worker's only
 rq files). Tests
-drive the pipeline and the writer through an in-memory source (tests/fake_jobs.py), the way the
+drive the pipeline and the writer through an in-memory source (tests/integration/fake_jobs.py), the way the
 batcher is tested with a fake clock.
 """
 

@@ -8,7 +8,7 @@ Claims and completions are pipelined over many jobs, with one command per key th
 `producer enqueue` never uses them: dependents, repeats, rate-limit slots and webhooks. A job rq
 cannot load, or whose arguments cannot be used, is failed with a reason worded by worker/unreadable.py.
 
-rq internals touched here (rq 3.0.x), each pinned by a test of tests/test_rq_internals.py:
+rq internals touched here (rq 3.0.x), each pinned by a test of tests/unit/test_rq_internals.py:
 - SimpleWorker bootstrap, teardown, heartbeat, set_state, handle_job_failure, should_run_maintenance_tasks and
   clean_registries (RqWorker's), worker_ttl, default_result_ttl, the worker hash's counter fields:
   test_worker_methods_the_adapter_calls_keep_their_signatures
@@ -180,7 +180,7 @@ class RqJobSource:
 
         These are the records of rq's prepare_execution + prepare_job_execution (an Execution in the
         started registry, job status "started", off the intermediate list), pipelined over the jobs,
-        with one command per shared key for all of them (tests/test_rq_records.py compares the
+        with one command per shared key for all of them (tests/integration/test_rq_records.py compares the
         result with rq's own). A job rq cannot load is taken off the list and recorded as failed in
         the same transaction.
         """

@@ -1,0 +1,201 @@
+"""The worker's pipeline and writer with an in-memory job source (tests/integration/fake_jobs.py).
+
+Images, masks, Redis and the engine are real (the width-8 ONNX fixture, 64x64); only the job queue
+seam is replaced, so these tests pin the pipeline's own logic: batching across jobs, per-image
+failures, whole-batch failures, stop requests, heartbeats, and one completion per job.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from broker.connection import BrokerSettings
+from broker.store import QueueStore, StoredImage, new_image_id, now
+from engines.loader import load_engine
+from tests.conftest import SMALL_SIZE
+from tests.integration.fake_jobs import FakeJobSource
+from toolchain.synth import generate
+from worker.batch import BatchItem, FetchedBatch
+from worker.claims import OpenClaims
+from worker.logs import configure_logging
+from worker.pipeline import BatchPipeline
+from worker.settings import WorkerSettings
+from worker.signals import StopFlag
+from worker.writer import ComputedBatch, ResultWriter
+
+
+def store_images(client: redis.Redis, queue: str, count: int) -> list[str]:
+    """Store `count` synthetic 64x64 images on `queue`; their ids."""
+    images = [StoredImage(new_image_id(), f"img{i}.png", pixels, 100, 90, now())
+              for i, (pixels, _) in enumerate(generate(count, size=SMALL_SIZE, seed=11))]
+    QueueStore(client, queue).store_images(images)
+    return [image.image_id for image in images]
+
+
+def stored_mask(client: redis.Redis, queue: str, image_id: str) -> np.ndarray | None:
+    return QueueStore(client, queue).load_mask(image_id)
+
+
+def make_pipeline(tmp_path: Path, redis_url: str, queue: str, engine, source: FakeJobSource,
+                  stop: StopFlag | None = None, **overrides) -> BatchPipeline:
+    options = {"burst": True, **overrides}
+    settings = WorkerSettings(broker=BrokerSettings(redis_url=redis_url, queue=queue), engine_path=Path("-"),
+                              log_file=tmp_path / "worker.log", **options)
+    log = configure_logging(settings.log_file).bind(worker=source.name, engine=engine.name)
+    return BatchPipeline(settings, engine, source, redis.Redis.from_url(redis_url), log, stop or StopFlag())
+
+
+def batch_sizes(tmp_path: Path) -> list[int]:
+    lines = (tmp_path / "worker.log").read_text().splitlines()
+    return [r["batch_size"] for r in map(json.loads, lines) if r["event"] == "batch"]
+
+
+@pytest.fixture
+def engine(small_engine):
+    loaded = load_engine(small_engine)
+    yield loaded
+    loaded.close()
+
+
+def test_images_are_batched_across_jobs_and_each_job_completes_once(tmp_path, client, redis_url, queue_name, engine):
+    ids = store_images(client, queue_name, 15)
+    source = FakeJobSource([ids[i:i + 3] for i in range(0, 15, 3)])
+
+    done = make_pipeline(tmp_path, redis_url, queue_name, engine, source, max_wait_ms=500).run()
+
+    assert done == 15
+    assert batch_sizes(tmp_path) == [8, 7]
+    assert sorted(c.job_id for c in source.completed) == [f"job{i}" for i in range(5)]
+    assert not source.failed
+    for claim in source.completed:
+        assert [o["ok"] for o in claim.result()["images"]] == [True] * 3
+    assert all(stored_mask(client, queue_name, i) is not None for i in ids)
+
+
+def test_a_missing_image_fails_alone_and_its_job_still_finishes(tmp_path, client, redis_url, queue_name, engine):
+    ids = store_images(client, queue_name, 3)
+    missing = new_image_id()
+    source = FakeJobSource([[ids[0], missing, ids[1]], [ids[2]]])
+
+    assert make_pipeline(tmp_path, redis_url, queue_name, engine, source).run() == 3
+
+    first = next(c for c in source.completed if c.job_id == "job0")
+    outcomes = first.result()["images"]
+    assert [o["ok"] for o in outcomes] == [True, False, True]
+    assert missing in outcomes[1]["error"] and "not in Redis" in outcomes[1]["error"]
+    assert stored_mask(client, queue_name, missing) is None
+
+
+def test_a_job_whose_every_image_failed_is_completed_with_its_reasons(tmp_path, client, redis_url, queue_name, engine):
+    gone = [new_image_id(), new_image_id()]
+    source = FakeJobSource([gone])
+
+    assert make_pipeline(tmp_path, redis_url, queue_name, engine, source).run() == 0
+
+    [claim] = source.completed
+    assert not claim.any_ok
+    assert claim.failure_reason().startswith("every image of this job failed: image ")
+
+
+def test_an_engine_failure_fails_every_job_of_the_batch_for_retry(
+    tmp_path, client, redis_url, queue_name, small_engine
+):
+    ids = store_images(client, queue_name, 4)
+    broken = load_engine(small_engine)
+    broken.close()  # a real engine that can no longer run
+    source = FakeJobSource([ids[:2], ids[2:]])
+
+    assert make_pipeline(tmp_path, redis_url, queue_name, broken, source).run() == 0
+
+    assert sorted(c.job_id for c, _, _ in source.failed) == ["job0", "job1"]
+    assert all(retry and "engine" in reason for _, reason, retry in source.failed)
+    assert not source.completed
+
+
+def test_a_stop_request_finishes_the_claimed_work_and_claims_no_more(tmp_path, client, redis_url, queue_name, engine):
+    ids = store_images(client, queue_name, 12)
+    stop = StopFlag()
+    source = FakeJobSource([ids[:4], ids[4:8], ids[8:]], on_claim=lambda claims: stop.request())
+
+    done = make_pipeline(tmp_path, redis_url, queue_name, engine, source, stop=stop, burst=False).run()
+
+    claimed = {i for c in source.claimed for i in c.image_ids}
+    assert done == len(claimed) and 0 < len(claimed) < 12
+    assert sorted(c.job_id for c in source.completed) == sorted(c.job_id for c in source.claimed)
+
+
+def test_open_jobs_are_heartbeated_and_closed_ones_are_not(tmp_path, client, redis_url, queue_name, engine):
+    ids = store_images(client, queue_name, 16)
+    source = FakeJobSource([[i] for i in ids])
+
+    make_pipeline(tmp_path, redis_url, queue_name, engine, source, heartbeat_interval_s=0.0).run()
+
+    assert source.kept_alive and source.maintained
+    completed = {c.job_id for c in source.completed}
+    assert completed == {f"job{i}" for i in range(16)}
+    assert any(source.kept_alive)  # open jobs were heartbeated ...
+    assert source.heartbeats_after_completion == []  # ... and none after it was completed
+
+
+# --- the writer alone ------------------------------------------------------------------------
+
+
+def computed(items: list[BatchItem], client: redis.Redis, queue: str) -> ComputedBatch:
+    images = QueueStore(client, queue).load_images([item.image_id for item in items])
+    submitted = FetchedBatch(items=items, images=images, rejected=[], taken_at=time.monotonic(),
+                             fetch_ms=0.0, image_wait_ms=[0.0] * len(items))
+    masks = np.stack([(image.pixels > 128).astype(np.uint8) for image in images])
+    return ComputedBatch(submitted, masks, compute_ms=1.0)
+
+
+def make_writer(client, queue: str, source: FakeJobSource, claims: OpenClaims, tmp_path: Path) -> ResultWriter:
+    log = configure_logging(tmp_path / "writer.log")
+    return ResultWriter(QueueStore(client, queue), source, claims, log, time.monotonic)
+
+
+def test_the_writer_completes_a_job_spanning_two_batches_once_after_the_second(tmp_path, client, queue_name):
+    ids = store_images(client, queue_name, 4)
+    source = FakeJobSource([ids[:1], ids[1:4]])
+    claims = OpenClaims()
+    first, spanning = source.claim(2, 0)
+    for claim in (first, spanning):
+        claims.add(claim)
+    writer = make_writer(client, queue_name, source, claims, tmp_path)
+
+    writer.put(computed([BatchItem(first, ids[0]), BatchItem(spanning, ids[1])], client, queue_name))
+    writer.put(computed([BatchItem(spanning, ids[2]), BatchItem(spanning, ids[3])], client, queue_name))
+    writer.close()
+
+    assert [c.job_id for c in source.completed] == ["job0", "job1"]
+    assert source.complete_calls == 2 and len(claims) == 0
+    assert writer.images_done == 4
+    expected = (next(generate(4, size=SMALL_SIZE, seed=11))[0] > 128).astype(np.uint8)
+    assert np.array_equal(stored_mask(client, queue_name, ids[0]), expected)
+
+
+def test_the_writer_survives_a_failed_completion_and_abandons_those_jobs(tmp_path, client, queue_name):
+    ids = store_images(client, queue_name, 2)
+    source = FakeJobSource([ids[:1], ids[1:]])
+    claims = OpenClaims()
+    first, second = source.claim(2, 0)
+    claims.add(first)
+    claims.add(second)
+    writer = make_writer(client, queue_name, source, claims, tmp_path)
+
+    source.fail_completions_with = redis.ConnectionError("connection reset")
+    writer.put(computed([BatchItem(first, ids[0])], client, queue_name))
+    deadline = time.monotonic() + 10
+    while not first.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    source.fail_completions_with = None
+    writer.put(computed([BatchItem(second, ids[1])], client, queue_name))
+    writer.close()
+
+    assert first.closed and first not in source.completed  # left to the queue's retry
+    assert [c.job_id for c in source.completed] == ["job1"]

@@ -1,0 +1,387 @@
+"""Static checks of the deployment files: docker/Dockerfile, docker/compose.yaml, .dockerignore and the
+Kubernetes manifests under deploy/k8s/.
+
+Core Kubernetes kinds are validated against the Kubernetes OpenAPI schemas that the kubernetes-validate
+package ships (strict: unknown fields are errors), offline. KEDA's kinds (ScaledObject,
+TriggerAuthentication) have no schema there: they are checked against the small JSON schemas below,
+written from KEDA's documented v2 CRD fields (required fields, types, the redis trigger's metadata),
+plus cross-references between the files. No network, no container engine, no process: docker/smoke.sh is the
+real run; tests/integration/test_deploy_scripts.py runs the scripts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate.utils  # noqa: F401  (the test extra: fail, do not skip, when missing)
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "docker"
+K8S = ROOT / "deploy" / "k8s"
+K8S_VERSION = "1.30"  # oldest Kubernetes these manifests target (probes, startupProbe, PVC fields)
+
+
+def _docs(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def _all_k8s() -> dict[tuple[str, str], dict]:
+    out: dict[tuple[str, str], dict] = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in _docs(path):
+            out[(doc["kind"], doc["metadata"]["name"])] = doc
+    return out
+
+
+# ---------------------------------------------------------------- Kubernetes: schemas
+
+CORE_KINDS = {"Namespace", "Service", "StatefulSet", "Deployment", "PersistentVolumeClaim", "Secret"}
+CRD_KINDS = {"ScaledObject", "TriggerAuthentication"}  # KEDA: checked by test_keda_objects_match_their_schema
+
+
+def _manifest_params():
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for i, doc in enumerate(_docs(path)):
+            assert doc["kind"] in CORE_KINDS | CRD_KINDS, (path, doc["kind"])
+            if doc["kind"] in CORE_KINDS:
+                yield pytest.param(doc, id=f"{path.name}#{i}:{doc['kind']}")
+
+
+@pytest.mark.parametrize("doc", list(_manifest_params()))
+def test_core_manifests_match_the_kubernetes_schema(doc):
+    from kubernetes_validate.utils import validate
+
+    validate(doc, K8S_VERSION, strict=True)  # raises ValidationError with the path of the bad field
+
+
+def test_the_schema_check_catches_mistakes():
+    from kubernetes_validate.utils import ValidationError, validate
+
+    worker = _all_k8s()[("Deployment", "segqueue-worker")]
+    bad = yaml.safe_load(yaml.safe_dump(worker))
+    bad["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["paht"] = "/readyz"
+    with pytest.raises(ValidationError):
+        validate(bad, K8S_VERSION, strict=True)
+    bad = yaml.safe_load(yaml.safe_dump(worker))
+    bad["spec"]["replicas"] = "two"
+    with pytest.raises(ValidationError):
+        validate(bad, K8S_VERSION, strict=True)
+
+
+def test_kustomization_lists_every_manifest_but_the_secret_example():
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert kust["kind"] == "Kustomization"
+    listed = set(kust["resources"])
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == on_disk - {"secret.example.yaml"}
+    assert kust["namespace"] == "segqueue"
+    for (kind, name), doc in _all_k8s().items():
+        if kind != "Namespace":
+            assert doc["metadata"].get("namespace") == "segqueue", (kind, name)
+
+
+# ---------------------------------------------------------------- KEDA: a schema of our own
+
+_NAME = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 253}
+_METADATA = {"type": "object", "required": ["name"], "properties": {"name": _NAME, "namespace": _NAME}}
+_INT_STRING = {"type": "string", "pattern": r"^[0-9]+$"}
+
+TRIGGER_AUTHENTICATION_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "kind": {"const": "TriggerAuthentication"},
+        "metadata": _METADATA,
+        "spec": {
+            "type": "object",
+            "minProperties": 1,
+            "additionalProperties": False,
+            "properties": {
+                "secretTargetRef": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["parameter", "name", "key"],
+                        "additionalProperties": False,
+                        "properties": {"parameter": {"type": "string"}, "name": _NAME, "key": {"type": "string"}},
+                    },
+                },
+                "env": {"type": "array"},
+                "hashiCorpVault": {"type": "object"},
+                "podIdentity": {"type": "object"},
+            },
+        },
+    },
+}
+
+SCALED_OBJECT_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "kind": {"const": "ScaledObject"},
+        "metadata": _METADATA,
+        "spec": {
+            "type": "object",
+            "required": ["scaleTargetRef", "triggers"],
+            "additionalProperties": False,
+            "properties": {
+                "scaleTargetRef": {
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                                   "name": _NAME, "envSourceContainerName": {"type": "string"}},
+                },
+                "minReplicaCount": {"type": "integer", "minimum": 0},
+                "maxReplicaCount": {"type": "integer", "minimum": 1},
+                "idleReplicaCount": {"type": "integer", "minimum": 0},
+                "pollingInterval": {"type": "integer", "minimum": 1},
+                "cooldownPeriod": {"type": "integer", "minimum": 0},
+                "initialCooldownPeriod": {"type": "integer", "minimum": 0},
+                "fallback": {"type": "object", "required": ["failureThreshold", "replicas"]},
+                "advanced": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "restoreToOriginalReplicaCount": {"type": "boolean"},
+                        "horizontalPodAutoscalerConfig": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {"name": {"type": "string"}, "behavior": {"type": "object"}},
+                        },
+                        "scalingModifiers": {"type": "object"},
+                    },
+                },
+                "triggers": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["type", "metadata"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "type": {"type": "string"},
+                            "name": {"type": "string"},
+                            "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                            "useCachedMetrics": {"type": "boolean"},
+                            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                            "authenticationRef": {
+                                "type": "object",
+                                "required": ["name"],
+                                "additionalProperties": False,
+                                "properties": {"name": _NAME, "kind": {"enum": ["TriggerAuthentication",
+                                                                                "ClusterTriggerAuthentication"]}},
+                            },
+                        },
+                        # KEDA's redis (list) scaler: these metadata keys exist, listName is required.
+                        "if": {"properties": {"type": {"const": "redis"}}},
+                        "then": {"properties": {"metadata": {
+                            "required": ["listName"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "address": {"type": "string"}, "addressFromEnv": {"type": "string"},
+                                "host": {"type": "string"}, "port": {"type": "string"},
+                                "username": {"type": "string"}, "passwordFromEnv": {"type": "string"},
+                                "listName": {"type": "string", "minLength": 1},
+                                "listLength": _INT_STRING, "activationListLength": _INT_STRING,
+                                "databaseIndex": _INT_STRING, "enableTLS": {"enum": ["true", "false"]},
+                                "unsafeSsl": {"enum": ["true", "false"]},
+                            },
+                        }}},
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def test_keda_objects_match_their_schema():
+    docs = _all_k8s()
+    keda = {key: doc for key, doc in docs.items() if doc["apiVersion"].startswith("keda.sh/")}
+    assert {kind for kind, _ in keda} == {"ScaledObject", "TriggerAuthentication"}
+    for (kind, _), doc in keda.items():
+        schema = SCALED_OBJECT_SCHEMA if kind == "ScaledObject" else TRIGGER_AUTHENTICATION_SCHEMA
+        jsonschema.validate(doc, schema)
+    bad = yaml.safe_load(yaml.safe_dump(docs[("ScaledObject", "segqueue-worker")]))
+    bad["spec"]["triggers"][0]["metadata"]["listLenght"] = "10"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, SCALED_OBJECT_SCHEMA)
+
+
+def test_keda_scales_the_worker_on_the_rq_queue_list():
+    from rq import Queue
+
+    docs = _all_k8s()
+    scaled = docs[("ScaledObject", "segqueue-worker")]["spec"]
+    target = scaled["scaleTargetRef"]
+    assert (target.get("kind", "Deployment"), target["name"]) in docs
+    assert target.get("apiVersion", "apps/v1") == "apps/v1"
+    assert 0 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"]
+    (trigger,) = scaled["triggers"]
+    assert trigger["type"] == "redis"
+    # The key rq keeps the default queue's waiting jobs in (producer/worker use Queue("segment")).
+    assert trigger["metadata"]["listName"] == Queue.redis_queue_namespace_prefix + "segment" == "rq:queue:segment"
+    assert int(trigger["metadata"]["listLength"]) > 0
+    assert "address" not in trigger["metadata"] and "password" not in str(trigger["metadata"]).lower()
+    auth = docs[("TriggerAuthentication", trigger["authenticationRef"]["name"])]
+    params = {ref["parameter"]: ref for ref in auth["spec"]["secretTargetRef"]}
+    assert set(params) == {"address", "password"}
+    secret = docs[("Secret", "segqueue-redis")]
+    for ref in params.values():
+        assert ref["name"] == "segqueue-redis" and ref["key"] in secret["stringData"]
+
+
+# ---------------------------------------------------------------- Kubernetes: what the workers need
+
+def test_worker_deployment_one_gpu_probes_secret_readonly_engine():
+    docs = _all_k8s()
+    dep = docs[("Deployment", "segqueue-worker")]
+    spec = dep["spec"]
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    pod = spec["template"]["spec"]
+    (ctr,) = pod["containers"]
+    assert ctr["resources"]["limits"]["nvidia.com/gpu"] == 1
+    args = ctr["args"]
+    assert args[:2] == ["worker", "run"] and args[args.index("--device") + 1] == "cuda"
+    port = int(args[args.index("--metrics-port") + 1])
+    ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
+    assert ports["metrics"] == port
+    assert ctr["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert ctr["livenessProbe"]["httpGet"]["path"] == "/livez"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert ctr[probe]["httpGet"]["port"] in ("metrics", port)
+    (redis_url,) = [e for e in ctr["env"] if e["name"] == "REDIS_URL"]
+    ref = redis_url["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == "segqueue-redis" and ref["key"] in docs[("Secret", "segqueue-redis")]["stringData"]
+    engine = args[args.index("--engine") + 1]
+    mounts = {m["name"]: m for m in ctr["volumeMounts"]}
+    (engines_mount,) = [m for m in mounts.values() if engine.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert engines_mount["readOnly"] is True
+    volume = {v["name"]: v for v in pod["volumes"]}[engines_mount["name"]]
+    assert volume["persistentVolumeClaim"]["readOnly"] is True
+    assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in docs
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["terminationGracePeriodSeconds"] >= 30
+
+
+def test_redis_statefulset_aof_pvc_password_from_secret():
+    docs = _all_k8s()
+    sts = docs[("StatefulSet", "segqueue-redis")]
+    (ctr,) = sts["spec"]["template"]["spec"]["containers"]
+    script = " ".join(ctr.get("command", []) + ctr.get("args", []))
+    assert "--appendonly yes" in script and "requirepass" in script
+    (auth,) = [e for e in ctr["env"] if e["name"] == "REDISCLI_AUTH"]
+    assert auth["valueFrom"]["secretKeyRef"] == {"name": "segqueue-redis", "key": "password"}
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert {m["name"]: m["mountPath"] for m in ctr["volumeMounts"]}[claim["metadata"]["name"]] == "/data"
+    svc = docs[("Service", sts["spec"]["serviceName"])]
+    assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    secret = docs[("Secret", "segqueue-redis")]["stringData"]
+    host = secret["address"].split(":")[0]
+    assert host.split(".")[0] == svc["metadata"]["name"] and f"@{secret['address']}/" in secret["url"]
+
+
+# ---------------------------------------------------------------- Compose
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def _interpolate(value: str) -> str:
+    """Compose's ${VAR:-default} / ${VAR:?err} with no variable set."""
+    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?[-?]([^}]*))?\}", lambda m: m.group(1) or "", value)
+
+
+def test_compose_services_and_required_keys(compose):
+    services = compose["services"]
+    assert {"redis", "worker", "worker-cpu", "producer"} <= set(services)
+    redis = services["redis"]
+    assert re.fullmatch(r"redis:7(\.\d+)*(-\w+)?", redis["image"])
+    script = " ".join(redis["command"]) if isinstance(redis["command"], list) else redis["command"]
+    assert "--appendonly yes" in script and "requirepass" in script and "/run/secrets/redis_password" in script
+    assert any(v.split(":")[1] == "/data" for v in redis["volumes"])
+    assert redis["volumes"][0].split(":")[0] in compose["volumes"]
+    test = " ".join(redis["healthcheck"]["test"])
+    assert "redis-cli ping" in test and "REDISCLI_AUTH" in test
+    assert compose["secrets"]["redis_password"]["file"]
+
+    gpu = services["worker"]
+    assert gpu["build"]["target"] == "gpu" and gpu["profiles"] == ["gpu"]
+    assert services["worker-cpu"]["build"]["target"] == "cpu" and services["worker-cpu"]["profiles"] == ["cpu"]
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    assert int(_interpolate(str(gpu["deploy"]["replicas"]))) >= 1
+    for name in ("worker", "worker-cpu"):
+        svc = services[name]
+        cmd = [_interpolate(c) for c in svc["command"]]
+        assert cmd[:2] == ["worker", "run"]
+        port = cmd[cmd.index("--metrics-port") + 1]
+        hc = " ".join(svc["healthcheck"]["test"])
+        assert f"http://127.0.0.1:{port}/readyz" in hc
+        assert cmd[cmd.index("--engine") + 1].startswith("/engines/")
+        assert any(_interpolate(v).endswith(":/engines:ro") for v in svc["volumes"])
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert "redis_password" in svc["secrets"]
+
+    producer = services["producer"]
+    assert producer["command"][:5] == ["producer", "enqueue", "/data/in", "--out", "/data/out"]
+    assert producer["restart"] == "no" and "healthcheck" not in producer  # one-shot: its exit status is the check
+    for name, svc in services.items():
+        if name != "redis":
+            env = svc["environment"]
+            assert env["REDIS_PASSWORD_FILE"] == "/run/secrets/redis_password", name
+            assert "@" not in env["REDIS_URL"], f"{name}: no password in the URL"
+
+
+def test_compose_and_manifests_hold_no_password():
+    texts = {p: p.read_text() for p in [DOCKER / "compose.yaml", DOCKER / "Dockerfile",
+                                        *K8S.glob("*.yaml")] if p.name != "secret.example.yaml"}
+    for path, text in texts.items():
+        assert not re.search(r"requirepass\s+[A-Za-z0-9]{8,}", text), path
+        assert not re.search(r"redis://:[^@$\s]+@", text), path
+
+
+# ---------------------------------------------------------------- Dockerfile, .dockerignore, scripts
+
+def test_dockerfile_stages_base_argument_user_and_no_secrets():
+    text = (DOCKER / "Dockerfile").read_text()
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert lines[0].startswith("ARG BASE=")  # before any FROM: usable in FROM
+    stages = {name: base for base, name in re.findall(r"^FROM\s+(\S+)\s+AS\s+(\S+)", text, re.M)}
+    assert len(stages) == len(re.findall(r"^FROM", text, re.M)) == 4
+    assert stages["cpu"] == "${BASE}" and stages["cpu-build"] == "${BASE}"
+    assert stages["gpu"] == "${GPU_BASE}" and stages["gpu-build"] == "${GPU_BASE}"
+    for stage in ("cpu", "gpu"):
+        body = text.split(f" AS {stage}\n", 1)[1].split("\nFROM ", 1)[0]
+        (user,) = re.findall(r"^USER\s+(\S+)", body, re.M)
+        assert user.split(":")[0] not in ("0", "root")
+        assert "COPY --from=" in body and "pip install" not in body  # runtime stages carry no build tools' caches
+    assert '"torch==${TORCH_VERSION}+cpu"' in text
+    for line in re.findall(r"^(?:ARG|ENV)\s+.*$", text, re.M):
+        assert not re.search(r"PASSWORD|TOKEN|SECRET|API_KEY", line, re.I), line
+    assert not re.search(r"^COPY .*(secret|\.env)", text, re.M | re.I)
+
+
+def test_dockerignore_keeps_the_context_small():
+    entries = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    for required in (".git", ".venv", ".device", "benchmarks", "tests", ".pytest_cache", "**/__pycache__",
+                     "secrets", "docker/*", ".env"):
+        assert required in entries, required
+    assert "docker" not in entries and "!docker/entrypoint.sh" in entries  # the image needs the entrypoint
+    assert not {"README.md", "pyproject.toml", "engines", "worker", "producer", "broker", "common"} & entries
