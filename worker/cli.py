@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import click
 import redis
 import typer
 
@@ -143,14 +142,15 @@ def _child_argv(ctx: typer.Context, options: dict[str, object], device: str, log
     --log-file, --name and --metrics-port as given, and no --redis-url (see _child_env)."""
     argv = [sys.executable, "-m", "worker.cli", "run"]
     for param in ctx.command.params:
-        if not isinstance(param, click.Option) or param.name in ("device", "log_file", "name", "metrics_port",
-                                                                  "redis_url"):
+        # typer's options are click Options, or its own vendored copy of them: ask the kind, not the class
+        if param.param_type_name != "option" or param.name in ("device", "log_file", "name", "metrics_port",
+                                                                "redis_url"):
             continue
         value = options.get(param.name)
         if value is None:
             continue
         flag = max(param.opts, key=len)
-        if param.is_flag:
+        if getattr(param, "is_flag", False):
             if value:
                 argv.append(flag)
             continue

@@ -138,12 +138,12 @@ def test_a_malformed_original_size_is_an_error_naming_the_image_not_an_exception
     images = [stored(new_image_id(), np.zeros((8, 8), np.uint8)) for _ in range(4)]
     store.store_images(images)
     store.save_results([(i.image_id, np.ones((8, 8), np.uint8)) for i in images])
-    for image, height in zip(images, (-3, 0, "abc"), strict=True):
+    for image, height in zip(images, (-3, 0, "abc"), strict=False):  # the fourth image keeps its size
         client.hset(store._image_key(image.image_id), "original_height", height)
 
     results = store.load_results([i.image_id for i in images])
 
-    for image, result, height in zip(images, results, ("-3", "0", "abc"), strict=True):
+    for image, result, height in zip(images, results, ("-3", "0", "abc"), strict=False):
         assert result.mask is None and result.original_size is None
         assert result.error == (f"image {image.image_id} is malformed in Redis: original size (height, width) "
                                 f"[b'{height}', b'80'] is not two positive integers")
