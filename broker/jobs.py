@@ -25,6 +25,7 @@ from typing import Any
 
 import redis
 from rq import Queue, Retry
+from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.utils import str_to_date
 
@@ -116,3 +117,10 @@ def is_job_date(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def working_seconds(job: Job) -> float:
+    """Seconds from a job's start (set when claimed) to its end (set when recorded); 0 if either is unset."""
+    if job.started_at is None or job.ended_at is None:
+        return 0.0
+    return (job.ended_at - job.started_at).total_seconds()

@@ -43,7 +43,7 @@ from rq.results import Result
 from rq.utils import current_timestamp, now, utcformat
 from rq.worker import WorkerStatus
 
-from broker.jobs import JOB_FUNC, SERIALIZER, image_ids_in_meta, job_arguments, parse_job_arguments, segmentation_queue
+from broker import jobs
 from broker.store import QueueStore
 from worker import unreadable
 from worker.job_source import Claim
@@ -60,13 +60,6 @@ class _RqHandle:
     execution: Execution
 
 
-def _working_seconds(job: Job) -> float:
-    """Seconds from the job's start (set when claimed) to its end (set when recorded); 0 if either is unset."""
-    if job.started_at is None or job.ended_at is None:
-        return 0.0
-    return (job.ended_at - job.started_at).total_seconds()
-
-
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)  # transient: never a reason to fail a job
 
 
@@ -79,15 +72,14 @@ class RqJobSource:
 
     def __init__(self, client: redis.Redis, queue_name: str, *, name: str,
                  job_heartbeat_ttl_s: int, maintenance_interval_s: int) -> None:
-        self.queue = segmentation_queue(client, queue_name)
-        # built once: rq builds one per job
-        self._finished_registry = self.queue.finished_job_registry
+        self.queue = jobs.segmentation_queue(client, queue_name)
+        self._finished_registry = self.queue.finished_job_registry  # built once: rq builds one per job
         self._started_registry = self.queue.started_job_registry
         self.client = client
         self.store = QueueStore(client, queue_name)
         self.name = name
         self.job_heartbeat_ttl_s = job_heartbeat_ttl_s
-        self._rq = RqWorker([self.queue], name=name, connection=client, serializer=SERIALIZER,
+        self._rq = RqWorker([self.queue], name=name, connection=client, serializer=jobs.SERIALIZER,
                             maintenance_interval=maintenance_interval_s, worker_ttl=max(30, job_heartbeat_ttl_s))
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -134,7 +126,7 @@ class RqJobSource:
         """The jobs in one round trip; None for a job that is gone, UnreadableJob for one rq cannot load."""
         try:
             return list(Job.fetch_many([raw.decode() for raw in raw_ids], connection=self.client,
-                                       serializer=SERIALIZER))
+                                       serializer=jobs.SERIALIZER))
         except _REDIS_DOWN:
             raise
         except Exception:  # one unreadable job spoils fetch_many: read them one by one
@@ -147,7 +139,7 @@ class RqJobSource:
         except UnicodeDecodeError:
             return UnreadableJob(raw_id.decode(errors="backslashreplace"), "bad job: its id is not UTF-8 text")
         try:
-            job = Job(job_id, connection=self.client, serializer=SERIALIZER)
+            job = Job(job_id, connection=self.client, serializer=jobs.SERIALIZER)
         except (TypeError, ValueError) as exc:
             return UnreadableJob(job_id, f"bad job: rq refuses its id: {exc_text(exc)}")
         try:
@@ -166,8 +158,8 @@ class RqJobSource:
     def _unreadable(self, job_id: str, reason: str, image_ids: list[str]) -> UnreadableJob:
         """An unreadable job, with the failed rq job that is to replace its record (if rq can build one)."""
         try:
-            record = Job.create(JOB_FUNC, args=job_arguments(image_ids) if image_ids else [], id=job_id,
-                                connection=self.client, serializer=SERIALIZER, origin=self.queue.name,
+            record = Job.create(jobs.JOB_FUNC, args=jobs.job_arguments(image_ids) if image_ids else [], id=job_id,
+                                connection=self.client, serializer=jobs.SERIALIZER, origin=self.queue.name,
                                 status=JobStatus.FAILED, description=f"unreadable job {job_id}, recorded as failed")
         except Exception as exc:  # rq cannot build a job for it: recorded in the queue's store instead
             log.warning("rq cannot build a failed record for job %s: %s", job_id, exc_text(exc))
@@ -239,7 +231,7 @@ class RqJobSource:
         """The Claim of a started job, or None after failing it (no retry) if its arguments are unusable;
         then the images its meta names (broker.jobs.job_meta) fail with it."""
         try:
-            return Claim(handle.job.id, parse_job_arguments(handle.job.args), handle)
+            return Claim(handle.job.id, jobs.parse_job_arguments(handle.job.args), handle)
         except Exception as exc:  # BadJob, or rq's DeserializationError on garbled arguments
             # job.args raises rq's DeserializationError, without a message, from the serializer's error
             if isinstance(exc, DeserializationError):
@@ -247,7 +239,7 @@ class RqJobSource:
             else:
                 reason = f"bad job: {exc_text(exc)}"
             self.fail([Claim(handle.job.id, [], handle)], reason, retry=False)
-            unreadable.fail_waiting_images(self.store, handle.job.id, reason, image_ids_in_meta(handle.job.meta))
+            unreadable.fail_waiting_images(self.store, handle.job.id, reason, jobs.image_ids_in_meta(handle.job.meta))
             return None
 
     # --- keeping alive ---------------------------------------------------------------------
@@ -299,7 +291,7 @@ class RqJobSource:
                 pipe.zrem(self._started_registry.key, *composite_keys)
                 pipe.srem(handles[0].execution.worker_executions_key, *composite_keys)
                 # the worker's counters, as rq's increment_* write them, once for all these jobs
-                working_s = sum(_working_seconds(h.job) for h in handles)
+                working_s = sum(jobs.working_seconds(h.job) for h in handles)
                 pipe.hincrby(self._rq.key, "successful_job_count", len(finished))
                 pipe.hincrbyfloat(self._rq.key, "total_working_time", working_s)
                 pipe.execute()
