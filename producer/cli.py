@@ -247,8 +247,8 @@ def status(
     typer.echo(f"{'':8}{'queued':>10}{'started':>10}{'finished':>10}{'failed':>10}")
     for label, counts in (("jobs", snapshot.jobs), ("images", snapshot.images)):
         typer.echo(f"{label:8}{counts.queued:>10}{counts.started:>10}{counts.finished:>10}{counts.failed:>10}")
-    typer.echo(f"images finished: {snapshot.masks_in_redis} with a mask waiting in Redis for `producer collect`, "
-               f"{snapshot.collected} collected (mask file written, freed from Redis)")
+    typer.echo(f"images finished: {snapshot.masks_in_redis} with a mask kept in Redis (`producer collect` writes it; "
+               f"with --delete it also frees it), {snapshot.collected} collected (mask file written, freed from Redis)")
     typer.echo(f"jobs finished: rq's finished registry (a job stays listed {RESULT_TTL_S // 86400} days after it ends)")
 
 

@@ -200,7 +200,7 @@ def test_status_after_enqueue_out_counts_collected_images_as_finished(tmp_path, 
     rows = {cells[0]: cells[1:] for cells in map(str.split, table.splitlines())
             if cells[0] in ("jobs", "images") and cells[1].isdigit()}
     assert rows == {"jobs": ["0", "0", "6", "0"], "images": ["0", "0", "21", "0"]}
-    assert "images finished: 0 with a mask waiting in Redis for `producer collect`, 21 collected" in table
+    assert "images finished: 0 with a mask kept in Redis" in table and ", 21 collected (mask file written" in table
 
 
 def test_forget_counts_each_collected_image_once(client, queue_name):
