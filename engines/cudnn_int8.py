@@ -145,7 +145,10 @@ class ConvGraph:
         v = g.add(g.mul(conv, self.s, compute_data_type=dt.FLOAT), self.b, compute_data_type=dt.FLOAT)
         if relu:
             v = g.relu(input=v, compute_data_type=dt.FLOAT)
-        v.set_output(True).set_data_type(dt.INT8).set_dim(list(y.shape)).set_stride(list(y.stride()))
+        v.set_output(True)
+        v.set_data_type(dt.INT8)
+        v.set_dim(list(y.shape))  # the buffer's own layout (NHWC), not one cuDNN would infer
+        v.set_stride(list(y.stride()))
         self.y = v
         self.weights = weights
         self.graph = g

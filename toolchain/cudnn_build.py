@@ -154,6 +154,11 @@ def build_cudnn_int8(source: Path | str, output: Path | str, device: str = "cuda
              "calibration": plan.spec.built_with.get("calibration", "")}
     plan.spec = replace(plan.spec, precision="int8", built_with={**plan.spec.built_with, **built})
     save_plan(plan, output, built)
+    progress(f"wrote {output}; checking it against ONNX Runtime on the same INT8 ONNX")
+    agreement = agreement_with_onnx(output, source, device)
+    check = f"masks agree {agreement:.4%} with ONNX Runtime on the same INT8 ONNX (2 synthetic images)"
+    plan.spec = replace(plan.spec, built_with={**plan.spec.built_with, "check": check})
+    save_plan(plan, output, built)
     return plan
 
 
