@@ -3,9 +3,9 @@
 Decoding a 512x512 PNG and compressing it takes a few milliseconds of CPU, and so does writing a
 mask PNG: one process tops out at a few hundred images a second. (A PNG that already is the engine
 input is stored as it is, about 0.15 ms per file: see `encode_file`.) `ProducerPool` runs these tasks in
-`workers` processes, each with its own Redis connection, so that only small results (image ids,
-names, errors) cross between processes, never pixels. With `workers=1` the same functions run in the
-calling process, with no pool (small inputs, tests, machines with one core).
+`workers` processes, each with its own Redis connection (broker/process_store.py), so that only small
+results (image ids, names, errors) cross between processes, never pixels. With `workers=1` the same
+functions run in the calling process, with no pool (small inputs, tests, machines with one core).
 
 A store task decodes a chunk of files, stores the good ones in one pipelined round trip and returns
 their ids; the caller enqueues the jobs naming them only after that, so a worker never sees a job
@@ -15,16 +15,15 @@ producer/collect.py).
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import signal
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.connection import BrokerSettings, connect
+from broker.connection import BrokerSettings
 from broker.payloads import Payload, encode_image, encode_png
+from broker.process_store import fork_store_pool, process_store
 from broker.store import EncodedImage, QueueStore, new_image_id, now
 from common.images import ImageError, ImageSource, decode_image, read_png_as_is
 from producer.collect import CollectReport, collect_masks
@@ -75,39 +74,28 @@ def store_files(store: QueueStore, sources: Sequence[ImageSource], height: int, 
 
 # --- inside a pool process -------------------------------------------------------------------
 
-_process_store: QueueStore | None = None
-
 # Pool processes run at a lower CPU priority: decoding is bulk work, and a GPU worker on the same
 # host must keep the CPU it needs to feed its engine (measured on an H200 host: 16 un-niced decode
 # processes starved the worker's feeding threads).
 POOL_NICENESS = 10
 
 
-def _open_process_store(settings: BrokerSettings) -> None:
-    """Pool initializer: ignore Ctrl-C, lower this process's CPU priority, then one Redis connection and store.
+def _lower_priority() -> None:
+    """Pool-process `prepare` hook: lower this process's CPU priority (before it connects to Redis).
 
-    Ctrl-C reaches the whole process group; the parent handles it (finishes the chunks in flight,
-    enqueues their jobs, says what was queued), so a pool process neither dies mid-chunk nor prints
-    a KeyboardInterrupt traceback.
+    The pool processes ignore Ctrl-C (broker/process_store.py): it reaches the whole process group,
+    and the parent handles it (finishes the chunks in flight, enqueues their jobs, says what was
+    queued), so a pool process neither dies mid-chunk nor prints a KeyboardInterrupt traceback.
     """
-    global _process_store
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.nice(POOL_NICENESS)
-    _process_store = QueueStore(connect(settings), settings.queue)
-
-
-def _require_store() -> QueueStore:
-    if _process_store is None:
-        raise RuntimeError("producer pool process started without its Redis store")
-    return _process_store
 
 
 def _store_task(sources: list[ImageSource], height: int, width: int) -> StoredChunk:
-    return store_files(_require_store(), sources, height, width)
+    return store_files(process_store(), sources, height, width)
 
 
 def _collect_task(image_ids: list[str], out_dir: Path, delete: bool) -> CollectReport:
-    return collect_masks(_require_store(), out_dir, image_ids, delete=delete)
+    return collect_masks(process_store(), out_dir, image_ids, delete=delete)
 
 
 # --- the pool ---------------------------------------------------------------------------------
@@ -140,12 +128,8 @@ class ProducerPool:
         if workers > 1:
             if settings is None:
                 raise ValueError("a pool of worker processes needs the broker settings to connect")
-            # fork where there is one: children start in milliseconds and inherit the imports
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-            self._executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                                                 initializer=_open_process_store, initargs=(settings,))
-            # start the processes now: they fork and connect while this one looks for the files
-            self._executor.submit(os.getpid)
+            # forked now (where fork exists): they start and connect while this one looks for the files
+            self._executor = fork_store_pool(settings, workers, _lower_priority)
 
     def submit_store(self, sources: list[ImageSource], height: int, width: int) -> Future:
         """Decode and store `sources`; the Future gives a StoredChunk."""

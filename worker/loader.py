@@ -3,8 +3,9 @@
 A fast GPU needs several cores of decoding (PNG payloads above all), and threads cannot give it them:
 Pillow releases the GIL while it inflates but parses each file holding it, and the worker's busy
 threads share one GIL (the measurements are in docs/worker-measurements.md). `ProcessImageLoader` runs
-`QueueStore.load_images` in `processes` forked children, each with its own Redis connection and its own
-GIL; only the decoded pixels come back (pickled by our own child: nothing read from Redis is unpickled).
+`QueueStore.load_images` in `processes` forked children (broker/process_store.py), each with its own
+Redis connection and its own GIL; only the decoded pixels come back (pickled by our own child: nothing
+read from Redis is unpickled).
 
 The children are forked when the loader starts, before the engine loads (no CUDA context, no other
 threads yet). They ignore SIGINT (Ctrl-C reaches the whole process group; the worker drains with them)
@@ -16,16 +17,15 @@ dies (PR_SET_PDEATHSIG, as the worker pool does for its children), so a SIGKILLe
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import signal
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from typing import Protocol
 
-from broker.connection import BrokerSettings, connect
+from broker.connection import BrokerSettings
 from broker.errors import SegqueueError
+from broker.process_store import fork_store_pool, process_store
 from broker.store import QueueStore, StoredImage
 from worker.pool import die_with_parent
 
@@ -58,28 +58,16 @@ class ThreadImageLoader:
 
 # --- inside a decode process ------------------------------------------------------------------
 
-_child_store: QueueStore | None = None
 
-
-def _start_child(settings: BrokerSettings, parent: int) -> None:
-    """Decode-process initializer: leave Ctrl-C to the worker, die with it, connect to Redis."""
-    global _child_store
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def _die_with_worker(worker: int) -> None:
+    """Decode-process `prepare` hook: die with the worker (and exit now if it is already gone)."""
     die_with_parent()
-    if os.getppid() != parent:  # the worker died before the line above took effect
+    if os.getppid() != worker:  # the worker died before the line above took effect
         os._exit(0)
-    _child_store = QueueStore(connect(settings), settings.queue)
 
 
 def _load_task(image_ids: list[str]) -> list[StoredImage | str]:
-    if _child_store is None:
-        raise RuntimeError("decode process started without its Redis store")
-    return _child_store.load_images(image_ids)
-
-
-def _ready_task() -> int:
-    return os.getpid()
+    return process_store().load_images(image_ids)
 
 
 # --- in the worker ----------------------------------------------------------------------------
@@ -97,13 +85,9 @@ class ProcessImageLoader:
         if processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
         self.processes = processes
-        self._executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
-                                             initializer=_start_child, initargs=(settings, os.getpid()))
-        try:  # fork now (the pool forks every child at its first task) and check that each one connected
-            for future in [self._executor.submit(_ready_task) for _ in range(processes)]:
-                future.result()
+        try:  # fork now and check that each one connected
+            self._executor = fork_store_pool(settings, processes, partial(_die_with_worker, os.getpid()), wait=True)
         except BrokenProcessPool:
-            self._executor.shutdown(wait=False, cancel_futures=True)
             raise LoaderDied("the decode processes could not start (see the error above)") from None
 
     def load(self, image_ids: Sequence[str]) -> list[StoredImage | str]:

@@ -13,16 +13,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from broker.connection import BrokerSettings
 from broker.store import QueueStore
 from common.images import ImageSource
 from producer.pool import store_files
-from tests.conftest import SMALL_SIZE, write_synthetic_images
+from tests.conftest import SMALL_SIZE, free_port, write_synthetic_images
 from tests.integration.test_pool import events, wait_until
 from toolchain.synth import generate
-from worker.loader import ProcessImageLoader
+from worker.loader import LoaderDied, ProcessImageLoader
 from worker.settings import DEFAULT_DECODE_PROCESSES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,6 +78,12 @@ def test_decode_processes_load_exactly_what_the_store_loads(tmp_path, client, re
     np.testing.assert_array_equal(in_processes[0].pixels, small)
     assert in_processes[2] == on_thread[2] and "corrupt" in in_processes[2]
     assert in_processes[3] == on_thread[3] and "not in Redis" in in_processes[3]
+
+
+def test_decode_processes_that_cannot_reach_redis_stop_the_loader_at_start():
+    nobody = BrokerSettings(redis_url=f"redis://127.0.0.1:{free_port()}/0", queue="unused")
+    with pytest.raises(LoaderDied, match="could not start"):
+        ProcessImageLoader(nobody, processes=2)
 
 
 def test_no_decode_process_outlives_a_sigkilled_worker(redis_url, queue_name):
