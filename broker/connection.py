@@ -48,7 +48,7 @@ SOCKET_TIMEOUT_S = 30.0  # every Redis call returns or fails within this (blocki
 #   does without when refused (Redis 7.0 rejects rules naming them; newer servers log the refusal
 #   in ACL LOG, one entry counting the connections);
 # - SELECT: add `+select` if the URL names a database other than 0;
-# - SCAN and MEMORY USAGE (QueueStore.record_counts and stored_bytes, for tests and benchmarks);
+# - SCAN (QueueStore.record_counts, for checks and tests) and MEMORY USAGE (tests' own measurements);
 # - whatever `rq info` or a dashboard needs: give those their own user.
 # tests/integration/test_redis_security.py runs the commands as this user on every redis-server it finds.
 LEAST_PRIVILEGE_ACL = (

@@ -200,7 +200,8 @@ class QueueStore:
     # --- collect, wait, status --------------------------------------------------------------
 
     def load_mask(self, image_id: str) -> np.ndarray | None:
-        """The stored mask (uint8 (H, W) at the engine's size), or None if none is written.
+        """The stored mask (uint8 (H, W) at the engine's size), or None if none is written (for checks and
+        tests: collect reads masks with `load_results`).
 
         Raises PayloadError (naming the image) if the mask cannot be decoded.
         """
@@ -234,13 +235,6 @@ class QueueStore:
         except PayloadError as exc:
             return StoredMask(None, size, str(exc))
 
-    def load_original_size(self, image_id: str) -> tuple[int, int] | None:
-        """(original_height, original_width) of an image, or None if its record is gone.
-
-        Raises ValueError if the stored size is not two positive integers.
-        """
-        return _original_size(self._hmget(self._image_key(image_id), ["original_height", "original_width"]))
-
     def manifest(self) -> dict[str, str]:
         """Every image enqueued on the queue and not forgotten: id -> relative name."""
         return {k.decode(errors="backslashreplace"): v.decode(errors="backslashreplace")
@@ -253,16 +247,12 @@ class QueueStore:
         values = self._hmget(self._manifest, list(image_ids))
         return {i: v.decode(errors="backslashreplace") for i, v in zip(image_ids, values, strict=True) if v is not None}
 
-    def manifest_size(self) -> int:
-        """How many images the manifest holds."""
-        return self.client.hlen(self._manifest)
-
     def failures(self) -> dict[str, str]:
         """Failed images: id -> reason."""
         return {k.decode(): v.decode() for k, v in self._hgetall(self._failed).items()}
 
     def is_done(self, image_id: str) -> bool:
-        """Whether the image's mask is written."""
+        """Whether the image's mask is written (for checks and tests: the product asks `resolved` or `counts`)."""
         return bool(self.client.sismember(self._done, image_id))
 
     def resolved(self, image_ids: Sequence[str]) -> list[bool]:
@@ -283,14 +273,6 @@ class QueueStore:
         pipe.hget(self._totals, "collected")
         total, done, failed, collected = pipe.execute()
         return ImageCounts(total=total, done=done, failed=failed, collected=int(collected or 0))
-
-    def stored_bytes(self, image_id: str) -> dict[str, int]:
-        """Redis's MEMORY USAGE of the image's and the mask's hashes (0 for a missing one), in bytes."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.memory_usage(self._image_key(image_id), samples=0)
-        pipe.memory_usage(self._mask_key(image_id), samples=0)
-        image, mask = pipe.execute()
-        return {"image": image or 0, "mask": mask or 0}
 
     def record_counts(self) -> tuple[int, int]:
         """(image records, mask records) the queue holds in Redis, counted with SCAN (for tests and checks)."""
@@ -328,7 +310,8 @@ class QueueStore:
         self.client.hset(self.bad_jobs_key, job_id, reason)
 
     def bad_jobs(self) -> dict[str, str]:
-        """Jobs recorded by `record_bad_job`: job id -> reason."""
+        """Jobs recorded by `record_bad_job`: job id -> reason (for checks and tests: `producer status` needs
+        only `bad_job_count`)."""
         return {k.decode(errors="backslashreplace"): v.decode(errors="backslashreplace")
                 for k, v in self._hgetall(self.bad_jobs_key).items()}
 

@@ -81,7 +81,7 @@ def queue_status(client: redis.Redis, queue: Queue) -> QueueStatus:
     """A snapshot of the queue. Images "started" are those of started jobs that have no outcome yet.
 
     Failed jobs are those of rq's failed registry plus those too unreadable for rq to record
-    (QueueStore.bad_jobs); workers are those heartbeating (live_workers).
+    (QueueStore.bad_job_count); workers are those heartbeating (live_workers).
     """
     store = QueueStore(client, queue.name)
     counts = store.counts()

@@ -48,7 +48,7 @@ def test_ctrl_c_during_enqueue_says_in_one_line_what_stays_queued(tmp_path, redi
                             "--size", "384", "--redis-url", redis_url, "--queue", queue_name],
                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(lambda: store.manifest_size() >= 32 or run.poll() is not None, 120, "some images stored")
+        wait_until(lambda: store.counts().total >= 32 or run.poll() is not None, 120, "some images stored")
         assert run.poll() is None, "enqueue finished before it could be interrupted"
         run.send_signal(signal.SIGINT)
         stdout, stderr = run.communicate(timeout=120)
@@ -66,7 +66,7 @@ def test_ctrl_c_during_enqueue_says_in_one_line_what_stays_queued(tmp_path, redi
     assert 0 < images < 800 and jobs == -(-images // 8)
     status = queue_status(client, segmentation_queue(client, queue_name))
     assert (status.images.queued, status.jobs.queued) == (images, jobs)
-    assert store.manifest_size() == images  # every stored image is in a job: nothing orphaned
+    assert store.counts().total == images  # every stored image is in a job: nothing orphaned
 
 
 def test_a_wait_with_no_worker_says_so_and_how_to_check(tmp_path, redis_url, queue_name):

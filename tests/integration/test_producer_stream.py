@@ -56,7 +56,7 @@ class RedisSampler(threading.Thread):
 
     def run(self) -> None:
         while not self._halt.is_set():
-            self.max_images = max(self.max_images, self.store.manifest_size())
+            self.max_images = max(self.max_images, self.store.counts().total)
             self.max_memory = max(self.max_memory, int(self.client.info("memory")["used_memory"]))
             self.samples += 1
             time.sleep(0.02)
@@ -113,7 +113,7 @@ def test_enqueue_out_streams_thousands_through_a_bounded_redis(tmp_path, redis_u
     assert sampler.samples > 50 and 0 < sampler.max_images <= max_pending
     # nothing left behind in Redis
     store = QueueStore(client, queue_name)
-    assert store.manifest_size() == 0 and store.record_counts() == (0, 0)
+    assert store.counts().total == 0 and store.record_counts() == (0, 0)
     # each mask is its own image's: copies of one original (i and i + 40) got identical masks
     def mask(i: int) -> np.ndarray:
         return np.asarray(Image.open(tmp_path / "masks" / ("a" if i % 2 else "b") / f"img_{i:05d}.png"))
@@ -131,7 +131,7 @@ def test_max_pending_with_nobody_collecting_times_out_clearly(tmp_path, redis_ur
     assert result.returncode == 1
     assert "still pending in Redis after 2 s (--max-pending 5)" in result.stderr
     store = QueueStore(client, queue_name)
-    stored = store.manifest_size()
+    stored = store.counts().total
     assert stored == 5  # what was stored before the wait got its jobs: nothing stored is orphaned
     from producer.enqueue import segmentation_queue
 
@@ -159,7 +159,7 @@ def test_enqueue_out_into_a_file_fails_each_mask_clearly_and_keeps_them_in_redis
     assert len(failed) == 8 and all("cannot write" in line and "not_a_dir" in line for line in failed)
     assert "wrote 0 masks; 8 failed" in result.stdout
     store = QueueStore(client, queue_name)
-    assert store.manifest_size() == 8  # nothing written, nothing freed: a later collect still has every mask
+    assert store.counts().total == 8  # nothing written, nothing freed: a later collect still has every mask
     assert store.counts().done == 8
 
 

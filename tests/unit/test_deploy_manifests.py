@@ -384,4 +384,5 @@ def test_dockerignore_keeps_the_context_small():
                      "secrets", "docker/*", ".env"):
         assert required in entries, required
     assert "docker" not in entries and "!docker/entrypoint.sh" in entries  # the image needs the entrypoint
+    assert "!docker/add-user.sh" in entries  # and the script that creates its user
     assert not {"README.md", "pyproject.toml", "engines", "worker", "producer", "broker", "common"} & entries
