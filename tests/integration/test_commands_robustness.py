@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from rq.job import Job
@@ -20,28 +19,7 @@ from engines import DEMO_ONNX
 from producer.enqueue import segmentation_queue
 from producer.status import WORKER_ALIVE_WITHIN_S, queue_status
 from tests.conftest import SMALL_SIZE, write_synthetic_images
-
-
-def wait_until(predicate, timeout_s: float, what: str) -> None:
-    """Poll `predicate` until true; fail naming `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.1)
-
-
-def log_events(log_file: Path, event: str) -> list[dict]:
-    """The worker's JSON log records of one event (a line still being written is skipped)."""
-    if not log_file.exists():
-        return []
-    records = []
-    for line in log_file.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return [record for record in records if record.get("event") == event]
+from tests.helpers import log_events, wait_until
 
 
 def run_module(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -22,6 +22,7 @@ from common.metrics import dice
 from engines import DEMO_ONNX
 from producer.enqueue import segmentation_queue
 from tests.conftest import SMALL_SIZE, free_port, tiny_unet, write_synthetic_images
+from tests.helpers import log_events, wait_until
 
 BIN = Path(sys.executable).parent
 
@@ -37,15 +38,6 @@ def start(*args: str, env: dict | None = None) -> subprocess.Popen:
                             text=True, env=env)
 
 
-def wait_until(predicate, timeout_s: float, what) -> None:
-    """Poll `predicate` until true; on timeout fail with `what` (a string, or a callable giving one)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what() if callable(what) else what}")
-        time.sleep(0.1)
-
-
 def queue_state(client, queue_name: str) -> dict:
     """Where a queue's jobs and images are, for failure messages."""
     queue = segmentation_queue(client, queue_name)
@@ -54,13 +46,6 @@ def queue_state(client, queue_name: str) -> dict:
             "started": queue.started_job_registry.get_job_ids(), "failed": queue.failed_job_registry.count,
             "finished": queue.finished_job_registry.count, "done_images": images.done,
             "failed_images": images.failed}
-
-
-def log_events(log_file: Path, event: str) -> list[dict]:
-    if not log_file.exists():
-        return []
-    lines = [line for line in log_file.read_text().splitlines() if line.strip()]
-    return [r for r in map(json.loads, lines) if r["event"] == event]
 
 
 def test_enqueue_work_status_collect_with_mixed_inputs(tmp_path, redis_url, queue_name, small_engine, client):

@@ -6,7 +6,6 @@ The supervisor's restart bound is tested on its own with children that always cr
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,35 +15,11 @@ from pathlib import Path
 
 from broker.store import QueueStore
 from tests.conftest import SMALL_SIZE, write_synthetic_images
+from tests.helpers import log_events as events
+from tests.helpers import wait_until
 from worker.pool import ChildSpec, PoolSettings, WorkerPool
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def events(log_file: Path, event: str) -> list[dict]:
-    """JSON-line events named `event` in a log file (none if it does not exist yet)."""
-    if not log_file.exists():
-        return []
-    out = []
-    for line in log_file.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line being written
-        if record.get("event") == event:
-            out.append(record)
-    return out
-
-
-def wait_until(predicate, timeout_s: float, what: str, process: subprocess.Popen | None = None) -> None:
-    """Poll `predicate` (bounded); fail at once if `process` has exited meanwhile."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"exited with {process.returncode} while waiting for {what}: {process.stdout.read()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_pool_restarts_a_killed_child_and_drains_on_sigterm(tmp_path, redis_url, queue_name, small_engine, client):

@@ -9,7 +9,6 @@ bound far above the 2 s goal and far below the 60 s stall, so that a busy machin
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -23,25 +22,12 @@ from rq.command import send_shutdown_command
 from broker.store import QueueStore
 from producer.enqueue import Enqueuer, enqueue_paths, segmentation_queue
 from tests.conftest import SMALL_SIZE, write_synthetic_images
+from tests.helpers import log_events as events
+from tests.helpers import wait_until
 from worker.rq_source import RqJobSource
 
 ROOT = Path(__file__).resolve().parents[2]
 STOP_BOUND_S = 15.0  # far above the 2 s goal (a loaded machine), far below the 60 s stall this guards against
-
-
-def events(log: Path, event: str) -> list[dict]:
-    if not log.exists():
-        return []
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return [r for r in records if r["event"] == event]
-
-
-def wait_until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_the_command_thread_waits_briefly_and_teardown_never_waits_on_it(client, queue_name):

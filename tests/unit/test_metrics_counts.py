@@ -6,15 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import FakeClock
 from worker.metrics import WorkerMetrics
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def sample(metrics: WorkerMetrics, name: str, labels: dict[str, str] | None = None) -> float:
