@@ -145,6 +145,49 @@ def test_cpu_layout_is_refused(int8_onnx: Path, tmp_path: Path) -> None:
         plan_from_onnx(tmp_path / "cpu_int8.onnx")
 
 
+class _CpuConv:
+    """The arithmetic one cuDNN conv graph is built to do (conv, * S + B, ReLU, round, saturate to INT8), in
+    float64 on the CPU. It checks the engine's own code around the graphs (input table, channel padding,
+    upconv GEMM scatter, concat, requantization, pooling, argmax) on a CPU; the graphs themselves are
+    checked on the GPU below."""
+
+    def __init__(self, weights, kernel: int, relu: bool) -> None:
+        self.weights, self.kernel, self.relu = weights, kernel, relu
+
+    def run(self, handle, x, y, workspace) -> None:
+        import torch
+
+        w = self.weights
+        acc = torch.nn.functional.conv2d(x.double(), w.weight.double(), padding=self.kernel // 2)
+        v = acc * w.scale.double() + w.bias.double()
+        if self.relu:
+            v = v.clamp(min=0)
+        y.copy_(torch.clamp(torch.round(v), -128, 127))
+
+
+@pytest.mark.parametrize("first_precision", ["int8", "fp16"])
+def test_engine_glue_around_the_cudnn_graphs_matches_the_reference(int8_onnx: Path, images: np.ndarray,
+                                                                   first_precision: str) -> None:
+    import torch
+
+    from engines.cudnn_int8 import PlanRunner, layer_weights
+
+    plan = plan_from_onnx(int8_onnx)
+    plan.layers[0].precision = first_precision  # int8: 1 input channel padded to 16; fp16: widened, padded to 8
+    runner = PlanRunner(plan, torch.device("cpu"), cudnn=None)
+    runner.weights[plan.layers[0].name] = layer_weights(plan, plan.layers[0], first_precision, runner.device)
+    bufs = runner.allocate(8)
+    for layer in plan.layers:
+        if layer.kind in ("conv", "upconv"):
+            kernel = 1 if layer.kind == "upconv" else layer.kernel
+            runner.graphs[(layer.name, 8)] = _CpuConv(runner.weights[layer.name], kernel, layer.relu)  # type: ignore
+    bufs.pixels.copy_(torch.from_numpy(images))
+    masks = runner.forward(bufs, 8, handle=None).numpy()
+    reference = reference_masks(plan, images)
+    assert len(np.unique(reference)) == 2
+    assert float(np.mean(masks == reference)) >= 0.999
+
+
 # --- on the GPU ----------------------------------------------------------------------------------------
 
 
