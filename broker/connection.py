@@ -181,6 +181,11 @@ def _announce_on_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _embedded(state_dir: Path) -> RedisServer:
+    """The embedded broker's server object for `state_dir` (unix socket, detached); nothing is started."""
+    return RedisServer(data_dir=state_dir, unix_socket=state_dir / "redis.sock", detach=True)
+
+
 def embedded_server(state_dir: Path, announce: Callable[[str], None] = _announce_on_stderr) -> RedisServer:
     """The embedded broker for `state_dir`, started (detached) if it is not running yet.
 
@@ -188,12 +193,11 @@ def embedded_server(state_dir: Path, announce: Callable[[str], None] = _announce
     so the line is there even if the command then fails: the server outlives the command.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
-    socket = state_dir / "redis.sock"
-    server = RedisServer(data_dir=state_dir, unix_socket=socket, detach=True)
+    server = _embedded(state_dir)
     with open(state_dir / "redis.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not ping(server.url):
-            socket.unlink(missing_ok=True)
+            (state_dir / "redis.sock").unlink(missing_ok=True)  # a stale socket of a server that died
             server.start()
             announce(f"started the embedded Redis (unix socket {server.unix_socket}, data in {state_dir}); "
                      f"it keeps running for the next commands; stop it with `{STOP_COMMAND}`")
@@ -205,9 +209,9 @@ def stop_embedded_server(state_dir: Path, timeout_s: float = 30.0) -> bool:
 
     BrokerUnavailable if it is still answering after timeout_s seconds.
     """
-    server = RedisServer(data_dir=state_dir, unix_socket=state_dir / "redis.sock", detach=True)
     if not state_dir.is_dir():
         return False
+    server = _embedded(state_dir)
     with open(state_dir / "redis.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # no other command starts it meanwhile
         if not ping(server.url):

@@ -111,7 +111,17 @@ def _usage_pieces(command, ctx) -> list[str]:
     return pieces
 
 
-class HelpCommand(typer.core.TyperCommand):
+class _NoHelpMetavar:
+    """--help shows no value type (typer's `--help <bool>`)."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class HelpCommand(_NoHelpMetavar, typer.core.TyperCommand):
     """A typer command whose --help reads cleanly: `--burst` not `--burst <bool>`, `--n INTEGER`, usage
     `[OPTIONS] PATHS...`, and `<index>` in a help text shown as written under markdown rendering."""
 
@@ -122,28 +132,16 @@ class HelpCommand(typer.core.TyperCommand):
             self.help = _escape_markdown_html(self.help)
         _tidy_params(self.params, markdown)
 
-    def get_help_option(self, ctx):
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
-
     def collect_usage_pieces(self, ctx) -> list[str]:
         return _usage_pieces(self, ctx)
 
 
-class HelpGroup(typer.core.TyperGroup):
+class HelpGroup(_NoHelpMetavar, typer.core.TyperGroup):
     """A typer group (`producer`, `worker`, `engines`) with the same clean --help as HelpCommand."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         _tidy_params(self.params, self.rich_markup_mode == "markdown")
-
-    def get_help_option(self, ctx):
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
 
 
 class Typer(typer.Typer):

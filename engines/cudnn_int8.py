@@ -244,34 +244,40 @@ class PlanRunner:
             if layer.kind in ("conv", "upconv"):
                 self.weights[layer.name] = layer_weights(self.plan, layer, layer.precision, self.device)
 
+    def tensor_shape(self, name: str, batch: int, channels: int | None = None) -> tuple[int, int, int, int]:
+        """(batch, h, w, C) of a plan tensor's NHWC buffer (C: its channels unless given)."""
+        t, spec = self.plan.tensor(name), self.plan.spec
+        return batch, spec.height // t.downscale, spec.width // t.downscale, channels or t.channels
+
+    def layer_scratch(self, layer: Layer, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A conv/upconv layer's own buffers at `batch` images: what its graph writes (the INT8 output, or an
+        upconv's (B, h, w, 4*C) GEMM output) and its widened/padded input, if its precision needs one."""
+        weights, source, dev = self.weights[layer.name], layer.sources[0], self.device
+        if layer.kind == "upconv":
+            out = torch.zeros(self.tensor_shape(source, batch, weights.cout), dtype=torch.int8, device=dev)
+            return out, torch.zeros(self.tensor_shape(source, batch), dtype=torch.float16, device=dev)
+        out = torch.zeros(self.tensor_shape(layer.output, batch, weights.cout), dtype=torch.int8, device=dev)
+        if layer.precision != "fp16" and weights.cin == self.plan.tensor(source).channels:
+            return out, None
+        dtype = torch.float16 if layer.precision == "fp16" else torch.int8
+        return out, torch.zeros(self.tensor_shape(source, batch, weights.cin), dtype=dtype, device=dev)
+
     def allocate(self, batch: int) -> SlotBuffers:
         """Buffers for batches of up to `batch` images (one slot's worth)."""
         spec, plan, dev = self.plan.spec, self.plan, self.device
         acts: dict[str, torch.Tensor] = {}
         gemm: dict[str, torch.Tensor] = {}
         wide: dict[str, torch.Tensor] = {}
-
-        def shape(name: str, channels: int | None = None) -> tuple[int, int, int, int]:
-            t = plan.tensor(name)
-            return batch, spec.height // t.downscale, spec.width // t.downscale, channels or t.channels
-
-        acts[plan.input_tensor] = torch.zeros(shape(plan.input_tensor), dtype=torch.int8, device=dev)
+        acts[plan.input_tensor] = torch.zeros(self.tensor_shape(plan.input_tensor, batch), dtype=torch.int8,
+                                              device=dev)
         for layer in plan.layers:
-            out = layer.output
-            if layer.kind == "upconv":
-                t = plan.tensor(out)
-                n, h, w, c = shape(layer.sources[0], 4 * t.channels)
-                gemm[out] = torch.zeros((n, h, w, c), dtype=torch.int8, device=dev)
-                wide[layer.name] = torch.zeros(shape(layer.sources[0]), dtype=torch.float16, device=dev)
-            elif layer.kind == "conv":
-                cout = self.weights[layer.name].cout
-                acts[out] = torch.zeros(shape(out, cout), dtype=torch.int8, device=dev)
-                cin, src = self.weights[layer.name].cin, plan.tensor(layer.sources[0])
-                if layer.precision == "fp16" or cin != src.channels:
-                    dtype = torch.float16 if layer.precision == "fp16" else torch.int8
-                    wide[layer.name] = torch.zeros(shape(layer.sources[0], cin), dtype=dtype, device=dev)
+            if layer.kind in ("conv", "upconv"):
+                out, widened = self.layer_scratch(layer, batch)
+                (gemm if layer.kind == "upconv" else acts)[layer.output] = out
+                if widened is not None:
+                    wide[layer.name] = widened
             else:
-                acts[out] = torch.zeros(shape(out), dtype=torch.int8, device=dev)
+                acts[layer.output] = torch.zeros(self.tensor_shape(layer.output, batch), dtype=torch.int8, device=dev)
         for up, (cat, index) in self.upconv_target.items():
             producer = self._producer(cat)
             if producer is None:

@@ -24,7 +24,7 @@ import redis
 from rq import Queue
 
 from broker.errors import SegqueueError
-from broker.jobs import JOB_RETRIES, job_data, segmentation_queue  # noqa: F401 (tests still import them from here)
+from broker.jobs import job_data
 from broker.store import QueueStore, StoredImage
 from common.images import ImageError, find_images
 from producer.pool import ProducerPool, StoredChunk

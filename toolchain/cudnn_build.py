@@ -62,21 +62,14 @@ def event_timer(device: torch.device, warmup: int = 3, iters: int = 10) -> Calla
 
 def layer_buffers(runner: PlanRunner, layer: Layer, batch: int) -> SlotBuffers:
     """Just the buffers one layer reads and writes, at `batch` images, for timing it alone."""
-    plan, spec, dev = runner.plan, runner.plan.spec, runner.device
-    src, out = plan.tensor(layer.sources[0]), plan.tensor(layer.output)
-    h, w = spec.height // src.downscale, spec.width // src.downscale
-    weights = runner.weights[layer.name]
-    x = torch.randint(-128, 128, (batch, h, w, src.channels), dtype=torch.int8, device=dev)
-    acts, wide, gemm = {src.name: x}, {}, {}
-    if layer.kind == "upconv":
-        gemm[out.name] = torch.zeros((batch, h, w, weights.cout), dtype=torch.int8, device=dev)
-        wide[layer.name] = torch.zeros((batch, h, w, src.channels), dtype=torch.float16, device=dev)
-    else:
-        acts[out.name] = torch.zeros((batch, h, w, weights.cout), dtype=torch.int8, device=dev)
-        if layer.precision == "fp16" or weights.cin != src.channels:
-            dtype = torch.float16 if layer.precision == "fp16" else torch.int8
-            wide[layer.name] = torch.zeros((batch, h, w, weights.cin), dtype=dtype, device=dev)
-    empty = torch.empty(0, device=dev)
+    source = layer.sources[0]
+    x = torch.randint(-128, 128, runner.tensor_shape(source, batch), dtype=torch.int8, device=runner.device)
+    out, widened = runner.layer_scratch(layer, batch)
+    acts: dict[str, torch.Tensor] = {source: x}
+    gemm: dict[str, torch.Tensor] = {}
+    (gemm if layer.kind == "upconv" else acts)[layer.output] = out
+    wide = {} if widened is None else {layer.name: widened}
+    empty = torch.empty(0, device=runner.device)
     return SlotBuffers(empty, empty, acts, wide, gemm)
 
 

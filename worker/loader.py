@@ -82,8 +82,6 @@ class ProcessImageLoader:
     """
 
     def __init__(self, settings: BrokerSettings, processes: int) -> None:
-        if processes < 1:
-            raise ValueError(f"processes must be >= 1, got {processes}")
         self.processes = processes
         try:  # fork now and check that each one connected
             self._executor = fork_store_pool(settings, processes, partial(_die_with_worker, os.getpid()), wait=True)

@@ -5,13 +5,13 @@ being fetched and decoded by `fetch_threads` threads: while the engine computes 
 k+1 and k+2 are read from Redis and decompressed, the main thread claims the jobs after them, and
 the writer thread (worker/writer.py) writes batch k-1's masks and completes its jobs, so Redis I/O
 and payload decoding overlap compute (done on the main thread, they set the pace instead of the GPU:
-docs/worker-measurements.md). Each fetch thread hands its batch to an image loader (worker/loader.py): by default one
-of the decode processes (worker/settings.py), which reads the images from Redis and
+docs/worker-measurements.md). Each fetch thread hands its batch to an image loader (worker/loader.py):
+by default one of the decode processes (worker/settings.py), which reads the images from Redis and
 decodes them with a GIL of its own.
 
-One image's problem (missing, malformed, wrong size) fails that image alone; an engine error fails the jobs
-of that batch, which rq then retries
-(`Retry`); a Redis outage is ridden out with a bounded backoff. Every batch logs one `batch` line.
+One image's problem (missing, malformed, wrong size) fails that image alone; an engine error fails the
+jobs of that batch, which rq then retries (`Retry`); a Redis outage is ridden out with a bounded backoff.
+Every batch logs one `batch` line.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from worker.loader import ImageLoader, LoaderDied, ThreadImageLoader
 from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
 from worker.signals import StopFlag
-from worker.writer import ComputedBatch, ResultWriter
+from worker.writer import ComputedBatch, ResultWriter, abandon
 
 MAX_REDIS_BACKOFF_S = 10.0
 
@@ -239,10 +239,10 @@ class BatchPipeline:
         try:
             fetched = fetch.result()
         except redis.RedisError as exc:
-            self._abandon(items, f"redis error while fetching images: {exc}")
+            abandon(self.log, self.claims, items, f"redis error while fetching images: {exc}")
             raise
         except LoaderDied as exc:
-            self._abandon(items, str(exc))
+            abandon(self.log, self.claims, items, str(exc))
             raise
         submitted_at, inflight = time.perf_counter(), None
         if fetched.pixels is not None:
@@ -268,11 +268,6 @@ class BatchPipeline:
                 self.metrics.engine_busy(False)
         compute_ms = (time.perf_counter() - submitted.submitted_at) * 1000
         self.writer.put(ComputedBatch(submitted.batch, masks, compute_ms))
-
-    def _abandon(self, items: list[BatchItem], reason: str) -> None:
-        """Stop heartbeating these images' jobs, so that rq re-enqueues them after their heartbeat TTL."""
-        self.log.error("batch_abandoned", reason=reason, batch_size=len(items))
-        self.claims.close_all(claims_of(items))
 
     def _fail_batch(self, batch: FetchedBatch, reason: str) -> None:
         """A batch failed as a whole: fail every open job that had an image in it (rq retries)."""

@@ -4,7 +4,7 @@ A segmentation job is an ordinary rq job (format: broker/jobs.py) whose function
 each method here is one step of rq's own worker, replayed with the Redis records rq writes, so job
 status, results, `Retry`, the failed registry, `rq info` and rq-dashboard behave as for any rq job.
 Claims and completions are pipelined over many jobs, with one command per key the jobs share
-(tests/test_rq_records.py compares the records with rq's own, key by key). Not replayed, because
+(tests/integration/test_rq_records.py compares the records with rq's own, key by key). Not replayed, because
 `producer enqueue` never uses them: dependents, repeats, rate-limit slots and webhooks. A job rq
 cannot load, or whose arguments cannot be used, is failed with a reason worded by worker/unreadable.py.
 

@@ -16,7 +16,7 @@ worker that import rq.
   leftover, and is cleared), and such a job is recovered after STUCK_CLAIM_S (the adapter moves a job
   off that list within one round trip of putting it there).
 
-rq internals touched here, pinned by tests/test_rq_internals.py: subscribe/unsubscribe (channel,
+rq internals touched here, pinned by tests/unit/test_rq_internals.py: subscribe/unsubscribe (channel,
 handle_payload, _pubsub_exception_handler, pubsub, pubsub_thread) and PubSubWorkerThread's sleep_time
 (test_the_command_thread_the_adapter_replaces_is_rqs); clean_registries' steps and last_cleaned_at,
 Queue.registry_cleaning_key, rq.registry.clean_registries, rq.worker_registration.clean_worker_registry,

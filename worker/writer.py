@@ -18,10 +18,17 @@ import numpy as np
 import structlog
 
 from broker.store import QueueStore
-from worker.batch import FetchedBatch, claims_of
+from worker.batch import BatchItem, FetchedBatch, claims_of
 from worker.claims import OpenClaims
 from worker.job_source import ImageOutcome, JobSource
 from worker.metrics import WorkerMetrics
+
+
+def abandon(log: structlog.stdlib.BoundLogger, claims: OpenClaims, items: list[BatchItem], reason: str) -> None:
+    """Stop heartbeating these images' jobs (closing their claims), so that rq re-enqueues them after their
+    heartbeat TTL; log one `batch_abandoned` line. Called by the thread that holds the batch."""
+    log.error("batch_abandoned", reason=reason, batch_size=len(items))
+    claims.close_all(claims_of(items))
 
 
 @dataclass(frozen=True)
@@ -84,9 +91,8 @@ class ResultWriter:
             try:
                 self._write_one(batch)
             except Exception as exc:  # never let the thread die: leave the jobs to the queue's retry
-                reason = f"{type(exc).__name__} while writing results: {exc}"
-                self.log.error("batch_abandoned", reason=reason, batch_size=batch.fetched.size)
-                self.claims.close_all(claims_of(batch.fetched.all_items))
+                abandon(self.log, self.claims, batch.fetched.all_items,
+                        f"{type(exc).__name__} while writing results: {exc}")
 
     def _write_one(self, batch: ComputedBatch) -> None:
         write_start = time.perf_counter()

@@ -14,9 +14,9 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.worker import Worker
 
+from broker.jobs import segmentation_queue
 from broker.store import QueueStore
 from engines import DEMO_ONNX
-from producer.enqueue import segmentation_queue
 from producer.status import WORKER_ALIVE_WITHIN_S, queue_status
 from tests.conftest import SMALL_SIZE, write_synthetic_images
 from tests.helpers import log_events, wait_until

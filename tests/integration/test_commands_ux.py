@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from broker.jobs import segmentation_queue
 from broker.server import ping
 from broker.store import QueueStore
-from producer.enqueue import segmentation_queue
 from producer.status import queue_status
 from tests.conftest import SMALL_SIZE, write_synthetic_images
 from tests.helpers import wait_until

@@ -17,10 +17,10 @@ from PIL import Image
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from broker.jobs import segmentation_queue
 from broker.store import QueueStore, StoredImage, now
 from common.metrics import dice
 from engines import DEMO_ONNX
-from producer.enqueue import segmentation_queue
 from tests.conftest import SMALL_SIZE, free_port, tiny_unet, write_synthetic_images
 from tests.helpers import log_events, wait_until
 
@@ -199,7 +199,8 @@ def test_default_settings_recover_a_sigkilled_workers_jobs_within_15_s(tmp_path,
     then everything else, and every image has exactly one mask.
 
     The rescuer is paused (SIGSTOP) while the victim claims, so that the victim surely holds jobs when it dies."""
-    from producer.enqueue import JOB_RETRIES, Enqueuer, enqueue_paths
+    from broker.jobs import JOB_RETRIES
+    from producer.enqueue import Enqueuer, enqueue_paths
 
     common = ["--engine", str(engine_128), "--redis-url", redis_url, "--queue", queue_name]
     victim_log, rescuer_log = tmp_path / "victim.log", tmp_path / "rescuer.log"

@@ -77,7 +77,7 @@ def test_a_pool_of_producers_stores_every_image_and_reports_bad_files(tmp_path, 
     store = QueueStore(client, queue_name)
     names = store.manifest()
     assert sorted(names.values()) == [f"img_{i:03d}.png" for i in range(37)]
-    from producer.enqueue import segmentation_queue
+    from broker.jobs import segmentation_queue
 
     queue = segmentation_queue(client, queue_name)
     jobs = [queue.fetch_job(job_id) for job_id in queue.job_ids]
@@ -133,7 +133,7 @@ def test_max_pending_with_nobody_collecting_times_out_clearly(tmp_path, redis_ur
     store = QueueStore(client, queue_name)
     stored = store.counts().total
     assert stored == 5  # what was stored before the wait got its jobs: nothing stored is orphaned
-    from producer.enqueue import segmentation_queue
+    from broker.jobs import segmentation_queue
 
     queue = segmentation_queue(client, queue_name)
     assert sum(len(queue.fetch_job(job_id).args[0]) for job_id in queue.job_ids) == stored
@@ -167,7 +167,7 @@ def test_status_after_enqueue_out_counts_collected_images_as_finished(tmp_path, 
                                                                      small_engine):
     """`producer enqueue --out` frees each image as its mask file is written; status still counts it finished,
     so jobs and images agree (21 images in 6 jobs of 4)."""
-    from producer.enqueue import segmentation_queue
+    from broker.jobs import segmentation_queue
 
     write_synthetic_images(tmp_path / "in", 21)
     common = ["--redis-url", redis_url, "--queue", queue_name]

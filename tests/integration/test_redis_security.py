@@ -27,10 +27,9 @@ import redis
 
 from broker.connection import LEAST_PRIVILEGE_ACL, BrokerSettings, connect
 from broker.errors import BrokerUnavailable
-from broker.jobs import parse_job_arguments
+from broker.jobs import parse_job_arguments, segmentation_queue
 from broker.server import RedisServer, TlsFiles, redis_server_binary
 from broker.store import QueueStore, StoredImage, now
-from producer.enqueue import segmentation_queue
 from tests.conftest import SMALL_SIZE, free_port, write_synthetic_images
 
 ROOT = Path(__file__).parents[2]

@@ -18,7 +18,8 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 from rq.worker import SimpleWorker
 
-from producer.enqueue import Enqueuer, segmentation_queue
+from broker.jobs import segmentation_queue
+from producer.enqueue import Enqueuer
 from worker.job_source import ImageOutcome
 from worker.rq_source import RqJobSource
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from producer.enqueue import JOB_RETRIES, segmentation_queue
+from broker.jobs import JOB_RETRIES, segmentation_queue
 from tests.conftest import write_synthetic_images
 from tests.integration.test_e2e import cli
 from tests.integration.test_worker import enqueue_folder

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from rq.command import send_shutdown_command
 
+from broker.jobs import segmentation_queue
 from broker.store import QueueStore
-from producer.enqueue import Enqueuer, enqueue_paths, segmentation_queue
+from producer.enqueue import Enqueuer, enqueue_paths
 from tests.conftest import SMALL_SIZE, write_synthetic_images
 from tests.helpers import log_events as events
 from tests.helpers import wait_until

@@ -7,10 +7,10 @@ import pytest
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from broker.jobs import segmentation_queue
 from broker.payloads import OldFormat
 from broker.store import QueueStore, StoredImage, StoredMask, new_image_id, now
 from producer.collect import collect_masks
-from producer.enqueue import segmentation_queue
 from tests.conftest import SMALL_SIZE, write_synthetic_images
 from tests.integration.test_worker import enqueue_folder, run_worker
 from toolchain.synth import generate

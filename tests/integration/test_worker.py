@@ -13,11 +13,12 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from broker.connection import BrokerSettings
+from broker.jobs import segmentation_queue
 from broker.store import QueueStore, StoredImage, new_image_id, now
 from common.images import decode_image
 from engines.base import infer
 from engines.onnx_engine import OnnxEngine
-from producer.enqueue import Enqueuer, enqueue_paths, segmentation_queue
+from producer.enqueue import Enqueuer, enqueue_paths
 from tests.conftest import SMALL_SIZE, tiny_checkpoint, write_synthetic_images
 from worker.cli import serve
 from worker.settings import WorkerSettings
