@@ -377,6 +377,28 @@ def test_dockerfile_stages_base_argument_user_and_no_secrets():
     assert not re.search(r"^COPY .*(secret|\.env)", text, re.M | re.I)
 
 
+
+def test_dockerfile_runtime_stages_share_one_user_copy_env_block():
+    """The GPU and CPU runtime stages sit on different bases, so Docker cannot share their block: they must
+    not drift apart (health checks and `exec` bypass the entrypoint and rely on the same ENV in both)."""
+    text = (DOCKER / "Dockerfile").read_text()
+
+    def runtime_block(stage: str) -> list[str]:
+        body = text.split(f" AS {stage}\n", 1)[1].split("\nFROM ", 1)[0]
+        joined = re.sub(r"\\\n\s*", " ", body)  # one line per instruction
+        lines = [line.strip() for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        return [re.sub(r"--from=\S+", "--from=BUILD", line) for line in lines
+                if not line.startswith(("CMD", "FROM"))]
+
+    def env_pairs(block: list[str]) -> set[str]:
+        return {pair for line in block if line.startswith("ENV") for pair in line.split()[1:]}
+
+    gpu, cpu = runtime_block("gpu"), runtime_block("cpu")
+    assert [line for line in gpu if not line.startswith("ENV")] == [line for line in cpu if not line.startswith("ENV")]
+    nvidia = {"NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_DRIVER_CAPABILITIES=compute,utility"}
+    assert env_pairs(gpu) - nvidia == env_pairs(cpu) and "HOME=/home/segq" in env_pairs(cpu)
+
+
 def test_dockerignore_keeps_the_context_small():
     entries = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
