@@ -7,7 +7,8 @@ import urllib.error
 import urllib.request
 
 from tests.helpers import FakeClock
-from worker.metrics import MetricsServer, WorkerMetrics
+from worker.metrics import WorkerMetrics
+from worker.metrics_server import MetricsServer
 
 
 def sample(metrics: WorkerMetrics, name: str, labels: dict[str, str] | None = None) -> float:
