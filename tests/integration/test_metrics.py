@@ -184,7 +184,8 @@ def test_a_real_worker_probes_through_a_slow_load_and_a_redis_outage(tmp_path, s
         assert code == 200 and body == b"" and int(headers["Content-Length"]) > 0
         text = get(port, "/metrics")[1]
         for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
-                     "python_gc_collections_total", "segqueue_engine_compute_seconds_count", "segqueue_fetch_seconds_count",
+                     "python_gc_collections_total", "segqueue_engine_compute_seconds_count",
+                     "segqueue_fetch_seconds_count",
                      "segqueue_batches_in_flight", "segqueue_images_claimed", "segqueue_backlog_images"):
             assert f"\n{name}" in text, name
         assert 'segqueue_engine_info{' in text and f'name="onnxruntime:cpu fp32 {engine.name}"' in text
