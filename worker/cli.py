@@ -20,7 +20,9 @@ from engines.loader import load_engine, verify_sha256
 from worker.devices import DeviceError, DevicePlan, child_labels, expand_devices, is_pool, pin_process, suffixed
 from worker.loader import ImageLoader, LoaderDied, open_loader
 from worker.logs import configure_logging
-from worker.metrics import MetricsServer, WorkerMetrics
+from worker.metrics import WorkerMetrics
+from worker.metrics_server import MetricsServer
+from worker.observability import engine_labels, instrument
 from worker.pipeline import BatchPipeline
 from worker.rq_source import RqJobSource
 from worker.settings import DEFAULT_DECODE_PROCESSES, WorkerSettings
@@ -72,6 +74,9 @@ def run(
         "Exit when the queue is empty instead of waiting for work."
     ))] = False,
     log_file: Annotated[Path | None, typer.Option(help="Also write JSON lines (one per batch) to this file.")] = None,
+    log_json: Annotated[bool, typer.Option("--log-json", envvar="SEGQUEUE_LOG_JSON", show_envvar=True, help=(
+        "Log JSON lines to stdout instead of readable lines to stderr (containers: what log collectors parse)."
+    ))] = False,
     redis_url: Annotated[str | None, typer.Option(help=(
         "Redis URL; default $REDIS_URL, else the embedded server."
     ))] = None,
@@ -84,8 +89,8 @@ def run(
         "Seconds between rq registry maintenance runs (re-enqueues abandoned jobs)."
     ))] = 2,
     metrics_port: Annotated[int | None, typer.Option(min=0, max=65535, help=(
-        "Serve Prometheus /metrics, /readyz (engine loaded and warm) and /livez (loop not stuck) on this port; a pool "
-        "gives its children PORT, PORT+1, ..."
+        "Serve Prometheus /metrics, /readyz (engine warm and Redis answering), /livez (loop not stuck) and /startupz "
+        "(engine loaded and warm) on this port; a pool gives its children PORT, PORT+1, ..."
     ))] = None,
     liveness_timeout: Annotated[float, typer.Option(min=1, help=(
         "/livez fails once the worker loop has not passed for this many seconds."
@@ -126,6 +131,7 @@ def run(
         max_wait_ms=max_wait_ms,
         burst=burst,
         log_file=log_file,
+        log_json=log_json,
         name=name,
         job_heartbeat_ttl_s=job_heartbeat_ttl,
         maintenance_interval_s=maintenance_interval,
@@ -192,7 +198,8 @@ def _run_pool(ctx: typer.Context, options: dict[str, object], device: str, log_f
                   _child_env(options))
         for index, (label, dev) in enumerate(zip(labels, devices, strict=True))
     ]
-    log = configure_logging(suffixed(log_file, "pool") if log_file else None).bind(pool=os.getpid())
+    log = configure_logging(suffixed(log_file, "pool") if log_file else None, json_stdout=bool(options.get("log_json"))
+                            ).bind(pool=os.getpid())
     return WorkerPool(children, log).run()
 
 
@@ -215,7 +222,7 @@ def serve(settings: WorkerSettings, plan: DevicePlan | None = None) -> int:
     and the worker is registered with rq: from then on it serves at full speed. The decode processes
     (worker/loader.py) are forked first, before any thread starts and before the engine loads.
     """
-    log = configure_logging(settings.log_file)
+    log = configure_logging(settings.log_file, json_stdout=settings.log_json)
     started = time.perf_counter()
     metrics = WorkerMetrics(liveness_timeout_s=settings.liveness_timeout_s)
     try:
@@ -225,6 +232,7 @@ def serve(settings: WorkerSettings, plan: DevicePlan | None = None) -> int:
         loader = open_loader(settings.broker, settings.decode_processes, QueueStore(client, settings.broker.queue))
     except (SegqueueError, EngineError) as exc:
         _fail(_with_device(str(exc), plan))
+    probe = instrument(metrics, client, settings.broker.queue, plan.physical if plan else None, log)
     try:
         server = _serve_metrics(metrics, settings.metrics_port)
         try:
@@ -237,6 +245,7 @@ def serve(settings: WorkerSettings, plan: DevicePlan | None = None) -> int:
                 server.close()
     finally:
         loader.close()
+        probe.close()
 
 
 def _with_device(message: str, plan: DevicePlan | None) -> str:
@@ -293,6 +302,7 @@ def _serve(settings: WorkerSettings, plan: DevicePlan | None, log, started: floa
             _fail(f"{settings.engine_path}: warm-up batch failed: {exc}")
         source.open()
         metrics.queue_depth = source.queued
+        metrics.set_engine(engine_labels(loaded, settings.engine_path, settings.device))
         metrics.set_ready()
         log.info("worker_ready", pid=os.getpid(), device=settings.device, load_s=round(load_s, 3),
                  warmup_s=round(warmup_s, 3), ready_s=round(time.perf_counter() - started, 3), **gpu)

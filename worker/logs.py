@@ -1,4 +1,5 @@
-"""structlog set up once per worker process: readable lines on the terminal, JSON lines in a log file.
+"""structlog set up once per worker process: readable lines on the terminal (or JSON lines on stdout,
+`--log-json`), JSON lines in a log file.
 
 Every batch produces one `batch` event (what `producer report` reads); `worker_started` and
 `worker_stopped` bracket a run.
@@ -19,8 +20,10 @@ _SHARED: list[structlog.typing.Processor] = [
 ]
 
 
-def configure_logging(log_file: Path | None, level: int = logging.INFO) -> structlog.stdlib.BoundLogger:
-    """Route structlog through stdlib logging to stderr (console format) and `log_file` (JSON lines)."""
+def configure_logging(log_file: Path | None, level: int = logging.INFO,
+                      json_stdout: bool = False) -> structlog.stdlib.BoundLogger:
+    """Route structlog through stdlib logging to stderr (console format), or to stdout as JSON lines with
+    json_stdout (containers), and to `log_file` (JSON lines)."""
     structlog.configure(
         processors=[*_SHARED, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -31,12 +34,10 @@ def configure_logging(log_file: Path | None, level: int = logging.INFO) -> struc
     root.handlers.clear()
     root.setLevel(level)
     root.propagate = False
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            processor=structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()), foreign_pre_chain=_SHARED
-        )
-    )
+    console = logging.StreamHandler(sys.stdout if json_stdout else sys.stderr)
+    renderer = (structlog.processors.JSONRenderer() if json_stdout
+                else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+    console.setFormatter(structlog.stdlib.ProcessorFormatter(processor=renderer, foreign_pre_chain=_SHARED))
     root.addHandler(console)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)

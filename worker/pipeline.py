@@ -98,6 +98,8 @@ class BatchPipeline:
         self._halt = threading.Event()
         self._leases = threading.Thread(target=self._renew_leases, name="job-leases", daemon=True)
         self._images_per_job = self.settings.max_batch  # until a job is seen: claim one at a time
+        self.metrics.watch(in_flight=lambda: len(self.inflight),
+                           claimed=lambda: sum(len(claim.image_ids) for claim in self.claims.snapshot()))
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -117,6 +119,7 @@ class BatchPipeline:
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     # Redis restarting or unreachable: keep the claimed work, retry with a bounded backoff.
                     self.log.warning("redis_unavailable", error=str(exc), retry_in_s=backoff_s)
+                    self.metrics.redis_error("loop")
                     time.sleep(backoff_s)
                     backoff_s = min(backoff_s * 2, MAX_REDIS_BACKOFF_S)
         finally:
@@ -169,6 +172,7 @@ class BatchPipeline:
                 self.source.keep_alive(self.claims.snapshot())
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self.log.warning("lease_renewal_failed", error=str(exc))
+                self.metrics.redis_error("leases")
 
     def _claim_available(self) -> None:
         """Claim queued jobs without blocking until a full batch of images waits.
@@ -266,7 +270,9 @@ class BatchPipeline:
         finally:
             if not self.inflight:
                 self.metrics.engine_busy(False)
-        compute_ms = (time.perf_counter() - submitted.submitted_at) * 1000
+        finished_at = time.perf_counter()
+        self.metrics.observe_engine(submitted.submitted_at, finished_at)
+        compute_ms = (finished_at - submitted.submitted_at) * 1000
         self.writer.put(ComputedBatch(submitted.batch, masks, compute_ms))
 
     def _fail_batch(self, batch: FetchedBatch, reason: str) -> None:

@@ -43,6 +43,7 @@ class WorkerSettings:
     metrics_port: int | None = None  # serve /metrics, /readyz, /livez here (worker/metrics.py)
     liveness_timeout_s: float = 60.0  # /livez fails once the main loop has not passed for this long
     log_file: Path | None = None
+    log_json: bool = False  # JSON lines on stdout instead of console lines on stderr (worker/logs.py)
     name: str = ""
     job_heartbeat_ttl_s: int = 8
     heartbeat_interval_s: float = 2.0  # a lease thread renews the claimed jobs this often, whatever the engine does

@@ -104,7 +104,7 @@ class ResultWriter:
         self._log_batch(submitted, batch.compute_ms, write_ms, total_ms, jobs_completed)
         self.metrics.observe_batch(len(submitted.items), len(submitted.rejected), jobs_completed - jobs_failed,
                                    jobs_failed, [wait / 1000 for wait in submitted.image_wait_ms],
-                                   batch.compute_ms / 1000, total_ms / 1000)
+                                   batch.compute_ms / 1000, total_ms / 1000, fetch_s=submitted.fetch_ms / 1000)
 
     def _store(self, submitted: FetchedBatch, masks: np.ndarray | None) -> None:
         """Store masks and failures in one round trip, and note each image's outcome on its job."""

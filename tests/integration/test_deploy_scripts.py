@@ -62,3 +62,28 @@ def test_smoke_script_parses_and_cleans_up():
                    "--appendonly yes", "requirepass", "/engines:ro", "engines synth"):
         assert needle in text, needle
     assert shlex.split("bash docker/smoke.sh")  # documented entry point
+
+
+def test_podman_compose_dry_run_gives_each_gpu_worker_its_own_gpu(tmp_path):
+    """podman-compose's own reading of compose.yaml (`--dry-run up`: the podman commands it would run, none run):
+    each per-GPU profile creates one container per GPU, each with a different `--device nvidia.com/gpu=<id>`.
+    Needs podman-compose (pip install 'podman-compose==1.6.*') and podman (its dry run still lists containers)."""
+    import re
+    import shutil
+
+    if shutil.which("podman-compose") is None or shutil.which("podman") is None:
+        pytest.skip("podman-compose or podman not installed")
+    secret = tmp_path / "pw"
+    secret.write_text("x\n")
+    env = {**os.environ, "SEGQ_REDIS_PASSWORD_FILE": str(secret), "SEGQ_GPU3": "GPU-4f1c"}
+    for profile, expected in (("gpu1", ["0"]), ("gpu2", ["0", "1"]), ("gpu4", ["0", "1", "2", "GPU-4f1c"]),
+                              ("gpu8", ["0", "1", "2", "GPU-4f1c", "4", "5", "6", "7"]), ("gpu-all", ["all"])):
+        result = subprocess.run(["podman-compose", "--verbose", "--dry-run", "-f", str(DOCKER / "compose.yaml"),
+                                 "--profile", profile, "up", "-d"], capture_output=True, text=True, env=env,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        creates = [line for line in (result.stdout + result.stderr).splitlines() if "podman create" in line]
+        gpus = [re.findall(r"--device nvidia\.com/gpu=(\S+)", line) for line in creates]
+        workers = [ids for ids in gpus if ids]
+        assert all(len(ids) == 1 for ids in workers), creates
+        assert sorted(ids[0] for ids in workers) == sorted(expected), profile

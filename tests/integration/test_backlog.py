@@ -1,0 +1,66 @@
+"""The autoscaling signal (broker/backlog.py): a real `producer enqueue --max-pending 80` with 400 files and
+no worker, read as a worker exports it and turned into KEDA's replica count with deploy/k8s/keda.yaml's
+numbers."""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import structlog
+import yaml
+
+from broker.backlog import read_backlog
+from tests.conftest import SMALL_SIZE, write_synthetic_images
+from tests.helpers import wait_until
+from worker.metrics import WorkerMetrics
+from worker.observability import instrument
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def keda_replicas(metric: float, trigger: dict, scaled: dict) -> int:
+    """The replica count KEDA's HPA asks for on one AverageValue trigger: ceil(metric / target), clamped."""
+    target = float(trigger["metadata"].get("threshold") or trigger["metadata"]["listLength"])
+    return min(max(math.ceil(metric / target), scaled["minReplicaCount"]), scaled["maxReplicaCount"])
+
+
+def test_backlog_counts_files_a_held_back_producer_still_has(tmp_path, client, redis_url, queue_name) -> None:
+    write_synthetic_images(tmp_path / "in", 400)
+    producer = subprocess.Popen([sys.executable, "-m", "producer", "enqueue", str(tmp_path / "in"), "--size",
+                                 str(SMALL_SIZE), "--job-size", "8", "--max-pending", "80", "--workers", "1",
+                                 "--timeout", "300", "--redis-url", redis_url, "--queue", queue_name],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        llen = lambda: client.llen(f"rq:queue:{queue_name}")  # noqa: E731 (what the redis list trigger reads)
+        wait_until(lambda: llen() == 10 and read_backlog(client, queue_name).total == 400, 120,
+                   lambda: f"backlog 400 with 10 jobs listed (now {read_backlog(client, queue_name)}, {llen()} jobs)",
+                   producer)
+        backlog = read_backlog(client, queue_name)
+        assert (backlog.to_send, backlog.queued, backlog.claimed, backlog.producers) == (320, 80, 0, 1)
+
+        metrics = WorkerMetrics()  # what a worker exports, read through the same collector
+        probe = instrument(metrics, client, queue_name, None, structlog.get_logger("test"))
+        assert metrics.registry.get_sample_value("segqueue_backlog_images") == 400
+        assert metrics.registry.get_sample_value("segqueue_backlog_to_send_images") == 320
+        probe.close()
+
+        scaled = next(doc for doc in yaml.safe_load_all((ROOT / "deploy/k8s/keda.yaml").read_text())
+                      if doc["kind"] == "ScaledObject")["spec"]
+        by_type = {trigger["type"]: trigger for trigger in scaled["triggers"]}
+        assert "segqueue_backlog_images" in by_type["prometheus"]["metadata"]["query"]
+        assert keda_replicas(400, by_type["prometheus"], scaled) == 1
+        # compose's producer (--max-pending 2000, jobs of 8) with 100,000 files: the list holds 250 jobs
+        assert keda_replicas(100_000, by_type["prometheus"], scaled) == 5
+        assert keda_replicas(2000 / 8, by_type["redis"], scaled) == 1
+
+        producer.send_signal(signal.SIGINT)  # stops early: its record goes, the stored images stay queued
+        assert producer.wait(timeout=60) == 130, producer.stderr.read() if producer.stderr else ""
+        assert read_backlog(client, queue_name) == type(backlog)(to_send=0, queued=80, claimed=0, producers=0)
+    finally:
+        if producer.poll() is None:
+            producer.kill()
+            producer.wait()
