@@ -108,6 +108,7 @@ def speed(work: Path, calib: Path, calib_n: int, skip_fp16: bool, rounds: int, i
     files = {"int8": work / "w64_int8.cudnn"}
     result["int8_alone"] = engine_alone(files, 1, iters)
     result["int8_img_s"] = result["int8_alone"]["median_img_s"]["int8"]
+    result["int8_step_profile"] = step_profile(files["int8"])
     save(result)
     if skip_fp16:
         return result
@@ -121,23 +122,44 @@ def speed(work: Path, calib: Path, calib_n: int, skip_fp16: bool, rounds: int, i
     return result
 
 
-def quality(work: Path, calib: Path, calib_n: int, n: int) -> dict[str, Any]:
+def step_profile(path: Path) -> dict[str, Any]:
+    """Where one batch of 8 spends its GPU time in the INT8 engine: each step run eagerly, summed by kind."""
+    from engines.cudnn_int8 import CudnnInt8Engine
+
+    try:
+        with CudnnInt8Engine(path) as engine:
+            rows = engine.profile_steps()
+    except Exception as exc:  # a diagnostic: its failure is recorded, the measurement goes on
+        log(f"step profile failed: {exc!r}")
+        return {"error": repr(exc)}
+    by_kind: dict[str, float] = {}
+    for row in rows:
+        key = row["kind"] + (f"_{row['precision']}" if row["precision"] else "")
+        by_kind[key] = by_kind.get(key, 0.0) + row["ms"]
+    total = sum(by_kind.values())
+    log("step profile, ms per batch of 8 (eager): " + ", ".join(f"{k} {v:.3f}" for k, v in by_kind.items())
+        + f"; total {total:.3f}")
+    return {"steps": rows, "ms_by_kind": by_kind, "total_ms": total}
+
+
+def quality(work: Path, calib: Path, calib_n: int, n: int, uncalibrated: bool = True) -> dict[str, Any]:
     """Dice on held-out images of the trained demo model in FP32, FP16 and INT8 cuDNN (calibrated or not)."""
     onnx = work / "demo.onnx"
     timed_build(DEMO_CHECKPOINT, onnx, precision="fp32")
     timed_build(onnx, work / "demo_int8.onnx", precision="int8", calib=str(calib), calib_count=calib_n)
-    timed_build(onnx, work / "demo_int8_nocal.onnx", precision="int8", calib="none", calib_count=calib_n)
     timed_build(work / "demo_int8.onnx", work / "demo_int8.cudnn", target="cuda")
-    timed_build(work / "demo_int8_nocal.onnx", work / "demo_int8_nocal.cudnn", target="cuda")
     pairs = list(generate(n, size=512, seed=HELDOUT_SEED))
     images, truth = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-    variants = {
+    variants: dict[str, tuple[Path, str, str | None]] = {
         "fp32": (DEMO_CHECKPOINT, "cuda", "fp32"),
         "fp16": (DEMO_CHECKPOINT, "cuda", "fp16"),
         "int8": (work / "demo_int8.cudnn", "cuda", None),
-        "int8_uncalibrated": (work / "demo_int8_nocal.cudnn", "cuda", None),
         "onnx_int8": (work / "demo_int8.onnx", "cpu", None),
     }
+    if uncalibrated:
+        timed_build(onnx, work / "demo_int8_nocal.onnx", precision="int8", calib="none", calib_count=calib_n)
+        timed_build(work / "demo_int8_nocal.onnx", work / "demo_int8_nocal.cudnn", target="cuda")
+        variants["int8_uncalibrated"] = (work / "demo_int8_nocal.cudnn", "cuda", None)
     masks: dict[str, np.ndarray] = {}
     for name, (path, device, precision) in variants.items():
         import torch
@@ -170,6 +192,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=150, help="batches of 8 per timing round")
     parser.add_argument("--skip-fp16", action="store_true", help="no compiled FP16 engine (it takes minutes to build)")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true", help="quality only (speed measured in another run)")
+    parser.add_argument("--skip-uncalibrated", action="store_true", help="no data-free INT8 row in the quality phase")
     parser.add_argument("--out-json", type=Path, default=None)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -200,9 +224,10 @@ def main() -> None:
                 result[key] = speed_result[key]
         out.write_text(json.dumps(result, indent=1))
 
-    save(speed(args.work, calib / "images", args.calib_n, args.skip_fp16, args.rounds, args.iters, save))
+    if not args.skip_speed:
+        save(speed(args.work, calib / "images", args.calib_n, args.skip_fp16, args.rounds, args.iters, save))
     if not args.skip_quality:
-        result.update(quality(args.work, calib / "images", args.calib_n, args.dice_n))
+        result.update(quality(args.work, calib / "images", args.calib_n, args.dice_n, not args.skip_uncalibrated))
         out.write_text(json.dumps(result, indent=1))
     log(f"\nwrote {out}")
     for key in ("gpu", "fp16_compiled_img_s", "int8_img_s", "int8_over_fp16", "dice_fp32", "dice_fp16", "dice_int8",

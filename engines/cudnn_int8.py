@@ -87,6 +87,29 @@ def padded(channels: int, precision: str) -> int:
     return -(-channels // m) * m
 
 
+def as_words(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same int8 tensors viewed with the widest integer type (8, 4 or 2 bytes) all of them allow.
+
+    A strided int8 copy moves one byte per element; viewing the contiguous channel run as int64
+    moves eight. Needs the last dim contiguous and every stride and offset divisible; else int8.
+    """
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        try:
+            return tuple(t.view(dtype) for t in tensors)
+        except RuntimeError:
+            continue
+    return tensors
+
+
+def requantize_table(ratio: float, device: torch.device) -> torch.Tensor:
+    """int8 (256,): entry b is clamp(round(q * ratio)) for the int8 q whose bit pattern is b.
+
+    The same float32 arithmetic as rounding each value, computed once for the 256 possible inputs.
+    """
+    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.int8).float()
+    return torch.round(values * ratio).clamp_(-128, 127).to(torch.int8).to(device)
+
+
 @dataclass
 class LayerWeights:
     """A conv/upconv layer's device operands: weight (NCHW view of NHWC storage), scale and bias (1, C, 1, 1)."""
@@ -233,7 +256,21 @@ class PlanRunner:
                     producer = self._producer(source)
                     if producer is not None and producer.kind == "upconv":
                         self.upconv_target[source] = (layer.output, index)
+        self.requantize = self.requantize_tables()
         self.upload_weights()
+
+    def requantize_tables(self) -> dict[str, torch.Tensor]:
+        """Per concat input whose scale differs from the concat's: its 256-entry requantization table."""
+        tables = {}
+        for layer in self.plan.layers:
+            if layer.kind != "concat":
+                continue
+            s_out = np.float32(self.plan.tensor(layer.output).scale)
+            for source in layer.sources:
+                s_in = np.float32(self.plan.tensor(source).scale)
+                if source not in self.upconv_target and s_in != s_out:
+                    tables[source] = requantize_table(float(s_in / s_out), self.device)
+        return tables
 
     def _producer(self, name: str) -> Layer | None:
         return next((layer for layer in self.plan.layers if layer.output == name), None)
@@ -346,35 +383,46 @@ class PlanRunner:
         y = bufs.gemm[layer.output][:n]
         out = bufs.acts[layer.output][:n]
         c = out.shape[-1]
-        out.unflatten(1, (-1, 2)).unflatten(3, (-1, 2)).copy_(
-            y.unflatten(3, (2, 2, c)).permute(0, 1, 3, 2, 4, 5))
+        target, source = as_words(out.unflatten(1, (-1, 2)).unflatten(3, (-1, 2)),
+                                  y.unflatten(3, (2, 2, c)).permute(0, 1, 3, 2, 4, 5))
+        target.copy_(source)
 
     def run_concat(self, layer: Layer, bufs: SlotBuffers, n: int) -> None:
         """Fill the concat buffer's channel slices (upconvs already wrote theirs); requantize where scales differ."""
         out = bufs.acts[layer.output][:n]
-        s_out = np.float32(self.plan.tensor(layer.output).scale)
         offset = 0
         for source in layer.sources:
-            t = self.plan.tensor(source)
+            channels = self.plan.tensor(source).channels
             if source not in self.upconv_target:
-                target = out[..., offset:offset + t.channels]
+                target = out[..., offset:offset + channels]
                 x = bufs.acts[source][:n]
-                if np.float32(t.scale) == s_out:
-                    target.copy_(x)
-                else:
-                    ratio = float(np.float32(t.scale) / s_out)
-                    target.copy_(torch.round(x.float() * ratio).clamp_(-128, 127))
-            offset += t.channels
+                table = self.requantize.get(source)
+                if table is not None:
+                    x = table[x.view(torch.uint8).to(torch.int32)]
+                wide_target, wide_x = as_words(target, x)
+                wide_target.copy_(wide_x)
+            offset += channels
 
     def forward(self, bufs: SlotBuffers, n: int, handle: Any) -> torch.Tensor:
         """Enqueue the whole pass for bufs.pixels[:n] (n a built batch size); returns bufs.masks[:n]."""
-        x = bufs.acts[self.plan.input_tensor][:n]
-        x.view(-1).copy_(self.table[bufs.pixels[:n].reshape(-1).long()])
+        self.quantize_input(bufs, n)
         for layer in self.plan.layers:
             self.run_layer(layer, bufs, n, handle)
+        return self.write_masks(bufs, n)
+
+    def quantize_input(self, bufs: SlotBuffers, n: int) -> None:
+        """Pixels -> the INT8 input tensor, through the 256-entry table."""
+        x = bufs.acts[self.plan.input_tensor][:n]
+        x.view(-1).copy_(self.table[bufs.pixels[:n].reshape(-1).long()])
+
+    def write_masks(self, bufs: SlotBuffers, n: int) -> torch.Tensor:
+        """The head's INT8 logits -> uint8 class per pixel in bufs.masks[:n] (returned)."""
         classes = self.plan.spec.classes
         logits = bufs.acts[self.plan.logits][:n, ..., :classes]
-        bufs.masks[:n].copy_(torch.argmax(logits, dim=-1))
+        if classes == 2:  # argmax of two: class 1 where it is strictly larger (a tie is class 0, as argmax)
+            bufs.masks[:n].copy_(torch.gt(logits[..., 1], logits[..., 0]))
+        else:
+            bufs.masks[:n].copy_(torch.argmax(logits, dim=-1))
         return bufs.masks[:n]
 
 
@@ -427,6 +475,34 @@ class CudnnInt8Engine(SlotEngine):
             t2 = time.perf_counter()
             self._graphs = [self._capture(slot) for slot in self._slots]
         self.load_timings = {"read_s": t1 - t0, "plans_s": t2 - t1, "capture_s": time.perf_counter() - t2}
+
+    def profile_steps(self, repeats: int = 20) -> list[dict[str, Any]]:
+        """GPU time of each step of one pass at the largest batch, run eagerly: a list of
+        {"step", "kind", "precision", "ms"} in execution order (ms per run, the mean of `repeats` runs
+        between two CUDA events). A diagnostic of where a pass's time goes; workers never call it."""
+        bufs, handle, n = self._bufs[0], self._handle, max(self.batch_sizes)
+        stream = torch.cuda.current_stream(self.device)
+        self._cudnn.set_stream(handle=handle, stream=stream.cuda_stream)
+        steps: list[tuple[str, str, str, Callable[[], Any]]] = [
+            ("input", "input", "", functools.partial(self._runner.quantize_input, bufs, n))]
+        for layer in self.plan.layers:
+            precision = layer.precision if layer.kind in ("conv", "upconv") else ""
+            steps.append((layer.name, layer.kind, precision,
+                          functools.partial(self._runner.run_layer, layer, bufs, n, handle)))
+        steps.append(("masks", "masks", "", functools.partial(self._runner.write_masks, bufs, n)))
+        rows = []
+        with torch.cuda.device(self.device):
+            for name, kind, precision, step in steps:
+                step()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                for _ in range(repeats):
+                    step()
+                end.record(stream)
+                end.synchronize()
+                rows.append({"step": name, "kind": kind, "precision": precision,
+                             "ms": start.elapsed_time(end) / repeats})
+        return rows
 
     def _capture(self, slot: CudaSlot) -> dict[int, torch.cuda.CUDAGraph]:
         """One CUDA graph of the whole forward pass per batch size, on this slot's stream and buffers."""
