@@ -65,7 +65,7 @@ class TiledImage:
         return [tile_id(self.parent_id, index) for index in indices]
 
     def where(self, index: int) -> str:
-        """Tile `index` in words: "page 2 of 5, tile 3 of 20" (pages counted from 1; page left out of a single image)."""
+        """Tile `index` in words: "page 2 of 5, tile 3 of 20" (counted from 1; no page for a single image)."""
         per_page = self.tiles_per_page
         page, tile = divmod(index, per_page)
         parts = [f"page {page + 1} of {self.pages}"] if self.pages > 1 else []

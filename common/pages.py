@@ -77,11 +77,11 @@ def read_pages(path: Path, *, max_pixels: int = MAX_PIXELS, max_pages: int = MAX
         for number in range(shape.pages):
             page = tif.pages[number]
             try:
-                data = page.asarray()  # type: ignore[union-attr]  # _check_tiff: every page is a TiffPage
+                data = page.asarray()
             except Exception as exc:  # untrusted input: any decoder failure is the file's
                 raise ImageError(path, f"page {number + 1} of {shape.pages}: corrupt or truncated TIFF data: "
                                        f"{exc}") from exc
-            gray = _tiff_pixels(path, page, data)  # type: ignore[arg-type]
+            gray = _tiff_pixels(path, page, data)
             yield np.ascontiguousarray(gray)
 
 
