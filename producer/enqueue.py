@@ -208,7 +208,7 @@ def enqueue_paths(
         on_progress(0, problem)
     own_pool = pool is None
     pool = pool or ProducerPool(None, enqueuer.store, workers=1)
-    fitting.check(height, width)
+    fitting = fitting.for_engine(height, width)
     window = _StoreWindow(enqueuer, pending, on_progress)
     chunk_records = CHUNK_FILES if max_pending is None else max(1, min(CHUNK_FILES, max_pending))
     ahead_records = 2 * pool.workers * chunk_records  # stored ahead of the jobs, at most (and one chunk)

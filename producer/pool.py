@@ -67,6 +67,7 @@ def store_files(store: QueueStore, sources: Sequence[ImageSource], height: int, 
     trip, each tiled file (producer/tiling.py) as it is read."""
     images: list[EncodedImage] = []
     chunk = StoredChunk()
+    fitting = fitting.for_engine(height, width)
     for source in sources:
         try:
             as_is = read_png_as_is(source.path, height, width)

@@ -35,24 +35,32 @@ STORE_TILES = 32  # encoded tiles held before one Redis round trip stores them
 class Fitting:
     """How a file that is not one page of the engine's size becomes engine inputs.
 
-    mode: "tile" or "resize". overlap: px shared by neighbouring tiles. max_pages: pages allowed per file.
+    mode: "tile" or "resize". overlap: px shared by neighbouring tiles; None: DEFAULT_OVERLAP, or a quarter
+    of the engine input's side for engines smaller than 256 px (`for_engine`). max_pages: pages allowed per file.
     """
 
     mode: str = FIT_TILE
-    overlap: int = DEFAULT_OVERLAP
+    overlap: int | None = None
     max_pages: int = MAX_PAGES
 
     def __post_init__(self) -> None:
         if self.mode not in (FIT_TILE, FIT_RESIZE):
             raise ValueError(f"fit must be {FIT_TILE!r} or {FIT_RESIZE!r}, got {self.mode!r}")
-        if self.overlap < 0 or self.max_pages < 1:
+        if (self.overlap is not None and self.overlap < 0) or self.max_pages < 1:
             raise ValueError(f"overlap must be >= 0 and max_pages >= 1, got {self.overlap} and {self.max_pages}")
 
-    def check(self, height: int, width: int) -> None:
-        """ValueError unless the overlap leaves the tiles of a height x width engine room to advance."""
-        if self.mode == FIT_TILE and self.overlap >= min(height, width) // 2:
-            raise ValueError(f"--tile-overlap {self.overlap} must be less than half the engine input "
-                             f"({height}x{width})")
+    def for_engine(self, height: int, width: int) -> Fitting:
+        """This fitting with its overlap set for a height x width engine; ValueError unless the overlap is less
+        than half the engine input (tiles must advance)."""
+        overlap = min(DEFAULT_OVERLAP, min(height, width) // 4) if self.overlap is None else self.overlap
+        if self.mode == FIT_TILE and overlap >= min(height, width) // 2:
+            raise ValueError(f"--tile-overlap {overlap} must be less than half the engine input ({height}x{width})")
+        return Fitting(self.mode, overlap, self.max_pages)
+
+    @property
+    def tile_overlap(self) -> int:
+        """The overlap in px (DEFAULT_OVERLAP until `for_engine` has set it)."""
+        return DEFAULT_OVERLAP if self.overlap is None else self.overlap
 
 
 TILE = Fitting()  # the default: tiles with DEFAULT_OVERLAP
@@ -78,7 +86,7 @@ def record_count(shape: PageShape, height: int, width: int, fitting: Fitting) ->
     """Engine inputs a file of this shape becomes."""
     if not is_tiled(shape, height, width, fitting) or fitting.mode == FIT_RESIZE:
         return shape.pages
-    return shape.pages * plan_tiles(shape.height, shape.width, height, width, fitting.overlap).count
+    return shape.pages * plan_tiles(shape.height, shape.width, height, width, fitting.tile_overlap).count
 
 
 def file_records(path: Path, height: int, width: int, fitting: Fitting) -> int:
@@ -97,7 +105,7 @@ def store_tiled(store: QueueStore, source: ImageSource, shape: PageShape, height
     ImageError names the file (and page) if a page cannot be read; its stored tiles are deleted first.
     """
     parent = TiledImage(new_image_id(), source.name, shape.height, shape.width, shape.pages, fitting.mode,
-                        height, width, fitting.overlap, now())
+                        height, width, fitting.tile_overlap, now())
     stored: list[tuple[str, str]] = []
     pending: list[EncodedImage] = []
     try:
