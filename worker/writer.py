@@ -18,10 +18,10 @@ import numpy as np
 import structlog
 
 from broker.store import QueueStore
+from common.tiles import parent_of
 from worker.batch import BatchItem, FetchedBatch, claims_of
 from worker.claims import OpenClaims
 from worker.job_source import ImageOutcome, JobSource
-from common.tiles import parent_of
 from worker.metrics import WorkerMetrics
 
 
