@@ -23,7 +23,7 @@ from broker.jobs import RESULT_TTL_S, segmentation_queue
 from broker.store import QueueStore
 from common.cli import Typer
 from common.images import ImageError
-from producer.collect import CollectReport, absorb
+from producer.collect import CollectReport, absorb, collect_units
 from producer.enqueue import Enqueuer, EnqueueReport, enqueue_paths
 from producer.pool import ProducerPool
 from producer.status import queue_status
@@ -241,7 +241,7 @@ def collect(
     """
     settings, client = _connect(redis_url, queue)
     store = QueueStore(client, settings.queue)
-    image_ids = list(store.manifest())
+    image_ids = collect_units(list(store.manifest()))  # a tiled image once, not once per tile
     report = CollectReport()
     tqdm.monitor_interval = 0
     with ProducerPool(settings, store, workers) as pool, tqdm(total=len(image_ids), desc="collect", unit="img") as bar:

@@ -76,6 +76,12 @@ def mask_to_png_values(mask: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarr
 ROUND_TRIP_IMAGES = 64  # masks read (and forgotten) per Redis round trip
 
 
+def collect_units(image_ids: list[str]) -> list[str]:
+    """What collect writes one file for, in first-seen order: each plain image id, and for tile ids (a tiled image's
+    records, as the manifest lists them) their tiled image's id, once."""
+    return list(dict.fromkeys(parent_of(i) or i for i in image_ids))
+
+
 def collect_masks(
     store: QueueStore,
     out_dir: Path,
@@ -83,7 +89,8 @@ def collect_masks(
     on_progress: Callable[[], None] = lambda: None,
     delete: bool = False,
 ) -> CollectReport:
-    """Write a PNG for every image (or every one of `image_ids`) that has a mask; report the rest.
+    """Write a PNG for every image (or every one of `image_ids`: image ids, tiled image ids or tile ids) that has a
+    mask, and a stitched PNG or multi-page TIFF for every tiled image whose tiles all have one; report the rest.
 
     Masks are read ROUND_TRIP_IMAGES at a time. A mask that cannot be read (stored by an older
     segqueue version, or corrupt), a malformed image record (original size not positive integers)
@@ -98,6 +105,7 @@ def collect_masks(
         parents = list(dict.fromkeys(p for i in names if (p := parent_of(i)) is not None))
         tiled = load_tiled_images(store, parents)
     else:
+        image_ids = collect_units(image_ids)
         names = store.names(image_ids)
         tiled = load_tiled_images(store, image_ids)
         wanted, parents = [i for i in image_ids if i not in tiled], [i for i in image_ids if i in tiled]

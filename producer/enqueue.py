@@ -150,6 +150,8 @@ def _make_room(window: _StoreWindow, pending: PendingImages, records: int, max_p
     Returns early once `stop` is set."""
     while len(window) and len(pending) + window.records + records > max_pending:
         window.settle_oldest()
+    if len(pending) + records > max_pending:  # about to wait: the records kept for a fuller job must be queued
+        window.enqueuer.flush()
     if not pending.wait_below(max(1, max_pending - records + 1), time.monotonic() + timeout_s) and not stop.is_set():
         raise PendingTimeout(f"{len(pending)} records (images and tiles) still pending in Redis after "
                              f"{timeout_s:.0f} s (--max-pending {max_pending}): are workers running, and is anyone "
