@@ -86,11 +86,12 @@ def store_files(store: QueueStore, sources: Sequence[ImageSource], height: int, 
         except ImageError as problem:
             chunk.rejected.append(problem)
             continue
-        images.append(EncodedImage(new_image_id(), source.name, payload, original_height, original_width, now()))
+        image = EncodedImage(new_image_id(), source.name, payload, original_height, original_width, now())
+        images.append(image)
+        chunk.stored.append((image.image_id, image.name))  # in file order; stored below, before any job names it
+        chunk.units.append(StoredUnit(image.image_id, image.name, 1, tiled=False))
     if images:
         store.store_encoded(images)
-    chunk.stored.extend((image.image_id, image.name) for image in images)
-    chunk.units.extend(StoredUnit(image.image_id, image.name, 1, tiled=False) for image in images)
     return chunk
 
 
