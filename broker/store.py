@@ -19,6 +19,9 @@ Per queue Q (all keys start with `segq:Q:`):
                       freed): a running total, so that `producer status` still counts them as finished
     bad_jobs    hash  <job id> -> reason, queued jobs so unreadable that rq cannot even record them as
                       failed (e.g. an id rq refuses); `producer status` counts them as failed jobs
+    tiled       hash  <parent id> -> JSON (broker/tiled.py): how a tiled image or stack was cut into the
+                      records `<parent id>.<index>` (img/mask/manifest/done/failed like any image), so
+                      that collect can stitch their masks back
 
 The encodings are in broker/payloads.py: a 512x512 image takes about 200 KB (noisy synthetic images)
 or 150 KB (real microscopy) instead of 256 KB, and its 2-class mask about 4 KB instead of 256 KB.
@@ -109,6 +112,7 @@ class QueueStore:
         self._failed = f"{self._prefix}failed"
         self._totals = f"{self._prefix}totals"
         self.bad_jobs_key = f"{self._prefix}bad_jobs"
+        self._tiled = f"{self._prefix}tiled"
 
     def __repr__(self) -> str:
         return f"QueueStore(queue={self.queue!r})"
@@ -280,8 +284,9 @@ class QueueStore:
         masks = sum(1 for _ in self.client.scan_iter(match=self._mask_key("*"), count=1000))
         return images, masks
 
-    def forget(self, image_ids: Sequence[str]) -> None:
-        """Delete everything the store holds about these images (pixels, mask, manifest, done and failed entries).
+    def forget(self, image_ids: Sequence[str], tiled: Sequence[str] = ()) -> None:
+        """Delete everything the store holds about these images (pixels, mask, manifest, done and failed entries),
+        and the `tiled` records of these parent ids (their tiles are among image_ids).
 
         Those that were done are then added to the `collected` total: each once, however many
         collectors forget it (only one transaction's SREM removes it from the done set). A collector
@@ -294,7 +299,9 @@ class QueueStore:
         pipe.hdel(self._manifest, *image_ids)
         pipe.srem(self._done, *image_ids)
         pipe.hdel(self._failed, *image_ids)
-        _, _, was_done, _ = pipe.execute()
+        if tiled:
+            pipe.hdel(self._tiled, *tiled)
+        _, _, was_done, *_ = pipe.execute()
         if was_done:
             self.client.hincrby(self._totals, "collected", was_done)
 
@@ -302,6 +309,20 @@ class QueueStore:
         """For each image, whether the manifest still holds it (not yet forgotten), in one command."""
         kept = self.names(image_ids)
         return [image_id in kept for image_id in image_ids]
+
+    # --- tiled images and stacks (broker/tiled.py) -------------------------------------------
+
+    def save_tiled(self, parent_id: str, record: str) -> None:
+        """Store how a tiled image was cut (a JSON text, broker/tiled.py), under its parent id."""
+        self.client.hset(self._tiled, parent_id, record)
+
+    def load_tiled(self, parent_ids: Sequence[str]) -> list[bytes | None]:
+        """The `tiled` records of these ids (one command); None for an id that is not a tiled image."""
+        return self._hmget(self._tiled, list(parent_ids)) if parent_ids else []
+
+    def tiled_records(self) -> list[tuple[str, bytes]]:
+        """Every tiled image still held: (parent id, record), for `producer status` (one HGETALL)."""
+        return [(k.decode(errors="backslashreplace"), v) for k, v in self._hgetall(self._tiled).items()]
 
     # --- jobs rq cannot record -------------------------------------------------------------
 

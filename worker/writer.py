@@ -18,6 +18,7 @@ import numpy as np
 import structlog
 
 from broker.store import QueueStore
+from common.tiles import parent_of
 from worker.batch import BatchItem, FetchedBatch, claims_of
 from worker.claims import OpenClaims
 from worker.job_source import ImageOutcome, JobSource
@@ -131,11 +132,14 @@ class ResultWriter:
                    jobs_completed: int) -> None:
         self.batches_done += 1
         job_ids = sorted({claim.job_id for claim in claims_of(submitted.all_items)})
+        tile_of = [parent_of(item.image_id) for item in submitted.items]  # per image_wait_ms entry
         self.log.info(
             "batch",
             batch_size=submitted.size,
             images_ok=len(submitted.items),
             images_failed=len(submitted.rejected),
+            tiles=sum(1 for item in submitted.all_items if parent_of(item.image_id) is not None),
+            tile_of=tile_of if any(tile_of) else None,
             jobs=len(job_ids),
             job_ids=job_ids,
             jobs_completed=jobs_completed,
