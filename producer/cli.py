@@ -62,8 +62,9 @@ Workers = Annotated[int, typer.Option(min=1, help=(
 
 @app.command()
 def enqueue(
-    paths: Annotated[list[Path], typer.Argument(help=(
-        "Image files or folders (PNG, JPEG, TIFF, BMP; searched recursively)."
+    paths: Annotated[list[str], typer.Argument(help=(
+        "Image files or folders (PNG, JPEG, TIFF, BMP; searched recursively). With --by-reference: one folder every "
+        "worker sees at the same path, or a URL such as s3://bucket/prefix."
     ))],
     job_size: Annotated[int, typer.Option(min=1, help="Images per rq job.")] = 8,
     size: Annotated[int, typer.Option(min=16, help=(
@@ -73,8 +74,9 @@ def enqueue(
     max_pending: Annotated[int | None, typer.Option(min=1, help=(
         "Wait while this many of this run's images are held in Redis, not yet collected (bounds Redis memory)."
     ))] = None,
-    out: Annotated[Path | None, typer.Option(help=(
-        "Write each mask here as it finishes (as collect does), free it from Redis, and return when all are done."
+    out: Annotated[str | None, typer.Option(help=(
+        "Write each mask here as it finishes (as collect does), free it from Redis, and return when all are done. "
+        "With --by-reference the workers write the masks here (a shared folder or a URL)."
     ))] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Older spelling of --out DIR; needs --out.")] = False,
     timeout: Annotated[float, typer.Option(help=(
@@ -85,6 +87,10 @@ def enqueue(
         "While waiting (--out, --max-pending), say so after this many seconds in which no image has finished (no "
         "worker?)."
     ))] = STALL_WARNING_S,
+    by_reference: Annotated[bool, typer.Option("--by-reference", help=(
+        "Put only each image's location into Redis: workers read and decode the images from shared storage and "
+        "write the masks to --out themselves (needs --out). No image or mask bytes go through Redis."
+    ))] = False,
     redis_url: RedisUrl = None,
     queue: QueueName = None,
 ) -> None:
@@ -97,7 +103,14 @@ def enqueue(
     was rejected or any image failed.
 
     For a huge folder, `producer enqueue DIR --out MASKS --max-pending 2000` streams it through Redis.
+    On shared storage, `producer enqueue s3://bucket/images --by-reference --out s3://bucket/masks` moves
+    no pixels through Redis (docs/usage.md).
     """
+    if by_reference:
+        from producer.reference_cli import enqueue_by_reference
+
+        raise typer.Exit(enqueue_by_reference(paths, out, job_size, size, max_pending, timeout, stall_warning,
+                                              redis_url, queue))
     if wait and out is None:
         typer.echo("error: --wait needs --out DIR", err=True)
         raise typer.Exit(2)
@@ -107,8 +120,8 @@ def enqueue(
     stop = threading.Event()
     try:
         with _first_sigint_sets(stop):
-            exit_code = _enqueue_and_stream(enqueuer, settings, paths, size, workers, max_pending, out, timeout,
-                                            stall_warning, stop)
+            exit_code = _enqueue_and_stream(enqueuer, settings, [Path(p) for p in paths], size, workers, max_pending,
+                                            None if out is None else Path(out), timeout, stall_warning, stop)
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; the counts are what was queued by then
         stop.set()
     if stop.is_set():
