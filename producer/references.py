@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import cast
 
 from broker.references import ImageReference
-from broker.store import QueueStore, new_image_id, now
+from broker.store import ImageCounts, QueueStore, new_image_id, now
 from common import storage
 from common.images import ImageError
 from producer.enqueue import Enqueuer, EnqueueReport, PendingTimeout
@@ -40,15 +40,24 @@ class FinishedImages(PendingImages):
     def __init__(self, store: QueueStore, on_collected: Callable[[int], None] = lambda n: None, **options) -> None:
         # no pool and no out_dir: the workers wrote the masks, there is nothing to collect here
         super().__init__(store, cast(ProducerPool, None), None, on_collected=on_collected, **options)
+        self._seen_counts: ImageCounts | None = None
 
     def look(self) -> None:
-        """At most every poll_s: free the oldest pending images that finished, note the failed ones."""
+        """At most every poll_s: free the oldest pending images that finished, note the failed ones.
+
+        A look first reads the queue's counts (one round trip of four small commands) and goes no
+        further while they have not changed: no image of the queue finished since the last look.
+        """
         if time.monotonic() - self._last_look < self.poll_s:
             return
         self._last_look = time.monotonic()
         candidates = list(islice(self._pending, LOOK_AHEAD))
         if not candidates:
             return
+        counts = self.store.counts()
+        if counts == self._seen_counts:
+            return
+        self._seen_counts = counts
         finished = [i for i, done in zip(candidates, self.store.resolved(candidates), strict=True) if done]
         if not finished:
             return
