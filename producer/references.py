@@ -31,6 +31,7 @@ from producer.pool import ProducerPool
 from producer.stream import LOOK_AHEAD, PendingImages
 
 CHUNK_REFERENCES = 256  # reference records stored per round trip
+FULL_LOOK_S = 2.0  # at least this often a look checks the whole LOOK_AHEAD window (images finished out of order)
 
 
 class FinishedImages(PendingImages):
@@ -41,24 +42,40 @@ class FinishedImages(PendingImages):
         # no pool and no out_dir: the workers wrote the masks, there is nothing to collect here
         super().__init__(store, cast(ProducerPool, None), None, on_collected=on_collected, **options)
         self._seen_counts: ImageCounts | None = None
+        self._last_full_look = 0.0
+        self._next_window = 0  # > 0: the last look found every image it checked finished; check this many now
 
     def look(self) -> None:
         """At most every poll_s: free the oldest pending images that finished, note the failed ones.
 
         A look first reads the queue's counts (one round trip of four small commands) and goes no
         further while they have not changed: no image of the queue finished since the last look.
+        Then it checks only the oldest images, twice as many as finished queue-wide since the last
+        look (plus 64): workers take jobs in order, so those are the ones that finished. Every
+        FULL_LOOK_S it checks the whole LOOK_AHEAD window, for images that finished out of order
+        (retried jobs). Redis then does a few commands per image instead of two per pending image
+        per look.
         """
         if time.monotonic() - self._last_look < self.poll_s:
             return
         self._last_look = time.monotonic()
-        candidates = list(islice(self._pending, LOOK_AHEAD))
-        if not candidates:
+        if not self._pending:
             return
-        counts = self.store.counts()
-        if counts == self._seen_counts:
+        counts, seen = self.store.counts(), self._seen_counts
+        full = time.monotonic() - self._last_full_look >= FULL_LOOK_S
+        if counts == seen and not full and not self._next_window:
             return
         self._seen_counts = counts
+        if full or seen is None:
+            self._last_full_look, window = time.monotonic(), LOOK_AHEAD
+        else:
+            finished_since = sum((counts.done, counts.failed, counts.collected)) - sum((seen.done, seen.failed,
+                                                                                         seen.collected))
+            window = min(LOOK_AHEAD, max(self._next_window, 64 + 2 * max(0, finished_since)))
+        candidates = list(islice(self._pending, window))
         finished = [i for i, done in zip(candidates, self.store.resolved(candidates), strict=True) if done]
+        # all of those checked had finished: more may have, behind them
+        self._next_window = min(LOOK_AHEAD, 2 * len(candidates)) if len(finished) == len(candidates) else 0
         if not finished:
             return
         reasons = self.store.failure_reasons(finished)
