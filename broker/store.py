@@ -9,11 +9,12 @@ Per queue Q (all keys start with `segq:Q:`):
     img:<id>    hash  format ("segq-image/1"), codec ("zstd1", or "png": the user's PNG file as it
                       is, when it already holds the engine input), height, width, data (the encoded
                       uint8 pixels at the engine's input size), original_height, original_width,
-                      name (relative path), enqueued_at (unix s)
+                      name (relative path), enqueued_at (unix s); or, enqueued by reference, format
+                      "segq-ref/1" with the image's and its mask's locations (broker/references.py)
     mask:<id>   hash  format ("segq-mask/1"), codec ("packbits+zstd1" for 0/1 masks, "zstd1" when
                       class ids exceed 1), height, width, data (the encoded uint8 class ids)
     manifest    hash  <id> -> name, every image enqueued on Q and not yet forgotten
-    done        set   ids whose mask is written
+    done        set   ids whose mask is written (to Redis, or to storage for an image enqueued by reference)
     failed      hash  <id> -> reason, images that failed (removed again if a retry succeeds)
     totals      hash  collected -> images forgotten while done (their mask collected into a file, then
                       freed): a running total, so that `producer status` still counts them as finished
