@@ -74,17 +74,19 @@ Workers = Annotated[int, typer.Option(min=1, help=(
 
 @app.command()
 def enqueue(
-    paths: Annotated[list[Path], typer.Argument(help=(
-        "Image files or folders (PNG, JPEG, TIFF, BMP; searched recursively)."
+    paths: Annotated[list[str], typer.Argument(help=(
+        "Image files or folders (PNG, JPEG, TIFF, BMP; searched recursively). With --by-reference: one folder every "
+        "worker sees at the same path, or a URL such as s3://bucket/prefix."
     ))],
     job_size: Annotated[int, typer.Option(min=1, help="Images per rq job.")] = 8,
     size: Annotated[int, typer.Option(min=16, help=(
         "The engine's input size: images are cut into (or padded to) size x size tiles, or resized to it (--fit)."
     ))] = 512,
-    fit: Annotated[FitMode, typer.Option(help=(
-        "tile: cut an image of any other size into --size tiles (smaller ones padded by reflection) and stitch the "
-        "masks at full resolution; resize: stretch every image to --size x --size (the study's behaviour)."
-    ))] = FitMode.tile,
+    fit: Annotated[FitMode | None, typer.Option(show_default=False, help=(
+        "tile (the default): cut an image of any other size into --size tiles (smaller ones padded by reflection) "
+        "and stitch the masks at full resolution; resize: stretch every image to --size x --size (the study's "
+        "behaviour). With --by-reference images are always resized (tile is refused)."
+    ))] = None,
     tile_overlap: Annotated[int | None, typer.Option(min=0, help=(
         f"Pixels shared by neighbouring tiles (--fit tile); each mask pixel comes from the tile it is furthest inside. "
         f"Default {DEFAULT_OVERLAP}, or a quarter of --size below 256."
@@ -94,8 +96,9 @@ def enqueue(
         "Wait while this many of this run's records (engine inputs: images and tiles) are held in Redis, not yet "
         "collected (bounds Redis memory)."
     ))] = None,
-    out: Annotated[Path | None, typer.Option(help=(
-        "Write each mask here as it finishes (as collect does), free it from Redis, and return when all are done."
+    out: Annotated[str | None, typer.Option(help=(
+        "Write each mask here as it finishes (as collect does), free it from Redis, and return when all are done. "
+        "With --by-reference the workers write the masks here (a shared folder or a URL)."
     ))] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Older spelling of --out DIR; needs --out.")] = False,
     timeout: Annotated[float, typer.Option(help=(
@@ -106,6 +109,10 @@ def enqueue(
         "While waiting (--out, --max-pending), say so after this many seconds in which no image has finished (no "
         "worker?)."
     ))] = STALL_WARNING_S,
+    by_reference: Annotated[bool, typer.Option("--by-reference", help=(
+        "Put only each image's location into Redis: workers read and decode the images from shared storage and "
+        "write the masks to --out themselves (needs --out). No image or mask bytes go through Redis."
+    ))] = False,
     redis_url: RedisUrl = None,
     queue: QueueName = None,
 ) -> None:
@@ -114,19 +121,31 @@ def enqueue(
     Each image becomes uint8 grayscale engine inputs of --size x --size: itself when it has that size,
     else its tiles (--fit tile, the default) or itself resized (--fit resize); its mask comes back at
     its original size. A multi-page TIFF (a stack of 2-D pages of one size, at most 1000) is enqueued
-    page by page, and its masks come back as one multi-page TIFF. Files are decoded by --workers processes; a PNG
-    that already is
-    8-bit gray at --size x --size is checked (every chunk's CRC) and stored as it is, for the worker
-    to decode. A bad file is reported with its problem and skipped; the exit status is 1 if any file
+    page by page, and its masks come back as one multi-page TIFF. Files are decoded by --workers processes;
+    a PNG that already is 8-bit gray at --size x --size is checked (every chunk's CRC) and stored as it
+    is, for the worker to decode. A bad file is reported with its problem and skipped; the exit status is 1 if any file
     was rejected or any image failed.
 
     For a huge folder, `producer enqueue DIR --out MASKS --max-pending 2000` streams it through Redis.
+    On shared storage, `producer enqueue s3://bucket/images --by-reference --out s3://bucket/masks` moves
+    no pixels through Redis (docs/usage.md); by reference, every image is resized to --size x --size
+    (no tiling) and a multi-page TIFF fails with its reason.
     """
+    if by_reference:
+        from producer.reference_cli import enqueue_by_reference
+
+        if fit is FitMode.tile or tile_overlap is not None:
+            typer.echo("error: --by-reference resizes every image to --size x --size (the producer does not read the "
+                       "images, so it cannot cut them into tiles): drop --fit tile and --tile-overlap, or enqueue "
+                       "without --by-reference to tile large images and stacks", err=True)
+            raise typer.Exit(2)
+        raise typer.Exit(enqueue_by_reference(paths, out, job_size, size, max_pending, timeout, stall_warning,
+                                              redis_url, queue))
     if wait and out is None:
         typer.echo("error: --wait needs --out DIR", err=True)
         raise typer.Exit(2)
     try:
-        fitting = Fitting(fit.value, tile_overlap).for_engine(size, size)
+        fitting = Fitting((fit or FitMode.tile).value, tile_overlap).for_engine(size, size)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -136,8 +155,8 @@ def enqueue(
     stop = threading.Event()
     try:
         with _first_sigint_sets(stop):
-            exit_code = _enqueue_and_stream(enqueuer, settings, paths, size, workers, max_pending, out, timeout,
-                                            stall_warning, stop, fitting)
+            exit_code = _enqueue_and_stream(enqueuer, settings, [Path(p) for p in paths], size, workers, max_pending,
+                                            None if out is None else Path(out), timeout, stall_warning, stop, fitting)
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; the counts are what was queued by then
         stop.set()
     if stop.is_set():
