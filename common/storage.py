@@ -145,7 +145,7 @@ def read_image(location: str, height: int, width: int) -> DecodedImage:
     """Read and decode one image at height x width, as the producer's decoder does (common.images.decode_image).
 
     Raises ImageError naming the location and the problem: missing, empty, truncated, unreadable,
-    unsupported, too large, ...
+    unsupported, too large, a multi-page TIFF (stacks are not read by reference), ...
 
     A PNG that already is the engine input (8-bit gray at height x width, one frame, no orientation,
     every chunk's CRC intact: common.images.read_png_as_is) is inflated by imagecodecs, which gives
@@ -155,7 +155,10 @@ def read_image(location: str, height: int, width: int) -> DecodedImage:
         as_is = read_png_as_is(Path(location), height, width)
         if as_is is not None:
             return _engine_input_png(as_is, height, width)
-        return decode_image(Path(location), height, width)
+        try:
+            return decode_image(Path(location), height, width)
+        except ImageError as exc:
+            raise location_error(location, _by_reference_problem(exc.problem)) from None
     fs, path = _filesystem(location)
     try:
         data = fs.cat_file(path)
@@ -175,7 +178,16 @@ def read_image(location: str, height: int, width: int) -> DecodedImage:
         try:
             return decode_image(Path(scratch.name), height, width)
         except ImageError as exc:
-            raise location_error(location, exc.problem) from None
+            raise location_error(location, _by_reference_problem(exc.problem)) from None
+
+
+def _by_reference_problem(problem: str) -> str:
+    """The decoder's problem, with what to do instead for a stack: by reference a file is one image, resized to the
+    engine input; `producer enqueue` without --by-reference segments a stack page by page (producer/tiling.py)."""
+    if problem.startswith("multi-page TIFF"):
+        return (f"{problem.split(':', 1)[0]}: by reference a file is one image; enqueue stacks without --by-reference "
+                "(they are then segmented page by page)")
+    return problem
 
 
 def _engine_input_png(data: bytes, height: int, width: int) -> DecodedImage:
