@@ -14,6 +14,7 @@ from broker.errors import SegqueueError
 from broker.jobs import segmentation_queue
 from common.images import ImageError
 from common.storage import StorageError
+from producer.backlog import BacklogReporter
 from producer.cli import _connect, _first_sigint_sets, _print_collect, _say_interrupted
 from producer.enqueue import Enqueuer
 from producer.references import FinishedImages, enqueue_references
@@ -34,7 +35,8 @@ def enqueue_by_reference(paths: list[str], out: str | None, job_size: int, size:
     enqueuer = Enqueuer(client, segmentation_queue(client, settings.queue), job_size)
     tqdm.monitor_interval = 0
     stop = threading.Event()
-    with _first_sigint_sets(stop), tqdm(desc="masks", unit="img", position=1) as masks_bar:
+    with _first_sigint_sets(stop), tqdm(desc="masks", unit="img", position=1) as masks_bar, \
+            BacklogReporter(client, settings.queue) as backlog:  # the autoscaling signal, as for stored images
         with tqdm(desc="enqueue", unit="img") as bar:
             pending = FinishedImages(enqueuer.store, on_collected=masks_bar.update, stall_warning_s=stall_warning,
                                      on_stall=bar.write, stop=stop)
@@ -43,10 +45,12 @@ def enqueue_by_reference(paths: list[str], out: str | None, job_size: int, size:
                 if problem is not None:
                     bar.write(f"rejected: {problem}")
                 bar.update(images)
+                backlog.handled(images)
 
             def found(images: int) -> None:
                 bar.total = masks_bar.total = images
                 bar.refresh()
+                backlog.found(images)
 
             try:
                 report = enqueue_references(enqueuer, paths[0], out, size, size, pending, max_pending, timeout,
