@@ -9,7 +9,10 @@ the images and write the masks; Redis carries only locations:
   when the worker reads it fails alone, with the decoder's reason;
 - a worker SIGKILLed while it holds jobs loses nothing: another worker finishes them, rewriting any mask
   the first one wrote (same file, whole);
-- the same flow on s3://, with a missing and a truncated object.
+- the same flow on s3://, with a missing and a truncated object;
+- by reference, images are resized, never tiled: `--fit tile` is refused, an image larger than the engine
+  input gets the resized mask at its own size, and a multi-page TIFF fails with a reason that says to
+  enqueue it without --by-reference.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from broker.jobs import segmentation_queue
@@ -209,3 +213,34 @@ def test_by_reference_on_s3_reads_images_and_writes_masks_there(tmp_path, redis_
     for key in written:
         with fs.open(key, "rb") as handle:
             assert np.array_equal(np.asarray(Image.open(handle)), expected[key.rsplit("/", 1)[1]]), key
+
+
+def test_by_reference_images_are_resized_tiling_refused_and_a_stack_fails(tmp_path, redis_url, client, queue_name,
+                                                                          small_engine):
+    shared = tmp_path / "shared"
+    common = ["--redis-url", redis_url, "--queue", queue_name]
+    large = write_synthetic_images(shared / "in", 1, size=3 * SMALL_SIZE)[0]
+    stack = np.stack([np.asarray(Image.open(large))] * 3)
+    tifffile.imwrite(shared / "in" / "stack.tif", stack, photometric="minisblack", metadata=None)
+    out = ["--out", str(shared / "masks"), "--size", str(SMALL_SIZE)]
+
+    for refused in (["--fit", "tile"], ["--tile-overlap", "8"]):
+        code, output = finish(start("producer", "enqueue", str(shared / "in"), "--by-reference", *out, *refused,
+                                    *common))
+        assert code == 2 and "--by-reference resizes every image" in output, output
+        assert QueueStore(client, queue_name).counts().total == 0
+
+    producer = start("producer", "enqueue", str(shared / "in"), "--by-reference", *out, *common)
+    wait_until(lambda: enqueued(client, queue_name, 2), 120, "the 2 references enqueued", producer)
+    worker = start("worker", "run", "--engine", str(small_engine), "--burst", *common)
+    assert finish(worker)[0] == 0
+    code, output = finish(producer)
+
+    assert code == 1, output
+    assert "wrote 1 masks; 1 failed; 0 not done yet" in output, output
+    failed = [line for line in output.splitlines() if line.startswith("failed: stack.tif: ")]
+    assert len(failed) == 1 and "multi-page TIFF with 3 pages" in failed[0], output
+    assert "without --by-reference" in failed[0], output
+    mask = np.asarray(Image.open(shared / "masks" / "img_000.png"))
+    assert mask.shape == (3 * SMALL_SIZE, 3 * SMALL_SIZE)
+    assert np.array_equal(mask, expected_masks(small_engine, [large])["img_000.png"])  # resized, not tiled
