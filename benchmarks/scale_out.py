@@ -344,6 +344,8 @@ class Bench:
         """`producer enqueue` of a folder; with masks, it streams: --out masks --max-pending (--stream)."""
         workers = workers or self.args.producer_workers or max(1, (os.cpu_count() or 1) // producers)
         stream = ["--out", str(masks), "--max-pending", str(self.args.stream)] if masks is not None else []
+        if self.args.by_reference and masks is not None:  # workers read the files and write the masks themselves
+            stream.insert(0, "--by-reference")
         return [self.py, *PRODUCER, "enqueue", str(folder), "--job-size", str(self.args.job_size),
                 "--size", str(self.args.size), "--workers", str(workers), *stream, *self.common(queue)]
 
@@ -591,6 +593,9 @@ def main() -> int:
                         help="end-to-end phases run `producer enqueue --out DIR --max-pending MAX_PENDING`: the "
                              "producer writes the masks to disk as they finish, and the phase ends with the last "
                              "mask file")
+    parser.add_argument("--by-reference", action="store_true",
+                        help="with --stream: `producer enqueue --by-reference`: Redis carries only the files' paths, "
+                             "the workers read and decode the files and write the masks (no producer-alone phase)")
     parser.add_argument("--job-size", type=int, default=8)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--aof", action=argparse.BooleanOptionalAction, default=True, help="Redis AOF (everysec)")
@@ -607,6 +612,8 @@ def main() -> int:
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp folder (logs) for inspection")
     parser.add_argument("--save-logs", type=Path, default=None, help="copy the workers' and producers' logs here")
     args = parser.parse_args()
+    if args.by_reference and not args.stream:
+        parser.error("--by-reference needs --stream MAX_PENDING (the workers write the masks under --out)")
     args.engine = args.engine.resolve()
     gpus_wanted = sorted({int(x) for x in args.gpus.split(",") if x.strip()})
     available = gpu_count_here() if args.device_kind == "cuda" else max(gpus_wanted)
@@ -642,7 +649,11 @@ def main() -> int:
         engine_img_s = float(engine_bench["rows"][0]["fps"])
         print(f"engine alone: {engine_img_s:.2f} img/s", flush=True)
 
-        producer = bench.producer_alone(tmp / "parts", args.images)
+        if args.by_reference:  # without workers, enqueue --by-reference --out waits for masks that never come
+            producer = {"img_s": 0.0, "redis_cpu_s_per_1000": 0.0, "redis_main_thread_cpu_s_per_1000": 0.0,
+                        "redis_main_thread_busy": 0.0, "skipped": "by reference: no producer-alone phase"}
+        else:
+            producer = bench.producer_alone(tmp / "parts", args.images)
         print(f"producer alone: {producer['img_s']:.2f} img/s", flush=True)
         # the same phase again on the same Redis and files: is the first run's figure a cold machine's?
         producer_repeats = [bench.producer_alone(tmp / "parts", args.images, repeat)
@@ -686,6 +697,7 @@ def main() -> int:
         "job_size": args.job_size,
         "producers": args.producers,
         "stream_max_pending": args.stream,  # None: masks end in Redis; else files to masks on disk, streamed
+        "by_reference": args.by_reference,  # True: only paths in Redis, the workers read files and write masks
         "engine": str(args.engine),
         "engine_img_s": round(engine_img_s, 2),
         "e2e_img_s": one["e2e_img_s"],

@@ -9,16 +9,20 @@ Per queue Q (all keys start with `segq:Q:`):
     img:<id>    hash  format ("segq-image/1"), codec ("zstd1", or "png": the user's PNG file as it
                       is, when it already holds the engine input), height, width, data (the encoded
                       uint8 pixels at the engine's input size), original_height, original_width,
-                      name (relative path), enqueued_at (unix s)
+                      name (relative path), enqueued_at (unix s); or, enqueued by reference, format
+                      "segq-ref/1" with the image's and its mask's locations (broker/references.py)
     mask:<id>   hash  format ("segq-mask/1"), codec ("packbits+zstd1" for 0/1 masks, "zstd1" when
                       class ids exceed 1), height, width, data (the encoded uint8 class ids)
     manifest    hash  <id> -> name, every image enqueued on Q and not yet forgotten
-    done        set   ids whose mask is written
+    done        set   ids whose mask is written (to Redis, or to storage for an image enqueued by reference)
     failed      hash  <id> -> reason, images that failed (removed again if a retry succeeds)
     totals      hash  collected -> images forgotten while done (their mask collected into a file, then
                       freed): a running total, so that `producer status` still counts them as finished
     bad_jobs    hash  <job id> -> reason, queued jobs so unreadable that rq cannot even record them as
                       failed (e.g. an id rq refuses); `producer status` counts them as failed jobs
+    tiled       hash  <parent id> -> JSON (broker/tiled.py): how a tiled image or stack was cut into the
+                      records `<parent id>.<index>` (img/mask/manifest/done/failed like any image), so
+                      that collect can stitch their masks back
 
 The encodings are in broker/payloads.py: a 512x512 image takes about 200 KB (noisy synthetic images)
 or 150 KB (real microscopy) instead of 256 KB, and its 2-class mask about 4 KB instead of 256 KB.
@@ -40,7 +44,10 @@ from typing import Any, cast
 import numpy as np
 import redis
 
+from broker import references
 from broker.payloads import Payload, PayloadError, decode_image, decode_mask, encode_image, encode_mask
+from common import storage
+from common.images import ImageError
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class StoredImage:
     original_height: int
     original_width: int
     enqueued_at: float
+    mask_url: str | None = None  # enqueued by reference: where the worker writes its mask (broker/references.py)
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,7 @@ class QueueStore:
         self._failed = f"{self._prefix}failed"
         self._totals = f"{self._prefix}totals"
         self.bad_jobs_key = f"{self._prefix}bad_jobs"
+        self._tiled = f"{self._prefix}tiled"
 
     def __repr__(self) -> str:
         return f"QueueStore(queue={self.queue!r})"
@@ -157,6 +166,16 @@ class QueueStore:
         pipe.hset(self._manifest, mapping={image.image_id: image.name for image in images})  # after the images
         pipe.execute()
 
+    def store_references(self, images: Sequence[references.ImageReference]) -> None:
+        """Store images by reference (their locations, no pixels) and add them to the manifest, in one round trip."""
+        if not images:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for image in images:
+            pipe.hset(self._image_key(image.image_id), mapping=_hash_fields(image.fields()))
+        pipe.hset(self._manifest, mapping={image.image_id: image.name for image in images})  # after the images
+        pipe.execute()
+
     # --- worker: images out, results in -----------------------------------------------------
 
     def load_images(self, image_ids: Sequence[str]) -> list[StoredImage | str]:
@@ -178,13 +197,15 @@ class QueueStore:
                 loaded.append(_stored_image(image_id, fields))
         return loaded
 
-    def save_results(self, masks: Iterable[tuple[str, np.ndarray]], failures: Iterable[tuple[str, str]] = ()) -> None:
+    def save_results(self, masks: Iterable[tuple[str, np.ndarray]], failures: Iterable[tuple[str, str]] = (),
+                     written: Iterable[str] = ()) -> None:
         """Store masks (uint8 (H, W) class ids, encoded) and failure reasons, in one round trip.
 
-        A stored mask marks its image done and clears an earlier failure of it.
+        A stored mask marks its image done and clears an earlier failure of it; so does an id in
+        `written` (an image enqueued by reference whose mask the worker wrote to storage: no mask record).
         """
         pipe = self.client.pipeline(transaction=False)
-        done: list[str] = []
+        done: list[str] = list(written)
         for image_id, mask in masks:
             fields = encode_mask(np.asarray(mask, dtype=np.uint8)).fields()
             pipe.hset(self._mask_key(image_id), mapping=_hash_fields(fields))
@@ -247,6 +268,13 @@ class QueueStore:
         values = self._hmget(self._manifest, list(image_ids))
         return {i: v.decode(errors="backslashreplace") for i, v in zip(image_ids, values, strict=True) if v is not None}
 
+    def failure_reasons(self, image_ids: Sequence[str]) -> list[str | None]:
+        """For each image, why it failed, or None (one command)."""
+        if not image_ids:
+            return []
+        values = self._hmget(self._failed, list(image_ids))
+        return [None if v is None else v.decode(errors="backslashreplace") for v in values]
+
     def failures(self) -> dict[str, str]:
         """Failed images: id -> reason."""
         return {k.decode(): v.decode() for k, v in self._hgetall(self._failed).items()}
@@ -280,8 +308,9 @@ class QueueStore:
         masks = sum(1 for _ in self.client.scan_iter(match=self._mask_key("*"), count=1000))
         return images, masks
 
-    def forget(self, image_ids: Sequence[str]) -> None:
-        """Delete everything the store holds about these images (pixels, mask, manifest, done and failed entries).
+    def forget(self, image_ids: Sequence[str], tiled: Sequence[str] = ()) -> None:
+        """Delete everything the store holds about these images (pixels, mask, manifest, done and failed entries),
+        and the `tiled` records of these parent ids (their tiles are among image_ids).
 
         Those that were done are then added to the `collected` total: each once, however many
         collectors forget it (only one transaction's SREM removes it from the done set). A collector
@@ -294,7 +323,9 @@ class QueueStore:
         pipe.hdel(self._manifest, *image_ids)
         pipe.srem(self._done, *image_ids)
         pipe.hdel(self._failed, *image_ids)
-        _, _, was_done, _ = pipe.execute()
+        if tiled:
+            pipe.hdel(self._tiled, *tiled)
+        _, _, was_done, *_ = pipe.execute()
         if was_done:
             self.client.hincrby(self._totals, "collected", was_done)
 
@@ -302,6 +333,20 @@ class QueueStore:
         """For each image, whether the manifest still holds it (not yet forgotten), in one command."""
         kept = self.names(image_ids)
         return [image_id in kept for image_id in image_ids]
+
+    # --- tiled images and stacks (broker/tiled.py) -------------------------------------------
+
+    def save_tiled(self, parent_id: str, record: str) -> None:
+        """Store how a tiled image was cut (a JSON text, broker/tiled.py), under its parent id."""
+        self.client.hset(self._tiled, parent_id, record)
+
+    def load_tiled(self, parent_ids: Sequence[str]) -> list[bytes | None]:
+        """The `tiled` records of these ids (one command); None for an id that is not a tiled image."""
+        return self._hmget(self._tiled, list(parent_ids)) if parent_ids else []
+
+    def tiled_records(self) -> list[tuple[str, bytes]]:
+        """Every tiled image still held: (parent id, record), for `producer status` (one HGETALL)."""
+        return [(k.decode(errors="backslashreplace"), v) for k, v in self._hgetall(self._tiled).items()]
 
     # --- jobs rq cannot record -------------------------------------------------------------
 
@@ -336,6 +381,8 @@ def _original_size(size_fields: Sequence[bytes | None]) -> tuple[int, int] | Non
 
 def _stored_image(image_id: str, fields: dict[bytes, bytes]) -> StoredImage | str:
     """An image from its record's fields, or why they cannot be used."""
+    if references.is_reference(fields):
+        return _referenced_image(image_id, fields)
     try:
         pixels = decode_image(image_id, fields)  # first: a corrupt payload is named as such
         return StoredImage(
@@ -350,6 +397,17 @@ def _stored_image(image_id: str, fields: dict[bytes, bytes]) -> StoredImage | st
         return str(exc)
     except (KeyError, ValueError, UnicodeDecodeError) as exc:
         return f"image {image_id} is malformed in Redis: bad or missing field {exc}"
+
+
+def _referenced_image(image_id: str, fields: dict[bytes, bytes]) -> StoredImage | str:
+    """An image enqueued by reference, read from storage and decoded (common/storage.py), or why it cannot be."""
+    try:
+        reference = references.parse_reference(image_id, fields)
+        decoded = storage.read_image(reference.url, reference.height, reference.width)
+    except (PayloadError, ImageError, storage.StorageError) as exc:
+        return str(exc)
+    return StoredImage(image_id, reference.name, decoded.pixels, decoded.original_height, decoded.original_width,
+                       reference.enqueued_at, mask_url=reference.mask_url)
 
 
 def _execute_keeping_wrong_types(pipe: redis.client.Pipeline) -> list[Any]:

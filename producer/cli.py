@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import json
 import os
 import signal
@@ -25,11 +26,19 @@ from broker.store import QueueStore
 from common.cli import Typer
 from common.images import ImageError
 from producer.backlog import BacklogReporter
-from producer.collect import CollectReport, absorb
+from producer.collect import CollectReport, absorb, collect_units
 from producer.enqueue import Enqueuer, EnqueueReport, enqueue_paths
 from producer.pool import ProducerPool
 from producer.status import queue_status
 from producer.stream import COLLECT_CHUNK, STALL_WARNING_S, PendingImages
+from producer.tiling import DEFAULT_OVERLAP, Fitting
+
+
+class FitMode(enum.StrEnum):
+    """How an image that is not --size x --size becomes engine inputs (producer/tiling.py)."""
+
+    tile = "tile"
+    resize = "resize"
 
 app = Typer(help="Push images into the segmentation queue, get masks back, see where things stand.",
                   no_args_is_help=True, add_completion=False, rich_markup_mode="markdown")
@@ -65,19 +74,31 @@ Workers = Annotated[int, typer.Option(min=1, help=(
 
 @app.command()
 def enqueue(
-    paths: Annotated[list[Path], typer.Argument(help=(
-        "Image files or folders (PNG, JPEG, TIFF, BMP; searched recursively)."
+    paths: Annotated[list[str], typer.Argument(help=(
+        "Image files or folders (PNG, JPEG, TIFF, BMP; searched recursively). With --by-reference: one folder every "
+        "worker sees at the same path, or a URL such as s3://bucket/prefix."
     ))],
     job_size: Annotated[int, typer.Option(min=1, help="Images per rq job.")] = 8,
     size: Annotated[int, typer.Option(min=16, help=(
-        "The engine's input size: images are resized to size x size."
+        "The engine's input size: images are cut into (or padded to) size x size tiles, or resized to it (--fit)."
     ))] = 512,
+    fit: Annotated[FitMode | None, typer.Option(show_default=False, help=(
+        "tile (the default): cut an image of any other size into --size tiles (smaller ones padded by reflection) "
+        "and stitch the masks at full resolution; resize: stretch every image to --size x --size (the study's "
+        "behaviour). With --by-reference images are always resized (tile is refused)."
+    ))] = None,
+    tile_overlap: Annotated[int | None, typer.Option(min=0, help=(
+        f"Pixels shared by neighbouring tiles (--fit tile); each mask pixel comes from the tile it is furthest inside. "
+        f"Default {DEFAULT_OVERLAP}, or a quarter of --size below 256."
+    ))] = None,
     workers: Workers = DEFAULT_WORKERS,
     max_pending: Annotated[int | None, typer.Option(min=1, help=(
-        "Wait while this many of this run's images are held in Redis, not yet collected (bounds Redis memory)."
+        "Wait while this many of this run's records (engine inputs: images and tiles) are held in Redis, not yet "
+        "collected (bounds Redis memory)."
     ))] = None,
-    out: Annotated[Path | None, typer.Option(help=(
-        "Write each mask here as it finishes (as collect does), free it from Redis, and return when all are done."
+    out: Annotated[str | None, typer.Option(help=(
+        "Write each mask here as it finishes (as collect does), free it from Redis, and return when all are done. "
+        "With --by-reference the workers write the masks here (a shared folder or a URL)."
     ))] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Older spelling of --out DIR; needs --out.")] = False,
     timeout: Annotated[float, typer.Option(help=(
@@ -88,30 +109,54 @@ def enqueue(
         "While waiting (--out, --max-pending), say so after this many seconds in which no image has finished (no "
         "worker?)."
     ))] = STALL_WARNING_S,
+    by_reference: Annotated[bool, typer.Option("--by-reference", help=(
+        "Put only each image's location into Redis: workers read and decode the images from shared storage and "
+        "write the masks to --out themselves (needs --out). No image or mask bytes go through Redis."
+    ))] = False,
     redis_url: RedisUrl = None,
     queue: QueueName = None,
 ) -> None:
     """Validate, decode and store images, and enqueue jobs of --job-size images.
 
-    Each image becomes uint8 grayscale at --size x --size; its original size is kept so that its
-    mask comes back at that size. Files are decoded by --workers processes; a PNG that already is
-    8-bit gray at --size x --size is checked (every chunk's CRC) and stored as it is, for the worker
-    to decode. A bad file is reported with its problem and skipped; the exit status is 1 if any file
+    Each image becomes uint8 grayscale engine inputs of --size x --size: itself when it has that size,
+    else its tiles (--fit tile, the default) or itself resized (--fit resize); its mask comes back at
+    its original size. A multi-page TIFF (a stack of 2-D pages of one size, at most 1000) is enqueued
+    page by page, and its masks come back as one multi-page TIFF. Files are decoded by --workers processes;
+    a PNG that already is 8-bit gray at --size x --size is checked (every chunk's CRC) and stored as it
+    is, for the worker to decode. A bad file is reported with its problem and skipped; the exit status is 1 if any file
     was rejected or any image failed.
 
     For a huge folder, `producer enqueue DIR --out MASKS --max-pending 2000` streams it through Redis.
+    On shared storage, `producer enqueue s3://bucket/images --by-reference --out s3://bucket/masks` moves
+    no pixels through Redis (docs/usage.md); by reference, every image is resized to --size x --size
+    (no tiling) and a multi-page TIFF fails with its reason.
     """
+    if by_reference:
+        from producer.reference_cli import enqueue_by_reference
+
+        if fit is FitMode.tile or tile_overlap is not None:
+            typer.echo("error: --by-reference resizes every image to --size x --size (the producer does not read the "
+                       "images, so it cannot cut them into tiles): drop --fit tile and --tile-overlap, or enqueue "
+                       "without --by-reference to tile large images and stacks", err=True)
+            raise typer.Exit(2)
+        raise typer.Exit(enqueue_by_reference(paths, out, job_size, size, max_pending, timeout, stall_warning,
+                                              redis_url, queue))
     if wait and out is None:
         typer.echo("error: --wait needs --out DIR", err=True)
         raise typer.Exit(2)
+    try:
+        fitting = Fitting((fit or FitMode.tile).value, tile_overlap).for_engine(size, size)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     settings, client = _connect(redis_url, queue)
     enqueuer = Enqueuer(client, segmentation_queue(client, settings.queue), job_size)
     tqdm.monitor_interval = 0  # no monitor thread: the pool forks
     stop = threading.Event()
     try:
         with _first_sigint_sets(stop):
-            exit_code = _enqueue_and_stream(enqueuer, settings, paths, size, workers, max_pending, out, timeout,
-                                            stall_warning, stop)
+            exit_code = _enqueue_and_stream(enqueuer, settings, [Path(p) for p in paths], size, workers, max_pending,
+                                            None if out is None else Path(out), timeout, stall_warning, stop, fitting)
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; the counts are what was queued by then
         stop.set()
     if stop.is_set():
@@ -146,7 +191,7 @@ def _say_interrupted(report: EnqueueReport, queue: str) -> None:
 
 def _enqueue_and_stream(enqueuer: Enqueuer, settings: BrokerSettings, paths: list[Path], size: int, workers: int,
                         max_pending: int | None, out: Path | None, timeout: float, stall_warning: float,
-                        stop: threading.Event) -> int:
+                        stop: threading.Event, fitting: Fitting) -> int:
     """`producer enqueue`'s work, with its bars and messages; returns the exit status (130 once `stop` is set)."""
     with ProducerPool(settings, enqueuer.store, workers) as pool, \
             BacklogReporter(enqueuer.client, settings.queue) as backlog:  # the autoscaling signal: broker/backlog.py
@@ -169,13 +214,16 @@ def _enqueue_and_stream(enqueuer: Enqueuer, settings: BrokerSettings, paths: lis
 
             try:
                 report = enqueue_paths(enqueuer, paths, size, size, progress, pool=pool, pending=pending,
-                                       max_pending=max_pending, pending_timeout_s=timeout, on_found=found, stop=stop)
+                                       max_pending=max_pending, pending_timeout_s=timeout, on_found=found, stop=stop,
+                                       fitting=fitting)
             except (SegqueueError, redis.RedisError, OSError) as exc:  # every image stored so far has its job
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(1) from None
         if report.interrupted:
             return 130
-        typer.echo(f"enqueued {len(report.image_ids)} images in {len(report.job_ids)} jobs on queue "
+        tiled = [unit for unit in report.units if unit.tiled]
+        tiles = f" ({len(tiled)} of them as {sum(unit.records for unit in tiled)} tiles)" if tiled else ""
+        typer.echo(f"enqueued {len(report.units)} images in {len(report.job_ids)} jobs{tiles} on queue "
                    f"'{settings.queue}' ({settings.describe()}); rejected {len(report.rejected)}")
         exit_code = 1 if report.rejected else 0
         if out is not None:
@@ -218,7 +266,7 @@ def collect(
     """
     settings, client = _connect(redis_url, queue)
     store = QueueStore(client, settings.queue)
-    image_ids = list(store.manifest())
+    image_ids = collect_units(list(store.manifest()))  # a tiled image once, not once per tile
     report = CollectReport()
     tqdm.monitor_interval = 0
     with ProducerPool(settings, store, workers) as pool, tqdm(total=len(image_ids), desc="collect", unit="img") as bar:
@@ -257,6 +305,9 @@ def status(
         typer.echo(f"{label:8}{counts.queued:>10}{counts.started:>10}{counts.finished:>10}{counts.failed:>10}")
     typer.echo(f"images finished: {snapshot.masks_in_redis} with a mask kept in Redis (`producer collect` writes it; "
                f"with --delete it also frees it), {snapshot.collected} collected (mask file written, freed from Redis)")
+    if snapshot.tiled_images:
+        typer.echo(f"images are engine inputs: {snapshot.tiles} of them are tiles of {snapshot.tiled_images} tiled "
+                   "images or stacks held in Redis (each written once all its tiles are finished)")
     typer.echo(f"backlog (the autoscaling signal): {backlog.total} images = {backlog.to_send} still to send by "
                f"{backlog.producers} producers + {backlog.queued} queued + {backlog.claimed} claimed")
     typer.echo(f"jobs finished: rq's finished registry (a job stays listed {RESULT_TTL_S // 86400} days after it ends)")

@@ -1,5 +1,8 @@
 """Collect stage: masks back from Redis as PNG files at each image's original size, under its relative name.
 
+Tiled images are stitched back and stacks written as multi-page TIFFs (`a/stack.tif` -> `OUT/a/stack.tif`) by
+producer/collect_tiled.py.
+
 A mask of class ids c (0..classes-1) is written as 8-bit gray c * 255 // (classes - 1): for the
 2-class U-Net, background 0 and foreground 255. `a/b/cell.tif` becomes `OUT/a/b/cell.png`.
 """
@@ -14,7 +17,10 @@ import numpy as np
 from PIL import Image
 
 from broker.store import QueueStore, StoredMask
+from broker.tiled import TiledImage
 from common.images import MAX_PIXELS, resize_mask
+from common.tiles import parent_of
+from producer.collect_tiled import TileProblem, load_tiled_images, tiled_outcome, write_tiled
 
 NUM_CLASSES = 2
 
@@ -70,6 +76,12 @@ def mask_to_png_values(mask: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarr
 ROUND_TRIP_IMAGES = 64  # masks read (and forgotten) per Redis round trip
 
 
+def collect_units(image_ids: list[str]) -> list[str]:
+    """What collect writes one file for, in first-seen order: each plain image id, and for tile ids (a tiled image's
+    records, as the manifest lists them) their tiled image's id, once."""
+    return list(dict.fromkeys(parent_of(i) or i for i in image_ids))
+
+
 def collect_masks(
     store: QueueStore,
     out_dir: Path,
@@ -77,7 +89,8 @@ def collect_masks(
     on_progress: Callable[[], None] = lambda: None,
     delete: bool = False,
 ) -> CollectReport:
-    """Write a PNG for every image (or every one of `image_ids`) that has a mask; report the rest.
+    """Write a PNG for every image (or every one of `image_ids`: image ids, tiled image ids or tile ids) that has a
+    mask, and a stitched PNG or multi-page TIFF for every tiled image whose tiles all have one; report the rest.
 
     Masks are read ROUND_TRIP_IMAGES at a time. A mask that cannot be read (stored by an older
     segqueue version, or corrupt), a malformed image record (original size not positive integers)
@@ -86,10 +99,24 @@ def collect_masks(
     delete: once a mask file is written, delete the image and its mask from Redis (failed and
     unfinished images stay), so that a long-running queue does not grow without bound.
     """
-    names = store.manifest() if image_ids is None else store.names(image_ids)
-    wanted = list(names) if image_ids is None else image_ids
+    if image_ids is None:
+        names = store.manifest()
+        wanted = [i for i in names if parent_of(i) is None]
+        parents = list(dict.fromkeys(p for i in names if (p := parent_of(i)) is not None))
+        tiled = load_tiled_images(store, parents)
+    else:
+        image_ids = collect_units(image_ids)
+        names = store.names(image_ids)
+        tiled = load_tiled_images(store, image_ids)
+        wanted, parents = [i for i in image_ids if i not in tiled], [i for i in image_ids if i in tiled]
     failures = store.failures()
     report = CollectReport()
+    for parent_id in parents:
+        if _collect_tiled(store, report, out_dir, parent_id, tiled.get(parent_id), failures) and delete:
+            image = tiled[parent_id]
+            assert isinstance(image, TiledImage)
+            store.forget(image.record_ids(), tiled=[parent_id])
+        on_progress()
     for start in range(0, len(wanted), ROUND_TRIP_IMAGES):
         chunk = wanted[start:start + ROUND_TRIP_IMAGES]
         written_ids = []
@@ -116,6 +143,32 @@ def _collect_one(report: CollectReport, out_dir: Path, name: str, result: Stored
         report.failed[name] = failure
     else:
         report.pending.append(name)
+    return False
+
+
+def _collect_tiled(store: QueueStore, report: CollectReport, out_dir: Path, parent_id: str,
+                   image: TiledImage | str | None, failures: dict[str, str]) -> bool:
+    """Stitch and write one tiled image or stack (producer/collect_tiled.py), or note why not; True if written."""
+    if image is None:  # its tiles are being stored: the record comes last
+        report.pending.append(parent_id)
+        return False
+    if isinstance(image, str):
+        report.failed[parent_id] = image
+        return False
+    finished, failure = tiled_outcome(store, image, failures)
+    if failure is not None:
+        report.failed[image.name] = failure
+        return False
+    if not finished:
+        report.pending.append(image.name)
+        return False
+    try:
+        report.written.append(write_tiled(store, image, mask_path(out_dir, image.name), mask_to_png_values))
+        return True
+    except TileProblem as exc:
+        report.failed[image.name] = str(exc)
+    except (OSError, ValueError) as exc:  # a name outside out_dir, a file in the way, a full disk, ...
+        report.failed[image.name] = f"cannot write its mask under {out_dir}: {exc}"
     return False
 
 

@@ -26,20 +26,25 @@ from broker.payloads import Payload, encode_image, encode_png
 from broker.process_store import fork_store_pool, process_store
 from broker.store import EncodedImage, QueueStore, new_image_id, now
 from common.images import ImageError, ImageSource, decode_image, read_png_as_is
+from common.pages import probe_pages
 from producer.collect import CollectReport, collect_masks
+from producer.tiling import TILE, Fitting, StoredUnit, is_tiled, store_tiled
 
 
 @dataclass(frozen=True)
 class StoredChunk:
-    """What a store task did with its files: (image_id, name) of each image stored, and each file rejected."""
+    """What a store task did with its files: (record id, name) of each engine input stored (what jobs name:
+    images and tiles), each file stored (`units`: an image, or a tiled image and its record count) and each
+    file rejected."""
 
     stored: list[tuple[str, str]] = field(default_factory=list)
     rejected: list[ImageError] = field(default_factory=list)
+    units: list[StoredUnit] = field(default_factory=list)
 
     @property
     def files(self) -> int:
         """Files handled (stored or rejected)."""
-        return len(self.stored) + len(self.rejected)
+        return len(self.units) + len(self.rejected)
 
 
 def encode_file(path: Path, height: int, width: int) -> tuple[Payload, int, int]:
@@ -56,20 +61,38 @@ def encode_file(path: Path, height: int, width: int) -> tuple[Payload, int, int]
     return encode_image(decoded.pixels), decoded.original_height, decoded.original_width
 
 
-def store_files(store: QueueStore, sources: Sequence[ImageSource], height: int, width: int) -> StoredChunk:
-    """Encode each file for a height x width engine and store the good ones in one round trip."""
+def store_files(store: QueueStore, sources: Sequence[ImageSource], height: int, width: int,
+                fitting: Fitting = TILE) -> StoredChunk:
+    """Encode each file for a height x width engine and store the good ones: the ordinary images in one round
+    trip, each tiled file (producer/tiling.py) as it is read."""
     images: list[EncodedImage] = []
-    rejected: list[ImageError] = []
+    chunk = StoredChunk()
+    fitting = fitting.for_engine(height, width)
     for source in sources:
         try:
-            payload, original_height, original_width = encode_file(source.path, height, width)
+            as_is = read_png_as_is(source.path, height, width)
+            if as_is is not None:
+                payload, original_height, original_width = encode_png(as_is, height, width), height, width
+            else:
+                shape = probe_pages(source.path, max_pages=fitting.max_pages)
+                if is_tiled(shape, height, width, fitting):
+                    records, unit = store_tiled(store, source, shape, height, width, fitting)
+                    chunk.stored.extend(records)
+                    chunk.units.append(unit)
+                    continue
+                decoded = decode_image(source.path, height, width)
+                payload, original_height, original_width = (encode_image(decoded.pixels), decoded.original_height,
+                                                             decoded.original_width)
         except ImageError as problem:
-            rejected.append(problem)
+            chunk.rejected.append(problem)
             continue
-        images.append(EncodedImage(new_image_id(), source.name, payload, original_height, original_width, now()))
+        image = EncodedImage(new_image_id(), source.name, payload, original_height, original_width, now())
+        images.append(image)
+        chunk.stored.append((image.image_id, image.name))  # in file order; stored below, before any job names it
+        chunk.units.append(StoredUnit(image.image_id, image.name, 1, tiled=False))
     if images:
         store.store_encoded(images)
-    return StoredChunk([(image.image_id, image.name) for image in images], rejected)
+    return chunk
 
 
 # --- inside a pool process -------------------------------------------------------------------
@@ -90,8 +113,8 @@ def _lower_priority() -> None:
     os.nice(POOL_NICENESS)
 
 
-def _store_task(sources: list[ImageSource], height: int, width: int) -> StoredChunk:
-    return store_files(process_store(), sources, height, width)
+def _store_task(sources: list[ImageSource], height: int, width: int, fitting: Fitting) -> StoredChunk:
+    return store_files(process_store(), sources, height, width, fitting)
 
 
 def _collect_task(image_ids: list[str], out_dir: Path, delete: bool) -> CollectReport:
@@ -131,11 +154,12 @@ class ProducerPool:
             # forked now (where fork exists): they start and connect while this one looks for the files
             self._executor = fork_store_pool(settings, workers, _lower_priority)
 
-    def submit_store(self, sources: list[ImageSource], height: int, width: int) -> Future:
+    def submit_store(self, sources: list[ImageSource], height: int, width: int,
+                     fitting: Fitting = TILE) -> Future:
         """Decode and store `sources`; the Future gives a StoredChunk."""
         if self._executor is None:
-            return self._inline(store_files, self._store, sources, height, width)
-        return self._executor.submit(_store_task, sources, height, width)
+            return self._inline(store_files, self._store, sources, height, width, fitting)
+        return self._executor.submit(_store_task, sources, height, width, fitting)
 
     def submit_collect(self, image_ids: list[str], out_dir: Path, delete: bool) -> Future:
         """Write the masks of `image_ids` under out_dir (and forget them if delete).

@@ -1,5 +1,8 @@
 """Queue status in jobs and in images: queued / started / finished / failed, and the live workers.
 
+Images are engine inputs: a tiled image or stack counts once per tile, and the tiled images held are
+counted on their own line.
+
 Images finished counts every image that got its mask: those whose mask still waits in Redis and
 those already collected (mask file written, records freed by `producer collect --delete` or
 `producer enqueue --out`), so that jobs and images agree however the masks were taken out.
@@ -14,7 +17,9 @@ from rq import Queue, worker_registration
 from rq.job import Job
 from rq.utils import utcparse
 
+from broker.payloads import PayloadError
 from broker.store import QueueStore
+from broker.tiled import TiledImage
 
 # A worker heartbeats its rq record (field `last_heartbeat`) every few seconds (WorkerSettings.
 # heartbeat_interval_s, 5 s or less); one silent for three such intervals is dead (SIGKILLed,
@@ -38,6 +43,10 @@ class QueueStatus:
 
     images.finished = masks_in_redis + collected: images whose mask waits in Redis for `producer
     collect`, plus those already collected into files and freed from Redis.
+
+    Images are counted as the worker sees them, as engine inputs: a tiled image or stack
+    (producer/tiling.py) counts once per tile. tiled_images: those still held in Redis, as `tiles` of
+    the images counted (their mask file is written once all their tiles are finished).
     """
 
     queue: str
@@ -46,6 +55,8 @@ class QueueStatus:
     workers: int
     masks_in_redis: int
     collected: int
+    tiled_images: int = 0
+    tiles: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -100,5 +111,18 @@ def queue_status(client: redis.Redis, queue: Queue) -> QueueStatus:
         finished=done + counts.collected,
         failed=failed,
     )
+    tiled_images, tiles = _tiled_counts(store)
     return QueueStatus(queue=queue.name, jobs=jobs, images=images, workers=live_workers(client, queue),
-                       masks_in_redis=done, collected=counts.collected)
+                       masks_in_redis=done, collected=counts.collected, tiled_images=tiled_images, tiles=tiles)
+
+
+def _tiled_counts(store: QueueStore) -> tuple[int, int]:
+    """(tiled images held in Redis, their tiles); a malformed record counts as an image of no known tiles."""
+    records = store.tiled_records()
+    tiles = 0
+    for parent_id, raw in records:
+        try:
+            tiles += TiledImage.from_json(parent_id, raw).records
+        except PayloadError:
+            pass  # collect names it as failed
+    return len(records), tiles

@@ -40,6 +40,7 @@ class BatchRecord:
     total_ms: float
     end_s: float
     image_wait_ms: tuple[float, ...]
+    tile_of: tuple[str | None, ...] = ()  # per image_wait_ms entry: the tiled image it is a tile of, or None
 
     @property
     def start_s(self) -> float:
@@ -97,6 +98,7 @@ def parse_batch(source: str, event: dict) -> BatchRecord:
         total_ms=float(event["total_ms"]),
         end_s=end,
         image_wait_ms=tuple(float(w) for w in waits),
+        tile_of=tuple(None if t is None else str(t) for t in (event.get("tile_of") or ())),
     )
     if record.batch_size < 0 or record.total_ms < 0 or not math.isfinite(record.end_s):
         raise ValueError("negative or non-finite field")
@@ -269,9 +271,25 @@ def throughput_series(batches: list[BatchRecord], bin_s: float | None = None) ->
     return ThroughputSeries(edges[:-1], np.diff(done) / width, width)
 
 
+def image_latencies(batches: list[BatchRecord]) -> list[float]:
+    """Enqueue-to-mask latency of every image (ms). A tiled image (tiles of one `tile_of` id, all stamped with the
+    time its first tile was stored) counts once: from its first tile in to its last tile's mask out."""
+    latencies: list[float] = []
+    tiled: dict[str, float] = {}
+    for batch in batches:
+        parents = batch.tile_of if len(batch.tile_of) == len(batch.image_wait_ms) else ()
+        for index, ms in enumerate(batch.image_latencies_ms()):
+            parent = parents[index] if parents else None
+            if parent is None:
+                latencies.append(ms)
+            else:
+                tiled[parent] = max(ms, tiled.get(parent, 0.0))
+    return latencies + list(tiled.values())
+
+
 def latency_percentiles(batches: list[BatchRecord], percents: tuple[int, ...] = (50, 95, 99)) -> dict[int, float]:
-    """Enqueue-to-mask latency percentiles over every image, in milliseconds."""
-    latencies = [ms for b in batches for ms in b.image_latencies_ms()]
+    """Enqueue-to-mask latency percentiles over every image (a tiled image once: `image_latencies`), in ms."""
+    latencies = image_latencies(batches)
     if not latencies:
         return {p: float("nan") for p in percents}
     return {p: float(np.percentile(latencies, p)) for p in percents}

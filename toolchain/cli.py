@@ -39,14 +39,20 @@ def _command_line() -> str:
 def synth(
     out: Annotated[Path, typer.Argument(help="Output directory; gets images/ and truth/ (the exact masks), PNG.")],
     n: Annotated[int, typer.Option("--n", help="Number of image/mask pairs.")] = 100,
-    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 512,
+    size: Annotated[str, typer.Option(help=(
+        "Image size in pixels: a side (512) or WIDTHxHEIGHT (2048x1536); any size from 16 px up."
+    ))] = "512",
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same images.")] = 0,
+    pages: Annotated[int, typer.Option(min=1, help=(
+        "Pages per file: above 1, write --n multi-page TIFF stacks (stack_00000.tif) of distinct pages instead."
+    ))] = 1,
 ) -> None:
-    """Write synthetic microscopy-like images and exact masks (mask PNGs are 0/255; threshold 128)."""
-    from toolchain.synth import IMAGES_DIR, TRUTH_DIR, write_dataset
+    """Write synthetic microscopy-like images and exact masks (mask PNGs and TIFF pages are 0/255; threshold 128)."""
+    from toolchain.synth import IMAGES_DIR, TRUTH_DIR, parse_size, write_dataset
 
-    write_dataset(out, n, size, seed)
-    typer.echo(f"wrote {n} images to {out / IMAGES_DIR} and their exact masks to {out / TRUTH_DIR}")
+    write_dataset(out, n, parse_size(size), seed, pages=pages)
+    what = f"{n} stacks of {pages} pages" if pages > 1 else f"{n} images"
+    typer.echo(f"wrote {what} to {out / IMAGES_DIR} and their exact masks to {out / TRUTH_DIR}")
 
 
 @app.command()

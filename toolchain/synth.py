@@ -50,21 +50,31 @@ def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return out
 
 
-def smooth_field(rng: np.random.Generator, size: int, grid: int) -> np.ndarray:
-    """A smooth random float32 (size, size) field, about zero mean and unit scale.
+Size = int | tuple[int, int]
+"""An image size: a side in pixels (square), or (height, width)."""
 
-    grid: number of random control points per side (2-4: illumination; 8-32: texture).
+
+def _sides(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def smooth_field(rng: np.random.Generator, size: Size, grid: int | tuple[int, int]) -> np.ndarray:
+    """A smooth random float32 (height, width) field, about zero mean and unit scale.
+
+    grid: number of random control points per side, or (rows, columns) (2-4: illumination; 8-32: texture).
     """
-    coarse = rng.standard_normal((grid, grid)).astype(np.float32)
-    return np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.Resampling.BICUBIC))
+    height, width = _sides(size)
+    coarse = rng.standard_normal(_sides(grid)).astype(np.float32)
+    return np.asarray(Image.fromarray(coarse, mode="F").resize((width, height), Image.Resampling.BICUBIC))
 
 
-def _cell_centers(rng: np.random.Generator, size: int, n: int, radii: np.ndarray) -> np.ndarray:
-    """Centers (n, 2) in pixels: about a third isolated, the rest in touching/overlapping chains."""
+def _cell_centers(rng: np.random.Generator, size: Size, n: int, radii: np.ndarray) -> np.ndarray:
+    """Centers (n, 2) in pixels (y, x): about a third isolated, the rest in touching/overlapping chains."""
     centers = np.empty((n, 2), dtype=np.float64)
     i = 0
+    extent = np.asarray(_sides(size), dtype=np.float64)
     while i < n:
-        start = rng.uniform(0, size, 2)
+        start = rng.uniform(0, 1, 2) * extent  # the same draws as uniform(0, side, 2) for a square
         centers[i] = start
         i += 1
         if rng.random() < 0.35:
@@ -82,20 +92,22 @@ def _cell_centers(rng: np.random.Generator, size: int, n: int, radii: np.ndarray
     return centers
 
 
-def render(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Render one scene: (image uint8 (size, size), mask uint8 (size, size) in {0, 1})."""
-    area = float(size * size)
+def render(rng: np.random.Generator, size: Size) -> tuple[np.ndarray, np.ndarray]:
+    """Render one scene: (image uint8 (height, width), mask uint8 (height, width) in {0, 1}); size: a side or
+    (height, width)."""
+    height, width = _sides(size)
+    area = float(height * width)
     coverage = rng.uniform(*COVERAGE_RANGE)
     r_lo, r_hi = RADIUS_RANGE
     mean_area = math.pi * ((r_lo + r_hi) / 2) ** 2
     n = int(rng.poisson(coverage * area / mean_area))
 
     background = rng.uniform(0.04, 0.25)
-    signal = np.full((size, size), background, dtype=np.float32)
+    signal = np.full((height, width), background, dtype=np.float32)
     # background texture: smooth mottling plus a finer grain
-    signal += rng.uniform(0.01, 0.04) * smooth_field(rng, size, max(2, size // 48))
-    signal += rng.uniform(0.005, 0.02) * smooth_field(rng, size, max(2, size // 8))
-    mask = np.zeros((size, size), dtype=bool)
+    signal += rng.uniform(0.01, 0.04) * smooth_field(rng, size, (max(2, height // 48), max(2, width // 48)))
+    signal += rng.uniform(0.005, 0.02) * smooth_field(rng, size, (max(2, height // 8), max(2, width // 8)))
+    mask = np.zeros((height, width), dtype=bool)
 
     radii = np.exp(rng.uniform(math.log(r_lo), math.log(r_hi), n)) if n else np.empty(0)
     centers = _cell_centers(rng, size, n, radii) if n else np.empty((0, 2))
@@ -105,8 +117,8 @@ def render(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
         phi = rng.uniform(0, math.pi)
         harmonics = [(k, rng.uniform(0, 0.09), rng.uniform(0, 2 * math.pi)) for k in (2, 3, 4, 5)]
         reach = a * 1.4 + 1
-        y0, y1 = max(0, int(cy - reach)), min(size, int(cy + reach) + 1)
-        x0, x1 = max(0, int(cx - reach)), min(size, int(cx + reach) + 1)
+        y0, y1 = max(0, int(cy - reach)), min(height, int(cy + reach) + 1)
+        x0, x1 = max(0, int(cx - reach)), min(width, int(cx + reach) + 1)
         if y0 >= y1 or x0 >= x1:
             continue
         dy = (np.arange(y0, y1, dtype=np.float32) - np.float32(cy))[:, None]
@@ -136,8 +148,8 @@ def render(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
         mask[y0:y1, x0:x1] |= inside
 
     # uneven illumination: tilted plane + smooth bump, multiplicative, about 0.55..1.45
-    ramp = np.arange(size, dtype=np.float32) / size - 0.5
-    yy, xx = ramp[:, None], ramp[None, :]
+    yy = (np.arange(height, dtype=np.float32) / height - 0.5)[:, None]
+    xx = (np.arange(width, dtype=np.float32) / width - 0.5)[None, :]
     tilt = rng.uniform(-0.5, 0.5, 2)
     illumination = 1.0 + tilt[0] * yy + tilt[1] * xx + rng.uniform(0.0, 0.15) * smooth_field(rng, size, 3)
     signal *= np.clip(illumination, 0.4, 1.6)
@@ -159,15 +171,41 @@ def render(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
     return image, mask.astype(np.uint8)
 
 
-def generate(n: int, size: int = 512, seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield n (image uint8 (size, size), mask uint8 (size, size) in {0, 1}) pairs.
+def generate(n: int, size: Size = 512, seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield n (image uint8 (height, width), mask uint8 (height, width) in {0, 1}) pairs; size: a side or
+    (height, width).
 
     Image i is rendered from the seed sequence (seed, i), so it does not depend on n.
     """
-    if size < 16:
-        raise ValueError(f"synthetic images must be at least 16 px, got {size}")
+    if min(_sides(size)) < 16:
+        raise ValueError(f"synthetic images must be at least 16 px a side, got {size}")
     for i in range(n):
         yield render(np.random.default_rng([seed, i]), size)
+
+
+def generate_stack(pages: int, size: Size = 512, seed: int = 0, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stack `index`: (images uint8 (pages, height, width), masks uint8 (pages, height, width) in {0, 1}).
+
+    Page p is rendered from the seed sequence (seed, index, p): a stack's pages are distinct scenes.
+    """
+    if pages < 1 or min(_sides(size)) < 16:
+        raise ValueError(f"a stack needs at least one page of at least 16 px a side, got {pages} of {size}")
+    rendered = [render(np.random.default_rng([seed, index, page]), size) for page in range(pages)]
+    return np.stack([image for image, _ in rendered]), np.stack([mask for _, mask in rendered])
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"512" -> (512, 512); "2048x1536" (width x height, as image sizes are written) -> (1536, 2048)."""
+    parts = text.lower().split("x")
+    try:
+        sides = [int(part) for part in parts]
+    except ValueError:
+        raise ValueError(f"size must be N or WIDTHxHEIGHT in pixels, got {text!r}") from None
+    if len(sides) == 1:
+        return sides[0], sides[0]
+    if len(sides) != 2:
+        raise ValueError(f"size must be N or WIDTHxHEIGHT in pixels, got {text!r}")
+    return sides[1], sides[0]
 
 
 #: subfolder of an `engines synth` directory holding the images
@@ -176,17 +214,30 @@ IMAGES_DIR = "images"
 TRUTH_DIR = "truth"
 
 
-def write_dataset(out_dir: Path | str, n: int, size: int = 512, seed: int = 0, progress: bool = True) -> Path:
+def write_dataset(out_dir: Path | str, n: int, size: Size = 512, seed: int = 0, progress: bool = True,
+                  pages: int = 1) -> Path:
     """Write n pairs as `out_dir/images/img_00000.png` (8-bit gray) and `out_dir/truth/img_00000.png`.
 
-    Mask PNGs store 0 (background) and 255 (cell) for visibility; readers threshold at 128
-    (`read_mask`). Returns out_dir.
+    size: a side or (height, width). pages > 1: n multi-page TIFF stacks instead,
+    `images/stack_00000.tif` and `truth/stack_00000.tif` (page p of stack i from generate_stack).
+    Mask PNGs and TIFF pages store 0 (background) and 255 (cell) for visibility; readers threshold at
+    128 (`read_mask`, `read_masks`). Returns out_dir.
     """
     from tqdm import tqdm
 
     out = Path(out_dir)
     (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     (out / TRUTH_DIR).mkdir(parents=True, exist_ok=True)
+    if pages > 1:
+        import tifffile
+
+        for i in tqdm(range(n), desc="synth", unit="stack", disable=not progress):
+            images, masks = generate_stack(pages, size, seed, i)
+            name = f"stack_{i:05d}.tif"
+            tifffile.imwrite(out / IMAGES_DIR / name, images, photometric="minisblack", metadata=None)
+            tifffile.imwrite(out / TRUTH_DIR / name, masks * np.uint8(255), photometric="minisblack",
+                             compression="zlib", metadata=None)
+        return out
     for i, (image, mask) in enumerate(
         tqdm(generate(n, size, seed), total=n, desc="synth", unit="img", disable=not progress)
     ):
@@ -200,3 +251,15 @@ def read_mask(path: Path | str) -> np.ndarray:
     """Read a mask PNG written by `write_dataset` as uint8 (H, W) in {0, 1} (threshold 128)."""
     data = np.asarray(Image.open(path).convert("L"))
     return (data >= MASK_THRESHOLD).astype(np.uint8)
+
+
+def read_masks(path: Path | str) -> np.ndarray:
+    """Every page of a mask file (PNG, or a multi-page TIFF as `write_dataset` and `producer collect` write them)
+    as uint8 (pages, H, W) in {0, 1} (threshold 128)."""
+    if Path(path).suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        data = tifffile.imread(path)
+        data = data[None] if data.ndim == 2 else data
+        return (data >= MASK_THRESHOLD).astype(np.uint8)
+    return read_mask(path)[None]

@@ -232,7 +232,10 @@ def serve(settings: WorkerSettings, plan: DevicePlan | None = None) -> int:
         loader = open_loader(settings.broker, settings.decode_processes, QueueStore(client, settings.broker.queue))
     except (SegqueueError, EngineError) as exc:
         _fail(_with_device(str(exc), plan))
-    probe = instrument(metrics, client, settings.broker.queue, plan.physical if plan else None, log)
+    # GPU gauges (and the warning when NVML is missing) only where /metrics is served: without --metrics-port
+    # nothing reads them, and a worker on a missing GPU then gives its one clear error alone
+    gpu = plan.physical if plan is not None and settings.metrics_port is not None else None
+    probe = instrument(metrics, client, settings.broker.queue, gpu, log)
     try:
         server = _serve_metrics(metrics, settings.metrics_port)
         try:

@@ -27,6 +27,7 @@ from broker.connection import BrokerSettings
 from broker.errors import SegqueueError
 from broker.process_store import fork_store_pool, process_store
 from broker.store import QueueStore, StoredImage
+from worker.mask_files import MaskFile, write_mask_files
 from worker.pool import die_with_parent
 
 
@@ -38,6 +39,10 @@ class ImageLoader(Protocol):
     """Reads and decodes images by id: each entry is the image or why it cannot be used (as QueueStore.load_images)."""
 
     def load(self, image_ids: Sequence[str]) -> list[StoredImage | str]: ...
+
+    def write_masks(self, files: Sequence[MaskFile]) -> list[str | None]:
+        """Write masks of images enqueued by reference (worker/mask_files.py): per file None or why not."""
+        ...
 
     def close(self) -> None: ...
 
@@ -51,6 +56,10 @@ class ThreadImageLoader:
     def load(self, image_ids: Sequence[str]) -> list[StoredImage | str]:
         """Fetch and decode `image_ids` in one round trip, on this thread."""
         return self.store.load_images(image_ids)
+
+    def write_masks(self, files: Sequence[MaskFile]) -> list[str | None]:
+        """Write the masks on this thread."""
+        return write_mask_files(files)
 
     def close(self) -> None:
         """Nothing to release."""
@@ -92,6 +101,19 @@ class ProcessImageLoader:
         """Fetch and decode `image_ids` in one round trip, in a decode process."""
         try:
             return self._executor.submit(_load_task, list(image_ids)).result()
+        except BrokenProcessPool:
+            raise LoaderDied("a decode process died (killed or out of memory); the worker stops and its "
+                             "jobs are taken up again") from None
+
+    def write_masks(self, files: Sequence[MaskFile]) -> list[str | None]:
+        """Write the masks spread over the decode processes (PNG encoding is CPU work), waiting for all."""
+        if not files:
+            return []
+        share = -(-len(files) // self.processes)
+        try:
+            tasks = [self._executor.submit(write_mask_files, list(files[start:start + share]))
+                     for start in range(0, len(files), share)]
+            return [reason for task in tasks for reason in task.result()]
         except BrokenProcessPool:
             raise LoaderDied("a decode process died (killed or out of memory); the worker stops and its "
                              "jobs are taken up again") from None

@@ -95,6 +95,10 @@ class WorkerMetrics:
                             registry=r)
         self.redis_errors = Counter("segqueue_redis_errors", "Redis connection errors and timeouts ridden out, by "
                                     "where they happened (loop, leases).", ["where"], registry=r)
+        for counter, labels in ((self.images, ("ok", "failed")), (self.jobs, ("finished", "failed", "retried")),
+                                (self.redis_errors, ("loop", "leases"))):
+            for label in labels:  # every series exported from the start, at 0 (not only after its first event)
+                counter.labels(label)
         self.engine_info = Info("segqueue_engine", "The loaded engine: file, format, device, precision, input size, "
                                 "batch bounds.", registry=r)
         Gauge("segqueue_engine_busy_share", f"Share of the last {busy_window_s:.0f} s with a batch in flight (0..1).",

@@ -94,7 +94,8 @@ class BatchPipeline:
         self.fetching: deque[tuple[list[BatchItem], Future[Fetch]]] = deque()
         self.fetcher = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="fetch")
         self.claims = OpenClaims()
-        self.writer = ResultWriter(self.store, source, self.claims, log, clock, metrics=self.metrics)
+        self.writer = ResultWriter(self.store, source, self.claims, log, clock, metrics=self.metrics,
+                                   write_masks=self.loader.write_masks)
         self._halt = threading.Event()
         self._leases = threading.Thread(target=self._renew_leases, name="job-leases", daemon=True)
         self._images_per_job = self.settings.max_batch  # until a job is seen: claim one at a time

@@ -18,9 +18,11 @@ import numpy as np
 import structlog
 
 from broker.store import QueueStore
+from common.tiles import parent_of
 from worker.batch import BatchItem, FetchedBatch, claims_of
 from worker.claims import OpenClaims
 from worker.job_source import ImageOutcome, JobSource
+from worker.mask_files import MaskFile, write_mask_files
 from worker.metrics import WorkerMetrics
 
 
@@ -53,8 +55,10 @@ class ResultWriter:
         depth: int = 4,
         put_timeout_s: float = 1.0,
         metrics: WorkerMetrics | None = None,
+        write_masks=write_mask_files,
     ) -> None:
         self.store = store
+        self.write_masks = write_masks  # masks of images enqueued by reference: to storage (worker/mask_files.py)
         self.source = source
         self.claims = claims
         self.log = log
@@ -110,14 +114,26 @@ class ResultWriter:
         """Store masks and failures in one round trip, and note each image's outcome on its job."""
         if masks is None and submitted.items:  # masks are None only for a batch with no image to run
             raise RuntimeError(f"no masks for a batch of {len(submitted.items)} images")
-        results = [] if masks is None else [(item.image_id, masks[index]) for index, item in enumerate(submitted.items)]
-        self.store.save_results(results,
-                                [(item.image_id, reason) for item, reason in submitted.rejected])
+        results, files = [], []
+        for index, (item, image) in enumerate(zip(submitted.items, submitted.images, strict=True)):
+            assert masks is not None
+            if image.mask_url is None:
+                results.append((item.image_id, masks[index]))
+            else:  # enqueued by reference: the mask goes to storage, written before the image is marked done
+                files.append(MaskFile.of(image, masks[index]))
+        not_written = {file.image_id: reason
+                       for file, reason in zip(files, self.write_masks(files), strict=True) if reason is not None}
+        failures = [(item.image_id, reason) for item, reason in submitted.rejected] + list(not_written.items())
+        self.store.save_results(results, failures,
+                                written=[file.image_id for file in files if file.image_id not in not_written])
         for item, image in zip(submitted.items, submitted.images, strict=True):
-            item.claim.outcomes[item.image_id] = ImageOutcome(item.image_id, ok=True, name=image.name)
+            reason = not_written.get(item.image_id)
+            outcome = ImageOutcome(item.image_id, ok=reason is None, name=image.name if reason is None else "",
+                                   error=reason or "")
+            item.claim.outcomes[item.image_id] = outcome
         for item, reason in submitted.rejected:
             item.claim.outcomes[item.image_id] = ImageOutcome(item.image_id, ok=False, error=reason)
-        self.images_done += len(submitted.items)
+        self.images_done += len(submitted.items) - len(not_written)
 
     def _complete_finished_jobs(self) -> tuple[int, int]:
         """Finish (or, if every image failed, fail) each job whose images all have an outcome; (ended, failed)."""
@@ -131,11 +147,14 @@ class ResultWriter:
                    jobs_completed: int) -> None:
         self.batches_done += 1
         job_ids = sorted({claim.job_id for claim in claims_of(submitted.all_items)})
+        tile_of = [parent_of(item.image_id) for item in submitted.items]  # per image_wait_ms entry
         self.log.info(
             "batch",
             batch_size=submitted.size,
             images_ok=len(submitted.items),
             images_failed=len(submitted.rejected),
+            tiles=sum(1 for item in submitted.all_items if parent_of(item.image_id) is not None),
+            tile_of=tile_of if any(tile_of) else None,
             jobs=len(job_ids),
             job_ids=job_ids,
             jobs_completed=jobs_completed,

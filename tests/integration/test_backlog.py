@@ -1,6 +1,6 @@
 """The autoscaling signal (broker/backlog.py): a real `producer enqueue --max-pending 80` with 400 files and
 no worker, read as a worker exports it and turned into KEDA's replica count with deploy/k8s/keda.yaml's
-numbers."""
+numbers; and the same producer by reference (`--by-reference`)."""
 
 from __future__ import annotations
 
@@ -58,6 +58,27 @@ def test_backlog_counts_files_a_held_back_producer_still_has(tmp_path, client, r
         assert keda_replicas(2000 / 8, by_type["redis"], scaled) == 1
 
         producer.send_signal(signal.SIGINT)  # stops early: its record goes, the stored images stay queued
+        assert producer.wait(timeout=60) == 130, producer.stderr.read() if producer.stderr else ""
+        assert read_backlog(client, queue_name) == type(backlog)(to_send=0, queued=80, claimed=0, producers=0)
+    finally:
+        if producer.poll() is None:
+            producer.kill()
+            producer.wait()
+
+
+def test_backlog_counts_files_a_producer_by_reference_still_has(tmp_path, client, redis_url, queue_name) -> None:
+    write_synthetic_images(tmp_path / "in", 400)
+    producer = subprocess.Popen([sys.executable, "-m", "producer", "enqueue", str(tmp_path / "in"), "--by-reference",
+                                 "--out", str(tmp_path / "masks"), "--size", str(SMALL_SIZE), "--job-size", "8",
+                                 "--max-pending", "80", "--timeout", "300", "--redis-url", redis_url,
+                                 "--queue", queue_name],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: read_backlog(client, queue_name).total == 400, 120,
+                   lambda: f"backlog 400 (now {read_backlog(client, queue_name)})", producer)
+        backlog = read_backlog(client, queue_name)
+        assert (backlog.to_send, backlog.queued, backlog.claimed, backlog.producers) == (320, 80, 0, 1)
+        producer.send_signal(signal.SIGINT)  # its record goes, the 80 references stay queued
         assert producer.wait(timeout=60) == 130, producer.stderr.read() if producer.stderr else ""
         assert read_backlog(client, queue_name) == type(backlog)(to_send=0, queued=80, claimed=0, producers=0)
     finally:

@@ -61,20 +61,20 @@ def test_enqueue_work_status_collect_with_mixed_inputs(tmp_path, redis_url, queu
     enq = cli("producer", "enqueue", str(images), "--job-size", "3", "--size", str(SMALL_SIZE), *common)
     assert enq.returncode == 1, enq.stderr  # one file rejected
     assert "broken.png" in enq.stdout + enq.stderr
-    assert "enqueued 7 images in 3 jobs" in enq.stdout
+    assert "enqueued 7 images in 3 jobs (2 of them as 4 tiles)" in enq.stdout  # rgb.jpg, deep.tif: 2 tiles each
 
     status = json.loads(cli("producer", "status", "--json", *common).stdout)
-    assert status["images"] == {"queued": 7, "started": 0, "finished": 0, "failed": 0}
+    assert status["images"] == {"queued": 9, "started": 0, "finished": 0, "failed": 0}  # engine inputs
     assert status["jobs"]["queued"] == 3
 
     log_file = tmp_path / "worker.log"
     work = cli("worker", "run", "--engine", str(small_engine), "--burst", "--log-file", str(log_file), *common)
     assert work.returncode == 0, work.stderr + work.stdout
-    assert sum(b["batch_size"] for b in log_events(log_file, "batch")) == 7
+    assert sum(b["batch_size"] for b in log_events(log_file, "batch")) == 9
     assert log_events(log_file, "worker_started") and log_events(log_file, "worker_stopped")
 
     status = json.loads(cli("producer", "status", "--json", *common).stdout)
-    assert status["images"] == {"queued": 0, "started": 0, "finished": 7, "failed": 0}
+    assert status["images"] == {"queued": 0, "started": 0, "finished": 9, "failed": 0}
     assert status["jobs"] == {"queued": 0, "started": 0, "finished": 3, "failed": 0}
 
     out = tmp_path / "masks"

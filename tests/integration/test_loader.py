@@ -20,6 +20,7 @@ from broker.connection import BrokerSettings
 from broker.store import QueueStore
 from common.images import ImageSource
 from producer.pool import store_files
+from producer.tiling import RESIZE
 from tests.conftest import SMALL_SIZE, free_port, write_synthetic_images
 from tests.integration.test_pool import events, wait_until
 from toolchain.synth import generate
@@ -59,7 +60,8 @@ def test_decode_processes_load_exactly_what_the_store_loads(tmp_path, client, re
     Image.fromarray(small).save(folder / "as_is.png")  # stored as png
     Image.fromarray(large).save(folder / "large.png")  # decoded and stored as zstd
     store = QueueStore(client, queue_name)
-    chunk = store_files(store, [ImageSource(folder / n, n) for n in ("as_is.png", "large.png")], SMALL_SIZE, SMALL_SIZE)
+    chunk = store_files(store, [ImageSource(folder / n, n) for n in ("as_is.png", "large.png")], SMALL_SIZE, SMALL_SIZE,
+                        RESIZE)  # large.png as one resized record (tiled, it would be 9)
     ids = [image_id for image_id, _ in chunk.stored]
     client.hset(f"segq:{queue_name}:img:{ids[0]}x", mapping={"format": "segq-image/1", "codec": "png", "height": 1,
                                                              "width": 1, "data": b"\x89PNG\r\n\x1a\n broken"})

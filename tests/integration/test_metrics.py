@@ -197,7 +197,9 @@ def test_a_real_worker_probes_through_a_slow_load_and_a_redis_outage(tmp_path, s
         assert status("/startupz") == 200 and worker.poll() is None
         server.start()
         wait_until(lambda: status("/readyz") == 200, 60, "/readyz 200 again once Redis is back", worker)
-        wait_until(lambda: "segqueue_redis_errors_total" in get(port, "/metrics")[1], 30, "a Redis error counted")
+        errors = lambda: sum(scrape_value(get(port, "/metrics")[1], f'segqueue_redis_errors_total{{where="{where}"}}')  # noqa: E731
+                             for where in ("loop", "leases"))
+        wait_until(lambda: errors() > 0, 30, "a Redis error counted")
     finally:
         worker.terminate()
         worker.wait(timeout=60)

@@ -12,6 +12,7 @@ from broker.store import QueueStore
 from common.images import ImageSource
 from common.images import decode_image as decode_file
 from producer.pool import store_files
+from producer.tiling import RESIZE
 from tests.unit.test_png_as_is import SIZE, _other_size, microscopy, save_png
 
 
@@ -19,7 +20,8 @@ def test_store_files_stores_both_codecs_and_the_worker_side_reads_them(tmp_path,
     as_is = save_png(tmp_path / "as_is.png", Image.fromarray(microscopy(seed=3)))
     other = _other_size(tmp_path)
     store = QueueStore(client, queue_name)
-    chunk_ = store_files(store, [ImageSource(as_is, "as_is.png"), ImageSource(other, "big.png")], SIZE, SIZE)
+    chunk_ = store_files(store, [ImageSource(as_is, "as_is.png"), ImageSource(other, "big.png")], SIZE, SIZE,
+                         RESIZE)  # the other size resized, as the study does (tiling: test_tiling.py)
     assert not chunk_.rejected and len(chunk_.stored) == 2
     ids = {name: image_id for image_id, name in chunk_.stored}
     codecs = {name: client.hget(f"segq:{queue_name}:img:{image_id}", "codec") for name, image_id in ids.items()}

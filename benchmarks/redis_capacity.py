@@ -1,0 +1,257 @@
+"""How many images a second one Redis carries: its main thread's CPU per image, by bytes and by reference.
+
+    python benchmarks/redis_capacity.py --images 512 --job-sizes 8,1
+
+Redis runs every command on one thread, so the images a second one Redis can carry is about
+1,000 / (main-thread CPU ms per image). This measures that CPU (INFO's used_cpu_sys_main_thread +
+used_cpu_user_main_thread) through the real commands, as separate processes, with one private
+`redis-server` (AOF on, everysec; benchmarks/scale_out.py's), for each mode and job size:
+
+- bytes: `producer enqueue DIR --out MASKS --max-pending M --job-size J` (images stored in Redis,
+  masks collected from Redis by the producer and freed);
+- reference: `producer enqueue DIR --by-reference --out MASKS --max-pending M --job-size J` (only
+  locations in Redis; the worker reads the files and writes the masks).
+
+One `worker run` serves the queue, started and ready before the producer. Its engine is a
+stand-in that costs almost nothing (a 1x1 convolution to two classes, ONNX at the images' size,
+built here), so that the run goes as fast as this machine's cores decode and the Redis side is
+what is measured; the U-Net's own speed does not change Redis's work per image. The window is the
+producer's whole run (enqueue, the worker's claims, fetches and completions, masks collected or
+freed), so it includes the per-second costs (heartbeats, the producer's polling) at this run's
+rate. Those are costs per second of waiting, not per image: a GPU run finishes the same images in a
+fraction of the time. So the per-image figure (`redis_main_ms_per_image_*`) is the window's
+main-thread CPU less the worker's idle rate (measured for --idle-s before the producer starts) times
+the run's duration, less the share of command time spent on the producer's polling
+(POLLING_COMMANDS, from INFO commandstats); the raw figure is kept beside it in `runs`. Files are
+`engines synth` PNGs (--distinct of them, copied to --images names).
+
+Writes benchmarks/results/redis_capacity_<job sizes>_<timestamp>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.scale_out import (  # noqa: E402
+    PRODUCER,
+    WORKER,
+    BenchError,
+    Children,
+    events,
+    redis_binary,
+    redis_snapshot,
+    run,
+    start_redis,
+    toolchain_module,
+    versions,
+    write_files,
+)
+
+
+def pointwise_engine(path: Path, size: int) -> Path:
+    """A stand-in engine file (ONNX + metadata) at size x size: a 1x1 convolution to two class logits."""
+    import torch
+
+    from engines.unet import UNet, UNetConfig
+    from toolchain.export import export_onnx
+
+    class Pointwise(UNet):
+        def __init__(self) -> None:
+            super().__init__(UNetConfig(width=2))
+            self.pointwise = torch.nn.Conv2d(1, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.pointwise(x)
+
+    torch.manual_seed(0)
+    export_onnx(Pointwise().eval(), path, height=size, width=size, max_batch=8)
+    return path
+
+
+def main_cpu_s(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_sys_main_thread"]) + float(info["used_cpu_user_main_thread"])
+
+
+# The producer's polling (producer/stream.py, producer/references.py: which of its pending images finished, every
+# 0.2 s) and the queue counts it reads first: a cost per second of waiting, not per image.
+POLLING_COMMANDS = ("sismember", "hexists", "hlen", "scard")
+
+
+def command_usec(client: redis.Redis) -> dict[str, float]:
+    """INFO commandstats: microseconds the main thread spent executing each command, since start."""
+    return {name.removeprefix("cmdstat_").split("|")[0]: float(stats["usec"])
+            for name, stats in client.info("commandstats").items()}
+
+
+def measure(args: argparse.Namespace, client: redis.Redis, url: str, redis_dir: Path, tmp: Path, engine: Path,
+            folder: Path, mode: str, job_size: int, children: Children) -> dict[str, Any]:
+    """One producer run with one worker; the Redis main thread's CPU per image over it."""
+    queue = f"cap_{mode}_{job_size}"
+    common = ["--redis-url", url, "--queue", queue]
+    log = tmp / "logs" / f"worker_{queue}.log"
+    worker = children.start([sys.executable, *WORKER, "run", "--engine", str(engine), "--max-batch", "8",
+                             "--decode-processes", str(args.decode_processes), "--log-file", str(log), *common],
+                            log.with_suffix(".out"))
+    deadline = time.monotonic() + 300
+    while not events(log, "worker_ready"):
+        if worker.poll() is not None or time.monotonic() > deadline:
+            raise BenchError(f"worker not ready; see {log.with_suffix('.out')}")
+        time.sleep(0.2)
+    idle_before = main_cpu_s(client)
+    time.sleep(args.idle_s)
+    idle_ms_per_s = (main_cpu_s(client) - idle_before) * 1000 / args.idle_s
+    masks = tmp / f"masks_{queue}"
+    argv = [sys.executable, *PRODUCER, "enqueue", str(folder), "--out", str(masks), "--max-pending",
+            str(args.max_pending), "--job-size", str(job_size), "--size", str(args.size), "--workers",
+            str(args.producer_workers), *common]
+    if mode == "reference":
+        argv.insert(argv.index("--out"), "--by-reference")
+    before, usec_before = redis_snapshot(client, redis_dir), command_usec(client)
+    wall, out = run(argv, args.timeout, f"producer enqueue ({mode}, jobs of {job_size})")
+    after, usec_after = redis_snapshot(client, redis_dir), command_usec(client)
+    usec = {name: value - usec_before.get(name, 0.0) for name, value in usec_after.items()}
+    polling_share = sum(usec.get(name, 0.0) for name in POLLING_COMMANDS) / max(1.0, sum(usec.values()))
+    (tmp / "logs" / f"producer_{queue}.out").write_text(out)
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(timeout=120)
+    written = sum(1 for _ in masks.rglob("*.png"))
+    if written != args.images:
+        raise BenchError(f"{mode}, jobs of {job_size}: {written} masks of {args.images}:\n{out[-2000:]}")
+    shutil.rmtree(masks)
+    n = args.images
+    raw_ms = (after["main_cpu_s"] - before["main_cpu_s"]) * 1000 / n
+    # per image: the main thread's CPU less the worker's idle rate over the run, less the polling's share of it
+    main_ms = max(0.0, raw_ms - idle_ms_per_s * wall / n) * (1 - polling_share)
+    client.flushall()
+    return {
+        "mode": mode, "job_size": job_size, "images": n, "wall_s": round(wall, 3), "img_s": round(n / wall, 1),
+        "redis_main_ms_per_image": round(main_ms, 4),
+        "redis_main_ms_per_image_raw": round(raw_ms, 4),  # everything in the window, at this run's rate
+        "polling_share_of_command_time": round(polling_share, 3),
+        "command_usec_per_image": {name: round(value / n, 2)
+                                   for name, value in sorted(usec.items(), key=lambda kv: -kv[1]) if value > 0},
+        "redis_all_threads_ms_per_image": round((after["cpu_s"] - before["cpu_s"]) * 1000 / n, 4),
+        "redis_main_thread_busy": round((after["main_cpu_s"] - before["main_cpu_s"]) / wall, 3),
+        "redis_net_in_bytes_per_image": round((after["net_in_bytes"] - before["net_in_bytes"]) / n),
+        "redis_net_out_bytes_per_image": round((after["net_out_bytes"] - before["net_out_bytes"]) / n),
+        "aof_bytes_per_image": round((after["aof_bytes"] - before["aof_bytes"]) / n),
+        "idle_main_ms_per_s": round(idle_ms_per_s, 3),
+        "images_per_s_one_redis": round(1000 / main_ms) if main_ms > 0 else None,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--distinct", type=int, default=64)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--job-sizes", default="8,1")
+    parser.add_argument("--modes", default="bytes,reference")
+    parser.add_argument("--max-pending", type=int, default=256)
+    parser.add_argument("--producer-workers", type=int, default=1)
+    parser.add_argument("--decode-processes", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--idle-s", type=float, default=3.0)
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--out-json", type=Path, default=None)
+    args = parser.parse_args()
+    job_sizes = [int(x) for x in args.job_sizes.split(",")]
+    modes = args.modes.split(",")
+    children = Children()
+    tmp = Path(tempfile.mkdtemp(prefix="redis_capacity_"))
+    redis_bin = redis_binary()
+    rows = []
+    try:
+        redis_dir = tmp / "redis"
+        url, _ = start_redis(redis_bin, redis_dir, True, 1, children)
+        client = redis.Redis.from_url(url, socket_timeout=30)
+        run([sys.executable, *toolchain_module(), "synth", str(tmp / "data"), "--n", str(args.distinct), "--size",
+             str(args.size)], args.timeout, "engines synth")
+        folder = write_files(tmp / "data" / "images", tmp / "parts", args.images, 1)[0]
+        engine = pointwise_engine(tmp / "pointwise.onnx", args.size)
+        (tmp / "logs").mkdir(parents=True, exist_ok=True)
+        for job_size in job_sizes:
+            for mode in modes:
+                row = measure(args, client, url, redis_dir, tmp, engine, folder, mode, job_size, children)
+                rows.append(row)
+                print(f"{mode:>9}, jobs of {job_size}: {row['redis_main_ms_per_image']:.4f} ms of Redis main thread "
+                      f"per image at {row['img_s']} img/s", flush=True)
+    except BaseException:
+        children.kill_all()
+        print(f"failed; logs kept in {tmp}", file=sys.stderr)
+        raise
+    children.kill_all()
+    now = dt.datetime.now(dt.UTC)
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    machine = f"{socket.gethostname()}: {_cpu_model()}, {os.cpu_count()} CPUs (no GPU; Redis-side figures)"
+    by_job = {}
+    for job_size in job_sizes:
+        pick = {row["mode"]: row for row in rows if row["job_size"] == job_size}
+        by_job[job_size] = {
+            "job_size": job_size,
+            "redis_main_ms_per_image_bytes": pick.get("bytes", {}).get("redis_main_ms_per_image"),
+            "redis_main_ms_per_image_reference": pick.get("reference", {}).get("redis_main_ms_per_image"),
+            "images_per_s_one_redis_bytes": pick.get("bytes", {}).get("images_per_s_one_redis"),
+            "images_per_s_one_redis_reference": pick.get("reference", {}).get("images_per_s_one_redis"),
+        }
+    result = {
+        "benchmark": "redis_capacity",
+        "date": now.isoformat(timespec="seconds"),
+        "machine": machine,
+        "command": command,
+        **by_job[job_sizes[0]],
+        "by_job_size": list(by_job.values()),
+        "images": args.images, "size": args.size, "max_pending": args.max_pending, "aof": "everysec",
+        "engine": "pointwise 1x1 convolution stand-in (ONNX, CPU): the worker goes as fast as decoding allows",
+        "runs": rows,
+        "versions": {**versions(redis_bin), "python": platform.python_version()},
+    }
+    sizes = "_".join(str(j) for j in job_sizes)
+    path = args.out_json or ROOT / "benchmarks" / "results" / f"redis_capacity_jobs{sizes}_{now:%Y%m%dT%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {path}")
+    print(f"Redis main thread per image ({machine}), {args.images} images {args.size}px, AOF on")
+    print(f"{'mode':>10}{'jobs of':>9}{'img/s run':>11}{'main ms/img':>13}{'net in B/img':>14}{'AOF B/img':>11}"
+          f"{'img/s one Redis':>17}")
+    for row in rows:
+        print(f"{row['mode']:>10}{row['job_size']:>9}{row['img_s']:>11}{row['redis_main_ms_per_image']:>13.4f}"
+              f"{row['redis_net_in_bytes_per_image']:>14}{row['aof_bytes_per_image']:>11}"
+              f"{row['images_per_s_one_redis'] or 0:>17}")
+    return 0
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
