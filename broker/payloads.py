@@ -1,30 +1,18 @@
 """How pixels and masks are encoded in Redis: compact, tagged with their format, checked when decoded.
 
-Chosen from `benchmarks/payloads.py` (benchmarks/results/payloads_cpu_20261122T231219.json: 32
-synthetic 512x512 microscopy images, 2-core CPU, ms per image, one thread):
-
-- Images: zstd level 1 (codec tag `zstd1`). On the generator's noisy images it gives 1.30x at 0.26 ms
-  to encode and 0.16 ms to decode; zstd-3 gives no more (1.29x, 1.1 ms), lz4 almost nothing (1.01x),
-  and PNG 1.44x but at 12 ms to encode and 1.7 ms to decode. On 41 real microscopy images zstd-1
-  gave 1.76x (DESIGN.md). Decoding a batch of 8 costs about 1.3 ms of CPU against ~7.5 ms of GPU
-  compute per batch. The worker decodes on its main thread, inside `QueueStore.load_images`, while
-  the engine computes the previous batch (two batches in flight), so it does not delay the engine's
-  feeding as long as the main thread keeps up. It is not negligible, though: about a sixth of the
-  main thread's per-batch budget at GPU rates. Should that thread become the bottleneck, decoding
-  can move to a thread pool (zstandard releases the GIL while it decompresses).
+- Images: zstd level 1 (codec tag `zstd1`): nearly PNG's ratio at a small fraction of its encode and
+  decode time, so the worker's decoding keeps up with the engine (zstandard releases the GIL).
 - Masks with class ids 0/1 (the 2-class U-Net): one bit per pixel (`np.packbits`), then zstd level 1
-  (codec `packbits+zstd1`): 68x smaller than the raw bytes (3.9 KB per 512x512 mask), 0.07 ms to
-  encode and 0.04 ms to decode. Masks with larger class ids are stored as zstd level 1 of the uint8
-  ids (codec `zstd1`, 42x on 0/1 masks), so they still round-trip exactly.
-
+  (codec `packbits+zstd1`). Masks with larger class ids are stored as zstd level 1 of the uint8 ids
+  (codec `zstd1`), so they still round-trip exactly.
 - Images that arrive as PNG files already holding the engine input (8-bit gray at the engine's
   size, one frame, no orientation; see common.images.read_png_as_is) are stored as the file's bytes
-  (codec `png`): the producer neither decodes nor compresses them (about 0.15 ms per file instead of
-  1.9 ms to decode plus 0.3-0.6 ms to compress), and PNG is the most compact of the four (1.44x on
-  the synthetic images). The worker decodes them once, in its decode processes (worker/loader.py;
-  about 1.9 ms per 512x512 image on the 2-core test machine, 4.5 ms on the H200 host's cores), never
-  on the thread that submits batches. Before decoding, every chunk
-  is checked against its CRC-32, so altered bytes raise `CorruptPayload`, as they do for zstd.
+  (codec `png`): the producer neither decodes nor compresses them, and PNG is the most compact of the
+  codecs. The worker decodes them once, in its decode processes (worker/loader.py), never on the
+  thread that submits batches. Before decoding, every chunk is checked against its CRC-32, so
+  altered bytes raise `CorruptPayload`, as they do for zstd.
+
+The measurements behind these choices (`benchmarks/payloads.py`) are in docs/performance.md.
 
 Every stored payload sits in a hash next to a `format` field (`segq-image/1` or `segq-mask/1`), a
 `codec` field, `height` and `width`, and its bytes under `data`. Records written by segqueue versions

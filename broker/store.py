@@ -181,8 +181,8 @@ class QueueStore:
     def load_images(self, image_ids: Sequence[str]) -> list[StoredImage | str]:
         """Fetch and decode images in one round trip; each entry is the image or why it cannot be used.
 
-        Decoding runs here, in the caller (the worker's decode processes, worker/loader.py): about
-        0.17 ms per 512x512 zstd image, 1.9-4.5 ms per png image (see broker/payloads.py).
+        Decoding runs here, in the caller (the worker's decode processes, worker/loader.py); its CPU
+        cost per codec is in docs/performance.md.
         """
         pipe = self.client.pipeline(transaction=False)
         for image_id in image_ids:

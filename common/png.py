@@ -57,7 +57,7 @@ def chunk_types(data: bytes) -> list[bytes]:
     """The type of every chunk of a whole PNG file, in order, after checking each chunk's CRC.
 
     Raises PngStructureError for a missing signature, a truncated chunk, a CRC mismatch, a first
-    chunk other than IHDR, no IEND, or bytes after IEND. About 0.1 ms for a 200 KB file.
+    chunk other than IHDR, no IEND, or bytes after IEND.
     """
     if not data.startswith(SIGNATURE):
         raise PngStructureError("no PNG signature")

@@ -2,7 +2,7 @@
 
 Decoding a 512x512 PNG and compressing it takes a few milliseconds of CPU, and so does writing a
 mask PNG: one process tops out at a few hundred images a second. (A PNG that already is the engine
-input is stored as it is, about 0.15 ms per file: see `encode_file`.) `ProducerPool` runs these tasks in
+input is stored as it is, without decoding: see `encode_file`.) `ProducerPool` runs these tasks in
 `workers` processes, each with its own Redis connection (broker/process_store.py), so that only small
 results (image ids, names, errors) cross between processes, never pixels. With `workers=1` the same
 functions run in the calling process, with no pool (small inputs, tests, machines with one core).

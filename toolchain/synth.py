@@ -10,7 +10,7 @@ to uint8 with a random contrast window. The mask is the union of the cell outlin
 
 Everything is deterministic from `(seed, index)`: image i of `generate(n, size, seed)` is the same
 for every n. Cell sizes are in absolute pixels (a fixed magnification), so a crop of a 512-px image
-looks like a smaller image. About 30 ms per 512x512 image on one core.
+looks like a smaller image.
 """
 
 from __future__ import annotations

@@ -96,8 +96,8 @@ def run(
         "/livez fails once the worker loop has not passed for this many seconds."
     ))] = 60.0,
     decode_processes: Annotated[int, typer.Option(min=0, help=(
-        "Processes that read and decode images from Redis (2-4.5 ms of CPU per 512x512 PNG image: a GPU at 1,000 img/s "
-        "needs about five busy ones, more than threads can share under the GIL); 0 decodes on the worker's fetch "
+        "Processes that read and decode images from Redis (a GPU needs several busy ones, more than threads can "
+        "share under the GIL; docs/performance.md gives the CPU per image); 0 decodes on the worker's fetch "
         "threads. Default: 8, or the number of CPUs if fewer."
     ))] = DEFAULT_DECODE_PROCESSES,
 ) -> None:
