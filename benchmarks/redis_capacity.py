@@ -85,6 +85,12 @@ def pointwise_engine(path: Path, size: int) -> Path:
     return path
 
 
+def io_events(client: redis.Redis) -> tuple[int, int]:
+    """INFO stats: (client reads, client writes) the server has processed since start: its round trips."""
+    info = client.info("stats")
+    return int(info.get("total_reads_processed", 0)), int(info.get("total_writes_processed", 0))
+
+
 def main_cpu_s(client: redis.Redis) -> float:
     info = client.info("cpu")
     return float(info["used_cpu_sys_main_thread"]) + float(info["used_cpu_user_main_thread"])
@@ -95,10 +101,21 @@ def main_cpu_s(client: redis.Redis) -> float:
 POLLING_COMMANDS = ("sismember", "hexists", "hlen", "scard")
 
 
-def command_usec(client: redis.Redis) -> dict[str, float]:
-    """INFO commandstats: microseconds the main thread spent executing each command, since start."""
-    return {name.removeprefix("cmdstat_").split("|")[0]: float(stats["usec"])
-            for name, stats in client.info("commandstats").items()}
+def command_stats(client: redis.Redis) -> dict[str, tuple[int, float]]:
+    """INFO commandstats: (calls, microseconds executing) of each command since start (EXEC's usec includes
+    its queued commands', which are also counted under their own names)."""
+    stats: dict[str, tuple[int, float]] = {}
+    for name, entry in client.info("commandstats").items():
+        command = name.removeprefix("cmdstat_").split("|")[0]
+        calls, usec = stats.get(command, (0, 0.0))
+        stats[command] = (calls + int(entry["calls"]), usec + float(entry["usec"]))
+    return stats
+
+
+def stats_delta(before: dict[str, tuple[int, float]], after: dict[str, tuple[int, float]]) -> dict[str, tuple[int, float]]:
+    """Per command: (calls, usec) between two command_stats snapshots (the snapshot's INFO itself included)."""
+    return {name: (calls - before.get(name, (0, 0.0))[0], usec - before.get(name, (0, 0.0))[1])
+            for name, (calls, usec) in after.items() if calls > before.get(name, (0, 0.0))[0]}
 
 
 def measure(args: argparse.Namespace, client: redis.Redis, url: str, redis_dir: Path, tmp: Path, engine: Path,
@@ -124,10 +141,11 @@ def measure(args: argparse.Namespace, client: redis.Redis, url: str, redis_dir: 
             str(args.producer_workers), *common]
     if mode == "reference":
         argv.insert(argv.index("--out"), "--by-reference")
-    before, usec_before = redis_snapshot(client, redis_dir), command_usec(client)
+    before, stats_before, io_before = redis_snapshot(client, redis_dir), command_stats(client), io_events(client)
     wall, out = run(argv, args.timeout, f"producer enqueue ({mode}, jobs of {job_size})")
-    after, usec_after = redis_snapshot(client, redis_dir), command_usec(client)
-    usec = {name: value - usec_before.get(name, 0.0) for name, value in usec_after.items()}
+    after, stats_after, io_after = redis_snapshot(client, redis_dir), command_stats(client), io_events(client)
+    stats = stats_delta(stats_before, stats_after)
+    usec = {name: value for name, (_, value) in stats.items()}
     polling_share = sum(usec.get(name, 0.0) for name in POLLING_COMMANDS) / max(1.0, sum(usec.values()))
     (tmp / "logs" / f"producer_{queue}.out").write_text(out)
     worker.send_signal(signal.SIGTERM)
@@ -148,6 +166,11 @@ def measure(args: argparse.Namespace, client: redis.Redis, url: str, redis_dir: 
         "polling_share_of_command_time": round(polling_share, 3),
         "command_usec_per_image": {name: round(value / n, 2)
                                    for name, value in sorted(usec.items(), key=lambda kv: -kv[1]) if value > 0},
+        "command_calls_per_image": {name: round(calls / n, 3)
+                                    for name, (calls, _) in sorted(stats.items(), key=lambda kv: -kv[1][0])},
+        "reads_per_image": round((io_after[0] - io_before[0]) / n, 3),  # round trips (client reads) per image
+        "writes_per_image": round((io_after[1] - io_before[1]) / n, 3),
+        "commands_per_image": round(sum(calls for name, (calls, _) in stats.items() if name != "exec") / n, 2),
         "redis_all_threads_ms_per_image": round((after["cpu_s"] - before["cpu_s"]) * 1000 / n, 4),
         "redis_main_thread_busy": round((after["main_cpu_s"] - before["main_cpu_s"]) / wall, 3),
         "redis_net_in_bytes_per_image": round((after["net_in_bytes"] - before["net_in_bytes"]) / n),

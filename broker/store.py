@@ -284,13 +284,21 @@ class QueueStore:
         return bool(self.client.sismember(self._done, image_id))
 
     def resolved(self, image_ids: Sequence[str]) -> list[bool]:
-        """For each image, whether it has a mask or a failure, in one round trip."""
+        """For each image, whether it has a mask or a failure, in one round trip (two commands)."""
+        return [done or reason is not None for done, reason in self.outcomes(image_ids)]
+
+    def outcomes(self, image_ids: Sequence[str]) -> list[tuple[bool, str | None]]:
+        """For each image, (done, why it failed or None), in one round trip of two commands whatever their
+        number: SMISMEMBER on the done set, HMGET on the failed hash."""
+        if not image_ids:
+            return []
+        ids = list(image_ids)
         pipe = self.client.pipeline(transaction=False)
-        for image_id in image_ids:
-            pipe.sismember(self._done, image_id)
-            pipe.hexists(self._failed, image_id)
-        flags = pipe.execute()
-        return [bool(flags[i] or flags[i + 1]) for i in range(0, len(flags), 2)]
+        pipe.smismember(self._done, ids)
+        pipe.hmget(self._failed, ids)
+        done, reasons = pipe.execute()
+        return [(bool(flag), None if reason is None else reason.decode(errors="backslashreplace"))
+                for flag, reason in zip(done, reasons, strict=True)]
 
     def counts(self) -> ImageCounts:
         """Manifest size, done and failed counts, in one round trip."""

@@ -55,7 +55,8 @@ class FinishedImages(PendingImages):
         look (plus 64): workers take jobs in order, so those are the ones that finished. Every
         FULL_LOOK_S it checks the whole LOOK_AHEAD window, for images that finished out of order
         (retried jobs). Redis then does a few commands per image instead of two per pending image
-        per look.
+        per look. The check is one round trip of two commands (the done flags and failure reasons of all
+        the candidates), and the finished ones are freed in one more.
         """
         if time.monotonic() - self._last_look < self.poll_s:
             return
@@ -74,12 +75,13 @@ class FinishedImages(PendingImages):
                                                                                          seen.collected))
             window = min(LOOK_AHEAD, max(self._next_window, 64 + 2 * max(0, finished_since)))
         candidates = list(islice(self._pending, window))
-        finished = [i for i, done in zip(candidates, self.store.resolved(candidates), strict=True) if done]
+        outcomes = self.store.outcomes(candidates)
+        finished = [i for i, (done, reason) in zip(candidates, outcomes, strict=True) if done or reason is not None]
+        reasons = [reason for done, reason in outcomes if done or reason is not None]
         # all of those checked had finished: more may have, behind them
         self._next_window = min(LOOK_AHEAD, 2 * len(candidates)) if len(finished) == len(candidates) else 0
         if not finished:
             return
-        reasons = self.store.failure_reasons(finished)
         written = [i for i, reason in zip(finished, reasons, strict=True) if reason is None]
         self.store.forget(written)
         for image_id, reason in zip(finished, reasons, strict=True):
