@@ -41,6 +41,7 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,42 @@ def io_events(client: redis.Redis) -> tuple[int, int]:
     return int(info.get("total_reads_processed", 0)), int(info.get("total_writes_processed", 0))
 
 
+@dataclass(frozen=True)
+class ImageSet:
+    """The files of one run and the stand-in engine at their size (pixels, square)."""
+
+    size: int
+    folder: Path
+    engine: Path
+
+
+def image_set(args: argparse.Namespace, tmp: Path, size: int) -> ImageSet:
+    """--images synthetic PNGs of size x size (--distinct of them, copied) and a pointwise engine at that size."""
+    data = tmp / f"data_{size}"
+    run([sys.executable, *toolchain_module(), "synth", str(data), "--n", str(args.distinct), "--size", str(size)],
+        args.timeout, "engines synth")
+    folder = write_files(data / "images", tmp / f"parts_{size}", args.images, 1)[0]
+    return ImageSet(size, folder, pointwise_engine(tmp / f"pointwise_{size}.onnx", size))
+
+
+def per_image_fit(slow: dict[str, Any], fast: dict[str, Any]) -> dict[str, Any]:
+    """Split the main thread's CPU of two runs of the same images, at two rates, into a cost per image and a
+    cost per second: cpu_ms = per_image_ms * images + per_s_ms * wall_s, solved for both.
+
+    By reference Redis's work per image does not depend on the pixels (the record is the same), so the
+    two runs differ only in how long they last. What the run costs once (the producer's connection and
+    setup) is left in the per-image cost, which it can only raise.
+    """
+    n = slow["images"]
+    d_wall = slow["wall_s"] - fast["wall_s"]
+    per_s = (slow["redis_main_cpu_ms"] - fast["redis_main_cpu_ms"]) / d_wall
+    per_image = (fast["redis_main_cpu_ms"] * slow["wall_s"] - slow["redis_main_cpu_ms"] * fast["wall_s"]) / (n * d_wall)
+    return {"sizes": [slow["size"], fast["size"]], "walls_s": [slow["wall_s"], fast["wall_s"]],
+            "cpu_ms": [slow["redis_main_cpu_ms"], fast["redis_main_cpu_ms"]],
+            "per_s_ms": round(per_s, 3), "per_image_ms": round(per_image, 4),
+            "images_per_s_one_redis": round(1000 / per_image) if per_image > 0 else None}
+
+
 def main_cpu_s(client: redis.Redis) -> float:
     info = client.info("cpu")
     return float(info["used_cpu_sys_main_thread"]) + float(info["used_cpu_user_main_thread"])
@@ -112,16 +149,20 @@ def command_stats(client: redis.Redis) -> dict[str, tuple[int, float]]:
     return stats
 
 
-def stats_delta(before: dict[str, tuple[int, float]], after: dict[str, tuple[int, float]]) -> dict[str, tuple[int, float]]:
+Stats = dict[str, tuple[int, float]]
+
+
+def stats_delta(before: Stats, after: Stats) -> Stats:
     """Per command: (calls, usec) between two command_stats snapshots (the snapshot's INFO itself included)."""
     return {name: (calls - before.get(name, (0, 0.0))[0], usec - before.get(name, (0, 0.0))[1])
             for name, (calls, usec) in after.items() if calls > before.get(name, (0, 0.0))[0]}
 
 
-def measure(args: argparse.Namespace, client: redis.Redis, url: str, redis_dir: Path, tmp: Path, engine: Path,
-            folder: Path, mode: str, job_size: int, children: Children) -> dict[str, Any]:
+def measure(args: argparse.Namespace, client: redis.Redis, url: str, redis_dir: Path, tmp: Path, images: ImageSet,
+            mode: str, job_size: int, children: Children) -> dict[str, Any]:
     """One producer run with one worker; the Redis main thread's CPU per image over it."""
-    queue = f"cap_{mode}_{job_size}"
+    engine, folder, size = images.engine, images.folder, images.size
+    queue = f"cap_{mode}_{job_size}_{size}"
     common = ["--redis-url", url, "--queue", queue]
     log = tmp / "logs" / f"worker_{queue}.log"
     worker = children.start([sys.executable, *WORKER, "run", "--engine", str(engine), "--max-batch", "8",
@@ -137,7 +178,7 @@ def measure(args: argparse.Namespace, client: redis.Redis, url: str, redis_dir: 
     idle_ms_per_s = (main_cpu_s(client) - idle_before) * 1000 / args.idle_s
     masks = tmp / f"masks_{queue}"
     argv = [sys.executable, *PRODUCER, "enqueue", str(folder), "--out", str(masks), "--max-pending",
-            str(args.max_pending), "--job-size", str(job_size), "--size", str(args.size), "--workers",
+            str(args.max_pending), "--job-size", str(job_size), "--size", str(size), "--workers",
             str(args.producer_workers), *common]
     if mode == "reference":
         argv.insert(argv.index("--out"), "--by-reference")
@@ -160,7 +201,9 @@ def measure(args: argparse.Namespace, client: redis.Redis, url: str, redis_dir: 
     main_ms = max(0.0, raw_ms - idle_ms_per_s * wall / n) * (1 - polling_share)
     client.flushall()
     return {
-        "mode": mode, "job_size": job_size, "images": n, "wall_s": round(wall, 3), "img_s": round(n / wall, 1),
+        "mode": mode, "job_size": job_size, "size": size, "images": n, "wall_s": round(wall, 3),
+        "img_s": round(n / wall, 1),
+        "redis_main_cpu_ms": round((after["main_cpu_s"] - before["main_cpu_s"]) * 1000, 3),  # the whole window
         "redis_main_ms_per_image": round(main_ms, 4),
         "redis_main_ms_per_image_raw": round(raw_ms, 4),  # everything in the window, at this run's rate
         "polling_share_of_command_time": round(polling_share, 3),
@@ -186,6 +229,9 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--distinct", type=int, default=64)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--fit-size", type=int, default=64,
+                        help="by reference, a second run at this image size (faster) separates the per-second costs "
+                             "from the per-image ones (0: no second run)")
     parser.add_argument("--job-sizes", default="8,1")
     parser.add_argument("--modes", default="bytes,reference")
     parser.add_argument("--max-pending", type=int, default=256)
@@ -205,14 +251,18 @@ def main() -> int:
         redis_dir = tmp / "redis"
         url, _ = start_redis(redis_bin, redis_dir, True, 1, children)
         client = redis.Redis.from_url(url, socket_timeout=30)
-        run([sys.executable, *toolchain_module(), "synth", str(tmp / "data"), "--n", str(args.distinct), "--size",
-             str(args.size)], args.timeout, "engines synth")
-        folder = write_files(tmp / "data" / "images", tmp / "parts", args.images, 1)[0]
-        engine = pointwise_engine(tmp / "pointwise.onnx", args.size)
+        images = image_set(args, tmp, args.size)
+        fast = image_set(args, tmp, args.fit_size) if args.fit_size and "reference" in modes else None
         (tmp / "logs").mkdir(parents=True, exist_ok=True)
         for job_size in job_sizes:
             for mode in modes:
-                row = measure(args, client, url, redis_dir, tmp, engine, folder, mode, job_size, children)
+                row = measure(args, client, url, redis_dir, tmp, images, mode, job_size, children)
+                if mode == "reference" and fast is not None:
+                    row["fast_run"] = measure(args, client, url, redis_dir, tmp, fast, mode, job_size, children)
+                    row["fit"] = per_image_fit(row, row["fast_run"])
+                    row["redis_main_ms_per_image_single_run"] = row["redis_main_ms_per_image"]
+                    row["redis_main_ms_per_image"] = row["fit"]["per_image_ms"]
+                    row["images_per_s_one_redis"] = row["fit"]["images_per_s_one_redis"]
                 rows.append(row)
                 print(f"{mode:>9}, jobs of {job_size}: {row['redis_main_ms_per_image']:.4f} ms of Redis main thread "
                       f"per image at {row['img_s']} img/s", flush=True)
@@ -241,7 +291,8 @@ def main() -> int:
         "command": command,
         **by_job[job_sizes[0]],
         "by_job_size": list(by_job.values()),
-        "images": args.images, "size": args.size, "max_pending": args.max_pending, "aof": "everysec",
+        "images": args.images, "size": args.size, "fit_size": args.fit_size, "max_pending": args.max_pending,
+        "aof": "everysec",
         "engine": "pointwise 1x1 convolution stand-in (ONNX, CPU): the worker goes as fast as decoding allows",
         "runs": rows,
         "versions": {**versions(redis_bin), "python": platform.python_version()},

@@ -41,7 +41,6 @@ from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
 from rq.results import Result
 from rq.utils import current_timestamp, now, utcformat
-from rq.worker import WorkerStatus
 
 from broker import jobs
 from broker.store import QueueStore
@@ -51,6 +50,7 @@ from worker.rq_worker import RqWorker
 from worker.unreadable import UnreadableJob, exc_text
 
 log = logging.getLogger("segqueue.worker.rq")
+
 
 @dataclass(frozen=True)
 class _RqHandle:
@@ -190,8 +190,7 @@ class RqJobSource:
                                 raw_id.decode(errors="backslashreplace"))
             if handles:
                 self._register_executions([handle.execution for handle in handles], pipe)
-            self._rq.set_state(WorkerStatus.BUSY, pipeline=pipe)
-            self._rq.heartbeat(self._rq.worker_ttl + 60, pipeline=pipe)
+            self._rq.mark_busy(pipe)
             pipe.execute()
         for bad in unusable:
             unreadable.report_unreadable(self.store, bad)
