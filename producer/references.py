@@ -83,7 +83,7 @@ class FinishedImages(PendingImages):
         if not finished:
             return
         written = [i for i, reason in zip(finished, reasons, strict=True) if reason is None]
-        self.store.forget(written)
+        self.store.forget(written, masks=False)  # their masks are in DEST, never in Redis
         for image_id, reason in zip(finished, reasons, strict=True):
             name = self._pending[image_id].name
             if reason is None:
@@ -136,7 +136,9 @@ def enqueue_references(
     for problem in problems + naming_problems:
         enqueuer.report.rejected.append(problem)
         on_progress(0, problem)
-    chunk_size = CHUNK_REFERENCES if max_pending is None else max(1, min(CHUNK_REFERENCES, max_pending))
+    # a quarter of --max-pending at a time: the queue is topped up while workers still have work (storing
+    # --max-pending at once waited for every image of it to finish before the next chunk: workers idled)
+    chunk_size = CHUNK_REFERENCES if max_pending is None else max(1, min(CHUNK_REFERENCES, max_pending // 4))
     try:
         for start in range(0, len(images), chunk_size):
             chunk = images[start:start + chunk_size]
