@@ -15,15 +15,37 @@ used_cpu_user_main_thread) through the real commands, as separate processes, wit
 One `worker run` serves the queue, started and ready before the producer. Its engine is a
 stand-in that costs almost nothing (a 1x1 convolution to two classes, ONNX at the images' size,
 built here), so that the run goes as fast as this machine's cores decode and the Redis side is
-what is measured; the U-Net's own speed does not change Redis's work per image. The window is the
-producer's whole run (enqueue, the worker's claims, fetches and completions, masks collected or
-freed), so it includes the per-second costs (heartbeats, the producer's polling) at this run's
-rate. Those are costs per second of waiting, not per image: a GPU run finishes the same images in a
-fraction of the time. So the per-image figure (`redis_main_ms_per_image_*`) is the window's
-main-thread CPU less the worker's idle rate (measured for --idle-s before the producer starts) times
-the run's duration, less the share of command time spent on the producer's polling
-(POLLING_COMMANDS, from INFO commandstats); the raw figure is kept beside it in `runs`. Files are
+what is measured; the U-Net's own speed does not change Redis's work per image. Files are
 `engines synth` PNGs (--distinct of them, copied to --images names).
+
+The window is the producer's whole run (enqueue, the worker's claims, fetches and completions,
+masks collected or freed). Its main-thread CPU is per-image work plus costs per second of the run
+(the worker's heartbeats and blocking pops, the producer's polls every 0.2 s, Redis's own cron and
+the event loop waking for them) plus what the run costs once (connections): a GPU run finishes the
+same images in a fraction of the time, so the per-second part must not be counted per image.
+
+- By reference (the headline figure), per image and per second are separated by two runs of the
+  same --images at two rates: at --size and at --fit-size (smaller images decode faster; Redis's
+  work per image is the same, the record holds locations, not pixels). With cpu_ms = per_image_ms *
+  images + per_s_ms * wall_s for both runs, the two unknowns are solved (`per_image_fit`); what the
+  run costs once stays in the per-image figure. This VM's main-thread CPU for the same work varies
+  by tens of percent from run to run, so --repeats pairs are fitted and the median is reported
+  (all in `fits`); the single-run estimate below is kept as `redis_main_ms_per_image_single_run`.
+- By bytes (payload size changes with --size, so no second size), and in every run's
+  `redis_main_ms_per_image_single_run`/`redis_main_ms_per_image` before the fit: the window's CPU less
+  the worker's idle rate (measured for --idle-s before the producer starts) times the run's
+  duration, less the share of command time spent on the producer's polling (POLLING_COMMANDS, from
+  INFO commandstats); the raw figure is kept beside it.
+
+With --pin (the default) Redis's main thread has the first CPU to itself and the clients share the
+others: on this 2-CPU VM the clients then decode on one core (slower runs), and the main thread's
+CPU for the same work varies less.
+
+Each run also records INFO commandstats per image (`command_calls_per_image`, `command_usec_per_image`:
+EXEC's usec includes the commands it ran, which are also counted under their own names),
+`commands_per_image` (EXEC not counted) and the client reads and writes per image (round trips,
+`reads_per_image`): command execution is only part of the main thread's CPU, the rest is reading,
+parsing and replying per round trip and feeding the AOF per command.
 
 Writes benchmarks/results/redis_capacity_<job sizes>_<timestamp>.json and prints a table.
 """
@@ -126,6 +148,18 @@ def per_image_fit(slow: dict[str, Any], fast: dict[str, Any]) -> dict[str, Any]:
             "cpu_ms": [slow["redis_main_cpu_ms"], fast["redis_main_cpu_ms"]],
             "per_s_ms": round(per_s, 3), "per_image_ms": round(per_image, 4),
             "images_per_s_one_redis": round(1000 / per_image) if per_image > 0 else None}
+
+
+def pin_redis(redis_pid: int) -> dict[str, list[int]] | None:
+    """Redis's main thread on the first CPU, this process and the clients it starts (producer, worker and its
+    decode processes) on the others; None with fewer than 2 CPUs. The main thread's CPU time for the same work
+    varies much less when the clients' decoding does not share its core (caches, scheduling)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    os.sched_setaffinity(redis_pid, {cpus[0]})  # the pid is the main thread's id: only it moves
+    os.sched_setaffinity(0, set(cpus[1:]))  # inherited by every process started from now on
+    return {"redis_main_thread": cpus[:1], "clients": cpus[1:]}
 
 
 def main_cpu_s(client: redis.Redis) -> float:
@@ -234,6 +268,8 @@ def main() -> int:
                              "from the per-image ones (0: no second run)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="by reference, pairs of runs fitted; the median fit is reported (all are kept)")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                        help="Redis's main thread on a CPU of its own, the clients on the others (pin_redis)")
     parser.add_argument("--job-sizes", default="8,1")
     parser.add_argument("--modes", default="bytes,reference")
     parser.add_argument("--max-pending", type=int, default=256)
@@ -251,7 +287,8 @@ def main() -> int:
     rows = []
     try:
         redis_dir = tmp / "redis"
-        url, _ = start_redis(redis_bin, redis_dir, True, 1, children)
+        url, redis_proc = start_redis(redis_bin, redis_dir, True, 1, children)
+        pinned = pin_redis(redis_proc.pid) if args.pin else None
         client = redis.Redis.from_url(url, socket_timeout=30)
         images = image_set(args, tmp, args.size)
         fast = image_set(args, tmp, args.fit_size) if args.fit_size and "reference" in modes else None
@@ -299,7 +336,7 @@ def main() -> int:
         "command": command,
         **by_job[job_sizes[0]],
         "by_job_size": list(by_job.values()),
-        "images": args.images, "size": args.size, "fit_size": args.fit_size, "repeats": args.repeats,
+        "images": args.images, "size": args.size, "fit_size": args.fit_size, "repeats": args.repeats, "pinned": pinned,
         "max_pending": args.max_pending,
         "aof": "everysec",
         "engine": "pointwise 1x1 convolution stand-in (ONNX, CPU): the worker goes as fast as decoding allows",

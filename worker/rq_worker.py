@@ -9,6 +9,8 @@ worker that import rq.
   to 60 s for a subscription, while redis-py's stop() joins it. Here the thread waits COMMAND_POLL_S
   at a time, and is stopped before its connection is closed (which ends the subscription on the
   server): teardown takes at most COMMAND_POLL_S for it.
+- A claim marks the worker busy (`mark_busy`) only when its state changes, and heartbeats it at
+  most every BUSY_HEARTBEAT_S (rq's worker does both on every dequeue).
 - Registry maintenance (`clean_registries`) replays rq's steps with a short lock. rq's takes a 899 s
   lock and deletes it when done: a worker killed while cleaning (the soak did it) stops every
   worker's maintenance on the queue for 15 minutes, and rq recovers a job left on the intermediate
@@ -21,7 +23,8 @@ handle_payload, _pubsub_exception_handler, pubsub, pubsub_thread) and PubSubWork
 (test_the_command_thread_the_adapter_replaces_is_rqs); clean_registries' steps and last_cleaned_at,
 Queue.registry_cleaning_key, rq.registry.clean_registries, rq.worker_registration.clean_worker_registry,
 the intermediate queue (get_job_ids, set_first_seen, get_first_seen, remove), handle_job_failure
-(test_worker_methods_the_adapter_calls_keep_their_signatures).
+(test_worker_methods_the_adapter_calls_keep_their_signatures); get_state and last_heartbeat as
+set_state and heartbeat keep them (mark_busy: test_what_mark_busy_relies_on).
 """
 
 from __future__ import annotations
