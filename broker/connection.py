@@ -57,7 +57,7 @@ LEAST_PRIVILEGE_ACL = (
     " +multi +exec +watch +unwatch +subscribe +unsubscribe"
     " +time +exists +del +expire +persist +set +get +ttl"
     " +hset +hget +hgetall +hmget +hdel +hexists +hlen +hincrby +hincrbyfloat"
-    " +sadd +srem +scard +sismember +smembers"
+    " +sadd +srem +scard +sismember +smismember +smembers"
     " +rpush +llen +lrange +lrem +lmove +blmove"
     " +zadd +zrem +zcard +zrange +zrangebyscore +zremrangebyscore +xadd"
 )

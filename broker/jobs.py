@@ -27,7 +27,7 @@ import redis
 from rq import Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
-from rq.utils import str_to_date
+from rq.utils import current_timestamp, str_to_date
 
 from broker.errors import BadJob
 
@@ -124,3 +124,8 @@ def working_seconds(job: Job) -> float:
     if job.started_at is None or job.ended_at is None:
         return 0.0
     return (job.ended_at - job.started_at).total_seconds()
+
+
+def registry_score(ttl: int) -> float | str:
+    """A registry entry's expiry score for a TTL in seconds, as rq's BaseRegistry.add computes it (-1: never)."""
+    return "+inf" if ttl == -1 else ttl if ttl < 0 else current_timestamp() + ttl

@@ -198,13 +198,15 @@ class QueueStore:
         return loaded
 
     def save_results(self, masks: Iterable[tuple[str, np.ndarray]], failures: Iterable[tuple[str, str]] = (),
-                     written: Iterable[str] = ()) -> None:
-        """Store masks (uint8 (H, W) class ids, encoded) and failure reasons, in one round trip.
+                     written: Iterable[str] = (), pipe: redis.client.Pipeline | None = None) -> None:
+        """Store masks (uint8 (H, W) class ids, encoded) and failure reasons, in one round trip; or, given
+        `pipe`, queue the commands on it (the worker sends them with its jobs' completions).
 
         A stored mask marks its image done and clears an earlier failure of it; so does an id in
         `written` (an image enqueued by reference whose mask the worker wrote to storage: no mask record).
         """
-        pipe = self.client.pipeline(transaction=False)
+        own = pipe is None
+        pipe = self.client.pipeline(transaction=False) if pipe is None else pipe
         done: list[str] = list(written)
         for image_id, mask in masks:
             fields = encode_mask(np.asarray(mask, dtype=np.uint8)).fields()
@@ -216,7 +218,8 @@ class QueueStore:
         failed = dict(failures)
         if failed:
             pipe.hset(self._failed, mapping=_hash_fields(failed))
-        pipe.execute()
+        if own:
+            pipe.execute()
 
     # --- collect, wait, status --------------------------------------------------------------
 
@@ -284,13 +287,21 @@ class QueueStore:
         return bool(self.client.sismember(self._done, image_id))
 
     def resolved(self, image_ids: Sequence[str]) -> list[bool]:
-        """For each image, whether it has a mask or a failure, in one round trip."""
+        """For each image, whether it has a mask or a failure, in one round trip (two commands)."""
+        return [done or reason is not None for done, reason in self.outcomes(image_ids)]
+
+    def outcomes(self, image_ids: Sequence[str]) -> list[tuple[bool, str | None]]:
+        """For each image, (done, why it failed or None), in one round trip of two commands whatever their
+        number: SMISMEMBER on the done set, HMGET on the failed hash."""
+        if not image_ids:
+            return []
+        ids = list(image_ids)
         pipe = self.client.pipeline(transaction=False)
-        for image_id in image_ids:
-            pipe.sismember(self._done, image_id)
-            pipe.hexists(self._failed, image_id)
-        flags = pipe.execute()
-        return [bool(flags[i] or flags[i + 1]) for i in range(0, len(flags), 2)]
+        pipe.smismember(self._done, ids)
+        pipe.hmget(self._failed, ids)
+        done, reasons = pipe.execute()
+        return [(bool(flag), None if reason is None else reason.decode(errors="backslashreplace"))
+                for flag, reason in zip(done, reasons, strict=True)]
 
     def counts(self) -> ImageCounts:
         """Manifest size, done and failed counts, in one round trip."""
@@ -308,9 +319,10 @@ class QueueStore:
         masks = sum(1 for _ in self.client.scan_iter(match=self._mask_key("*"), count=1000))
         return images, masks
 
-    def forget(self, image_ids: Sequence[str], tiled: Sequence[str] = ()) -> None:
+    def forget(self, image_ids: Sequence[str], tiled: Sequence[str] = (), masks: bool = True) -> None:
         """Delete everything the store holds about these images (pixels, mask, manifest, done and failed entries),
-        and the `tiled` records of these parent ids (their tiles are among image_ids).
+        and the `tiled` records of these parent ids (their tiles are among image_ids). masks=False: the images
+        have no mask record to delete (enqueued by reference: their masks went to storage).
 
         Those that were done are then added to the `collected` total: each once, however many
         collectors forget it (only one transaction's SREM removes it from the done set). A collector
@@ -319,7 +331,7 @@ class QueueStore:
         if not image_ids:
             return
         pipe = self.client.pipeline(transaction=True)
-        pipe.delete(*(key for i in image_ids for key in (self._image_key(i), self._mask_key(i))))
+        pipe.delete(*(self._image_key(i) for i in image_ids), *(self._mask_key(i) for i in image_ids if masks))
         pipe.hdel(self._manifest, *image_ids)
         pipe.srem(self._done, *image_ids)
         pipe.hdel(self._failed, *image_ids)

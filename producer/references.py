@@ -55,7 +55,8 @@ class FinishedImages(PendingImages):
         look (plus 64): workers take jobs in order, so those are the ones that finished. Every
         FULL_LOOK_S it checks the whole LOOK_AHEAD window, for images that finished out of order
         (retried jobs). Redis then does a few commands per image instead of two per pending image
-        per look.
+        per look. The check is one round trip of two commands (the done flags and failure reasons of all
+        the candidates), and the finished ones are freed in one more.
         """
         if time.monotonic() - self._last_look < self.poll_s:
             return
@@ -74,14 +75,15 @@ class FinishedImages(PendingImages):
                                                                                          seen.collected))
             window = min(LOOK_AHEAD, max(self._next_window, 64 + 2 * max(0, finished_since)))
         candidates = list(islice(self._pending, window))
-        finished = [i for i, done in zip(candidates, self.store.resolved(candidates), strict=True) if done]
+        outcomes = self.store.outcomes(candidates)
+        finished = [i for i, (done, reason) in zip(candidates, outcomes, strict=True) if done or reason is not None]
+        reasons = [reason for done, reason in outcomes if done or reason is not None]
         # all of those checked had finished: more may have, behind them
         self._next_window = min(LOOK_AHEAD, 2 * len(candidates)) if len(finished) == len(candidates) else 0
         if not finished:
             return
-        reasons = self.store.failure_reasons(finished)
         written = [i for i, reason in zip(finished, reasons, strict=True) if reason is None]
-        self.store.forget(written)
+        self.store.forget(written, masks=False)  # their masks are in DEST, never in Redis
         for image_id, reason in zip(finished, reasons, strict=True):
             name = self._pending[image_id].name
             if reason is None:
@@ -134,7 +136,9 @@ def enqueue_references(
     for problem in problems + naming_problems:
         enqueuer.report.rejected.append(problem)
         on_progress(0, problem)
-    chunk_size = CHUNK_REFERENCES if max_pending is None else max(1, min(CHUNK_REFERENCES, max_pending))
+    # a quarter of --max-pending at a time: the queue is topped up while workers still have work (storing
+    # --max-pending at once waited for every image of it to finish before the next chunk: workers idled)
+    chunk_size = CHUNK_REFERENCES if max_pending is None else max(1, min(CHUNK_REFERENCES, max_pending // 4))
     try:
         for start in range(0, len(images), chunk_size):
             chunk = images[start:start + chunk_size]

@@ -9,9 +9,14 @@ batcher is tested with a fake clock.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import redis
+
+# Writes a batch's image outcomes (QueueStore.save_results): queued on the given pipeline, or sent itself (None).
+ResultWrites = Callable[[redis.client.Pipeline | None], None]
 
 
 @dataclass(frozen=True)
@@ -83,9 +88,11 @@ class JobSource(Protocol):
     def maintain(self) -> None:
         """Run the queue's housekeeping if it is due (re-enqueues jobs of dead workers)."""
 
-    def complete(self, claims: Sequence[Claim]) -> None:
+    def complete(self, claims: Sequence[Claim], results: ResultWrites | None = None) -> None:
         """Complete jobs whose every image has an outcome, all in one round trip: finished with
-        `claim.result()` if any image succeeded, else failed without retry."""
+        `claim.result()` if any image succeeded, else failed without retry. `results` writes a batch's
+        image outcomes: queued on the source's Redis pipeline (one round trip with the completions),
+        or, called with None, on its own."""
 
     def fail(self, claims: Sequence[Claim], reason: str, retry: bool) -> None:
         """Fail jobs with `reason`; they are retried later if `retry` and retries are left."""

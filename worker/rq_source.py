@@ -41,16 +41,16 @@ from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
 from rq.results import Result
 from rq.utils import current_timestamp, now, utcformat
-from rq.worker import WorkerStatus
 
 from broker import jobs
 from broker.store import QueueStore
 from worker import unreadable
-from worker.job_source import Claim
+from worker.job_source import Claim, ResultWrites
 from worker.rq_worker import RqWorker
 from worker.unreadable import UnreadableJob, exc_text
 
 log = logging.getLogger("segqueue.worker.rq")
+
 
 @dataclass(frozen=True)
 class _RqHandle:
@@ -190,8 +190,7 @@ class RqJobSource:
                                 raw_id.decode(errors="backslashreplace"))
             if handles:
                 self._register_executions([handle.execution for handle in handles], pipe)
-            self._rq.set_state(WorkerStatus.BUSY, pipeline=pipe)
-            self._rq.heartbeat(self._rq.worker_ttl + 60, pipeline=pipe)
+            self._rq.mark_busy(pipe)
             pipe.execute()
         for bad in unusable:
             unreadable.report_unreadable(self.store, bad)
@@ -267,42 +266,43 @@ class RqJobSource:
 
     # --- completing ------------------------------------------------------------------------
 
-    def complete(self, claims: Sequence[Claim]) -> None:
+    def complete(self, claims: Sequence[Claim], results: ResultWrites | None = None) -> None:
         """Finish every claim that has a good image in one transaction; fail the others (no retry).
 
         Per job these are the records of rq's handle_job_success: status finished, a successful
         Result with the per-image outcomes, the finished registry, the job's expiry, the
         execution removed from the started registry; plus the worker's counters (successful jobs,
         working time). Keys shared by the jobs (the finished and started registries, the worker's
-        execution index and counters) get one command for all of them.
+        execution index and counters) get one command for all of them. `results` (the batch's image
+        outcomes, QueueStore.save_results) go first in the same transaction: one round trip for both.
         """
         finished = [claim for claim in claims if claim.any_ok]
-        if finished:
-            with self.client.pipeline() as pipe:
-                handles: list[_RqHandle] = [claim.handle for claim in finished]
-                finished_until = {}
-                for claim, handle in zip(finished, handles, strict=True):
-                    result_ttl = self._record_success(claim, pipe)
-                    if result_ttl != 0:
-                        finished_until[handle.job.id] = self._registry_score(result_ttl)
-                if finished_until:
-                    pipe.zadd(self._finished_registry.key, finished_until)
-                composite_keys = [handle.execution.composite_key for handle in handles]
-                pipe.zrem(self._started_registry.key, *composite_keys)
-                pipe.srem(handles[0].execution.worker_executions_key, *composite_keys)
-                # the worker's counters, as rq's increment_* write them, once for all these jobs
-                working_s = sum(jobs.working_seconds(h.job) for h in handles)
-                pipe.hincrby(self._rq.key, "successful_job_count", len(finished))
-                pipe.hincrbyfloat(self._rq.key, "total_working_time", working_s)
-                pipe.execute()
+        with self.client.pipeline() as pipe:  # nothing is sent if nothing was queued
+            if results is not None:
+                results(pipe)
+            if finished:
+                self._record_finished(finished, pipe)
+            pipe.execute()
         for claim in claims:
             if not claim.any_ok:
                 self.fail([claim], claim.failure_reason(), retry=False)
 
-    @staticmethod
-    def _registry_score(ttl: int) -> float | str:
-        """A registry entry's expiry score, as rq's BaseRegistry.add computes it (-1: never)."""
-        return "+inf" if ttl == -1 else ttl if ttl < 0 else current_timestamp() + ttl
+    def _record_finished(self, finished: Sequence[Claim], pipe: redis.client.Pipeline) -> None:
+        """Queue the records of finished jobs on `pipe`: each job's own, then one command per shared key."""
+        handles: list[_RqHandle] = [claim.handle for claim in finished]
+        finished_until = {}
+        for claim, handle in zip(finished, handles, strict=True):
+            result_ttl = self._record_success(claim, pipe)
+            if result_ttl != 0:
+                finished_until[handle.job.id] = jobs.registry_score(result_ttl)
+        if finished_until:
+            pipe.zadd(self._finished_registry.key, finished_until)
+        composite_keys = [handle.execution.composite_key for handle in handles]
+        pipe.zrem(self._started_registry.key, *composite_keys)
+        pipe.srem(handles[0].execution.worker_executions_key, *composite_keys)
+        # the worker's counters, as rq's increment_* write them, once for all these jobs
+        pipe.hincrby(self._rq.key, "successful_job_count", len(finished))
+        pipe.hincrbyfloat(self._rq.key, "total_working_time", sum(jobs.working_seconds(h.job) for h in handles))
 
     def _record_success(self, claim: Claim, pipe: redis.client.Pipeline) -> int:
         """Queue one finished job's own records on `pipe` (the shared keys are the caller's); its result TTL.

@@ -9,6 +9,8 @@ worker that import rq.
   to 60 s for a subscription, while redis-py's stop() joins it. Here the thread waits COMMAND_POLL_S
   at a time, and is stopped before its connection is closed (which ends the subscription on the
   server): teardown takes at most COMMAND_POLL_S for it.
+- A claim marks the worker busy (`mark_busy`) only when its state changes, and heartbeats it at
+  most every BUSY_HEARTBEAT_S (rq's worker does both on every dequeue).
 - Registry maintenance (`clean_registries`) replays rq's steps with a short lock. rq's takes a 899 s
   lock and deletes it when done: a worker killed while cleaning (the soak did it) stops every
   worker's maintenance on the queue for 15 minutes, and rq recovers a job left on the intermediate
@@ -21,20 +23,23 @@ handle_payload, _pubsub_exception_handler, pubsub, pubsub_thread) and PubSubWork
 (test_the_command_thread_the_adapter_replaces_is_rqs); clean_registries' steps and last_cleaned_at,
 Queue.registry_cleaning_key, rq.registry.clean_registries, rq.worker_registration.clean_worker_registry,
 the intermediate queue (get_job_ids, set_first_seen, get_first_seen, remove), handle_job_failure
-(test_worker_methods_the_adapter_calls_keep_their_signatures).
+(test_worker_methods_the_adapter_calls_keep_their_signatures); get_state and last_heartbeat as
+set_state and heartbeat keep them (mark_busy: test_what_mark_busy_relies_on).
 """
 
 from __future__ import annotations
 
+from redis.client import Pipeline
 from rq import Queue
 from rq.registry import clean_registries
 from rq.utils import now
-from rq.worker import SimpleWorker
+from rq.worker import SimpleWorker, WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
 COMMAND_POLL_S = 0.2  # the command thread's longest wait for a message, hence for its stop (rq waits 60 s)
 MAINTENANCE_LOCK_S = 5  # cleaning takes milliseconds; rq's own lock lasts 899 s
 STUCK_CLAIM_S = 5.0  # a job on the intermediate list this long was claimed by a worker that died
+BUSY_HEARTBEAT_S = 1.0  # a claim renews the worker's heartbeat (rq's worker: on every dequeue) at most this often
 
 
 class RqWorker(SimpleWorker):
@@ -56,6 +61,20 @@ class RqWorker(SimpleWorker):
         thread.join(timeout=5)  # the thread closes the pubsub itself on the way out
         pubsub.close()
         self.pubsub_thread = None
+
+    def mark_busy(self, pipeline: Pipeline) -> None:
+        """What rq's worker writes about itself when it takes a job: state busy and a heartbeat, on `pipeline`.
+
+        The state is written only when it changes (the adapter never sets it back while working) and
+        the heartbeat at most every BUSY_HEARTBEAT_S (the lease thread also sends one every few
+        seconds; the worker key lives worker_ttl + 60 s): a worker claiming many jobs a second
+        writes its own hash about once a second instead of four commands per claim.
+        """
+        if self.get_state() != WorkerStatus.BUSY:
+            self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
+        last = self.last_heartbeat
+        if last is None or (now() - last).total_seconds() >= BUSY_HEARTBEAT_S:
+            self.heartbeat(self.worker_ttl + 60, pipeline=pipeline)
 
     def clean_registries(self) -> None:
         """rq's registry maintenance of each queue (re-enqueues jobs of dead workers), under a

@@ -1,8 +1,9 @@
 """The write stage: store masks, record per-image outcomes, complete jobs through the job source, log the batch.
 
 It runs on its own thread, so that the Redis round trips of writing and of the jobs' bookkeeping
-overlap the next batches' claiming, fetching and compute on the main thread. Every job a batch
-completes is completed in one call to the job source (one round trip however many jobs). It works
+overlap the next batches' claiming, fetching and compute on the main thread. A batch's masks and
+failures and every job it completes go to Redis in one call to the job source (one round trip
+however many jobs). It works
 through a bounded queue: when it falls behind, the main loop waits (at most `put_timeout_s` at a
 time, in a loop).
 """
@@ -15,13 +16,14 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import redis
 import structlog
 
 from broker.store import QueueStore
 from common.tiles import parent_of
 from worker.batch import BatchItem, FetchedBatch, claims_of
 from worker.claims import OpenClaims
-from worker.job_source import ImageOutcome, JobSource
+from worker.job_source import ImageOutcome, JobSource, ResultWrites
 from worker.mask_files import MaskFile, write_mask_files
 from worker.metrics import WorkerMetrics
 
@@ -100,8 +102,8 @@ class ResultWriter:
 
     def _write_one(self, batch: ComputedBatch) -> None:
         write_start = time.perf_counter()
-        self._store(batch.fetched, batch.masks)
-        jobs_completed, jobs_failed = self._complete_finished_jobs()
+        results = self._outcomes(batch.fetched, batch.masks)
+        jobs_completed, jobs_failed = self._complete_finished_jobs(results)
         write_ms = (time.perf_counter() - write_start) * 1000
         submitted = batch.fetched
         total_ms = (self.clock() - submitted.taken_at) * 1000  # taken from the batcher until written
@@ -110,8 +112,9 @@ class ResultWriter:
                                    jobs_failed, [wait / 1000 for wait in submitted.image_wait_ms],
                                    batch.compute_ms / 1000, total_ms / 1000, fetch_s=submitted.fetch_ms / 1000)
 
-    def _store(self, submitted: FetchedBatch, masks: np.ndarray | None) -> None:
-        """Store masks and failures in one round trip, and note each image's outcome on its job."""
+    def _outcomes(self, submitted: FetchedBatch, masks: np.ndarray | None) -> ResultWrites:
+        """Write the masks of images enqueued by reference to storage and note each image's outcome on its job;
+        the Redis writes of the masks and failures, to go with the jobs' completions."""
         if masks is None and submitted.items:  # masks are None only for a batch with no image to run
             raise RuntimeError(f"no masks for a batch of {len(submitted.items)} images")
         results, files = [], []
@@ -124,8 +127,10 @@ class ResultWriter:
         not_written = {file.image_id: reason
                        for file, reason in zip(files, self.write_masks(files), strict=True) if reason is not None}
         failures = [(item.image_id, reason) for item, reason in submitted.rejected] + list(not_written.items())
-        self.store.save_results(results, failures,
-                                written=[file.image_id for file in files if file.image_id not in not_written])
+        written = [file.image_id for file in files if file.image_id not in not_written]
+
+        def write(pipe: redis.client.Pipeline | None) -> None:
+            self.store.save_results(results, failures, written=written, pipe=pipe)
         for item, image in zip(submitted.items, submitted.images, strict=True):
             reason = not_written.get(item.image_id)
             outcome = ImageOutcome(item.image_id, ok=reason is None, name=image.name if reason is None else "",
@@ -134,13 +139,17 @@ class ResultWriter:
         for item, reason in submitted.rejected:
             item.claim.outcomes[item.image_id] = ImageOutcome(item.image_id, ok=False, error=reason)
         self.images_done += len(submitted.items) - len(not_written)
+        return write
 
-    def _complete_finished_jobs(self) -> tuple[int, int]:
-        """Finish (or, if every image failed, fail) each job whose images all have an outcome; (ended, failed)."""
+    def _complete_finished_jobs(self, results: ResultWrites) -> tuple[int, int]:
+        """Write a batch's results and finish (or, if every image failed, fail) each job whose images all have an
+        outcome, in one round trip; (ended, failed)."""
         # a claim the main loop failed meanwhile is already closed, and skipped here
         done = self.claims.close_all(self.claims.complete())
         if done:
-            self.source.complete(done)
+            self.source.complete(done, results)
+        else:
+            results(None)
         return len(done), sum(1 for claim in done if not claim.any_ok)
 
     def _log_batch(self, submitted: FetchedBatch, compute_ms: float, write_ms: float, total_ms: float,

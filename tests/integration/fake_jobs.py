@@ -10,7 +10,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from worker.job_source import Claim
+from worker.job_source import Claim, ResultWrites
 
 
 class FakeJobSource:
@@ -50,9 +50,11 @@ class FakeJobSource:
         with self._lock:
             self.maintained += 1
 
-    def complete(self, claims: Sequence[Claim]) -> None:
+    def complete(self, claims: Sequence[Claim], results: ResultWrites | None = None) -> None:
         if self.fail_completions_with is not None:
             raise self.fail_completions_with
+        if results is not None:  # no pipeline here: the results go on their own
+            results(None)
         with self._lock:
             self.complete_calls += 1
             self.completed.extend(claims)

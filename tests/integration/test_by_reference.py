@@ -244,3 +244,41 @@ def test_by_reference_images_are_resized_tiling_refused_and_a_stack_fails(tmp_pa
     mask = np.asarray(Image.open(shared / "masks" / "img_000.png"))
     assert mask.shape == (3 * SMALL_SIZE, 3 * SMALL_SIZE)
     assert np.array_equal(mask, expected_masks(small_engine, [large])["img_000.png"])  # resized, not tiled
+
+
+def test_by_reference_max_pending_bounds_the_records_held_and_every_image_finishes(tmp_path, client, queue_name):
+    """The producer tops the queue up a quarter of --max-pending at a time, never holding more than it.
+
+    A thread stands in for the workers (it marks every stored image written); the producer side is the real one.
+    """
+    import threading
+    import time
+
+    from producer.enqueue import Enqueuer
+    from producer.references import FinishedImages, enqueue_references
+
+    write_synthetic_images(tmp_path / "images", 20)
+    enqueuer = Enqueuer(client, segmentation_queue(client, queue_name), 2)
+    store = enqueuer.store
+    held, stop = [0], threading.Event()
+
+    def finish_everything_stored() -> None:
+        while not stop.is_set():
+            ids = list(store.manifest())
+            held[0] = max(held[0], len(ids))
+            store.save_results([], written=ids)
+            time.sleep(0.005)
+
+    finisher = threading.Thread(target=finish_everything_stored, daemon=True)
+    finisher.start()
+    try:
+        pending = FinishedImages(store, poll_s=0.01)
+        report = enqueue_references(enqueuer, str(tmp_path / "images"), str(tmp_path / "masks"), 64, 64, pending,
+                                    max_pending=8, pending_timeout_s=60)
+        assert pending.drain(time.monotonic() + 60)
+    finally:
+        stop.set()
+        finisher.join(timeout=5)
+    assert len(report.image_ids) == 20 and len(pending.report.written) == 20
+    assert 0 < held[0] <= 8
+    assert store.manifest() == {} and store.record_counts() == (0, 0)  # every finished record freed

@@ -59,6 +59,9 @@ def test_store_load_save_collect_forget(client, queue_name, tmp_path):
     assert store.failures() == {images[1].image_id: "first try failed"}
     store.save_results(masks, [(images[2].image_id, "bad pixels")])
     assert store.resolved([i.image_id for i in images]) == [True, True, True]
+    assert store.outcomes([i.image_id for i in images] + ["unknown"]) == [
+        (True, None), (True, None), (False, "bad pixels"), (False, None)]  # one SMISMEMBER, one HMGET
+    assert store.outcomes([]) == []
     assert store.failures() == {images[2].image_id: "bad pixels"}  # a mask clears an earlier failure
     assert store.counts() == type(store.counts())(total=3, done=2, failed=1)
     assert store.is_done(images[0].image_id) and not store.is_done(images[2].image_id)

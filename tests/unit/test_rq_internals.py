@@ -220,3 +220,11 @@ def test_status_counts_a_worker_alive_for_three_of_its_heartbeat_intervals():
 
     settings = WorkerSettings(broker=BrokerSettings(redis_url="redis://x", queue="q"), engine_path=Path("e.onnx"))
     assert 3 * settings.heartbeat_interval_s <= WORKER_ALIVE_WITHIN_S
+
+
+def test_what_mark_busy_relies_on():
+    # RqWorker.mark_busy writes the state only when get_state() differs and the heartbeat only when
+    # last_heartbeat is old: both are attributes rq's own set_state and heartbeat keep up to date
+    assert "self._state = state" in inspect.getsource(SimpleWorker.set_state)
+    assert "return self._state" in inspect.getsource(SimpleWorker.get_state)
+    assert "self.last_heartbeat = now()" in inspect.getsource(SimpleWorker.heartbeat)
