@@ -17,7 +17,9 @@ Per queue Q (all keys start with `segq:Q:`):
     done        set   ids whose mask is written (to Redis, or to storage for an image enqueued by reference)
     failed      hash  <id> -> reason, images that failed (removed again if a retry succeeds)
     totals      hash  collected -> images forgotten while done (their mask collected into a file, then
-                      freed): a running total, so that `producer status` still counts them as finished
+                      freed): a running total, so that `producer status` still counts them as finished;
+                      failed_freed -> images forgotten while failed (by-reference records `producer collect
+                      --delete` freed after listing their reason), so that status still counts them as failed
     bad_jobs    hash  <job id> -> reason, queued jobs so unreadable that rq cannot even record them as
                       failed (e.g. an id rq refuses); `producer status` counts them as failed jobs
     tiled       hash  <parent id> -> JSON (broker/tiled.py): how a tiled image or stack was cut into the
@@ -77,22 +79,27 @@ class EncodedImage:
 
 @dataclass(frozen=True)
 class StoredMask:
-    """What collect needs of one image: its mask (or None, or why it cannot be read) and its original size."""
+    """What collect needs of one image: its mask (or None, or why it cannot be read) and its original size; for an
+    image enqueued by reference, where the worker writes its mask instead (`mask_url`: no mask in Redis)."""
 
     mask: np.ndarray | None
     original_size: tuple[int, int] | None
     error: str | None = None
+    mask_url: str | None = None
 
 
 @dataclass(frozen=True)
 class ImageCounts:
-    """Images of a queue: in the manifest, with a mask in Redis, failed; and, since the queue began,
-    collected (done, mask written to a file and freed from Redis: no longer in total nor done)."""
+    """Images of a queue: in the manifest, done (mask in Redis, or at its location for an image enqueued by
+    reference), failed; and, since the queue began, collected (done, mask written to a file and freed from
+    Redis: no longer in total nor done) and failed_freed (failed, reason listed, record freed: no longer in
+    total nor failed)."""
 
     total: int
     done: int
     failed: int
     collected: int = 0
+    failed_freed: int = 0
 
 
 def new_image_id() -> str:
@@ -233,18 +240,24 @@ class QueueStore:
         return decode_mask(image_id, fields) if fields else None
 
     def load_results(self, image_ids: Sequence[str]) -> list[StoredMask]:
-        """Each image's mask and original size, in one round trip; an undecodable mask, or a key that holds
-        another Redis type than a hash, gives `error`, not an exception."""
+        """Each image's mask and original size, or for an image enqueued by reference its mask's location, in one
+        round trip; an undecodable mask, or a key that holds another Redis type than a hash, gives `error`, not an
+        exception."""
         pipe = self.client.pipeline(transaction=False)
         for image_id in image_ids:
             pipe.hgetall(self._mask_key(image_id))
-            pipe.hmget(self._image_key(image_id), ["original_height", "original_width"])
+            pipe.hmget(self._image_key(image_id), ["original_height", "original_width", "format", "mask_url"])
         replies = _execute_keeping_wrong_types(pipe)
         return [self._stored_mask(image_id, replies[2 * i], replies[2 * i + 1]) for i, image_id in enumerate(image_ids)]
 
-    def _stored_mask(self, image_id: str, fields: Any, size_fields: Any) -> StoredMask:
-        if _is_wrong_type(size_fields):
+    def _stored_mask(self, image_id: str, fields: Any, record_fields: Any) -> StoredMask:
+        if _is_wrong_type(record_fields):
             return StoredMask(None, None, self._wrong_type_reason(image_id, self._image_key(image_id), "an image"))
+        *size_fields, record_format, mask_url = record_fields
+        if record_format == references.REFERENCE_FORMAT.encode():
+            if not mask_url:
+                return StoredMask(None, None, f"image {image_id} is malformed in Redis: its reference has no mask_url")
+            return StoredMask(None, None, mask_url=mask_url.decode(errors="backslashreplace"))
         if _is_wrong_type(fields):
             return StoredMask(None, None, self._wrong_type_reason(image_id, self._mask_key(image_id), "a mask"))
         try:
@@ -309,9 +322,10 @@ class QueueStore:
         pipe.hlen(self._manifest)
         pipe.scard(self._done)
         pipe.hlen(self._failed)
-        pipe.hget(self._totals, "collected")
-        total, done, failed, collected = pipe.execute()
-        return ImageCounts(total=total, done=done, failed=failed, collected=int(collected or 0))
+        pipe.hmget(self._totals, ["collected", "failed_freed"])
+        total, done, failed, (collected, failed_freed) = pipe.execute()
+        return ImageCounts(total=total, done=done, failed=failed, collected=int(collected or 0),
+                           failed_freed=int(failed_freed or 0))
 
     def record_counts(self) -> tuple[int, int]:
         """(image records, mask records) the queue holds in Redis, counted with SCAN (for tests and checks)."""
@@ -324,9 +338,10 @@ class QueueStore:
         and the `tiled` records of these parent ids (their tiles are among image_ids). masks=False: the images
         have no mask record to delete (enqueued by reference: their masks went to storage).
 
-        Those that were done are then added to the `collected` total: each once, however many
-        collectors forget it (only one transaction's SREM removes it from the done set). A collector
-        killed between the transaction and that count leaves those images out of the total.
+        Those that were done are then added to the `collected` total, and those that had failed to
+        `failed_freed`: each once, however many collectors forget it (only one transaction's SREM or
+        HDEL removes it). A collector killed between the transaction and that count leaves those
+        images out of the total.
         """
         if not image_ids:
             return
@@ -337,9 +352,14 @@ class QueueStore:
         pipe.hdel(self._failed, *image_ids)
         if tiled:
             pipe.hdel(self._tiled, *tiled)
-        _, _, was_done, *_ = pipe.execute()
-        if was_done:
-            self.client.hincrby(self._totals, "collected", was_done)
+        _, _, was_done, was_failed, *_ = pipe.execute()
+        if was_done or was_failed:
+            totals = self.client.pipeline(transaction=False)
+            if was_done:
+                totals.hincrby(self._totals, "collected", was_done)
+            if was_failed:
+                totals.hincrby(self._totals, "failed_freed", was_failed)
+            totals.execute()
 
     def still_stored(self, image_ids: Sequence[str]) -> list[bool]:
         """For each image, whether the manifest still holds it (not yet forgotten), in one command."""

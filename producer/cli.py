@@ -26,7 +26,7 @@ from broker.store import QueueStore
 from common.cli import Typer
 from common.images import ImageError
 from producer.backlog import BacklogReporter
-from producer.collect import CollectReport, absorb, collect_units
+from producer.collect import CollectReport, absorb, collect_units, mask_destinations
 from producer.enqueue import Enqueuer, EnqueueReport, enqueue_paths
 from producer.pool import ProducerPool
 from producer.status import queue_status
@@ -242,18 +242,28 @@ def _enqueue_and_stream(enqueuer: Enqueuer, settings: BrokerSettings, paths: lis
     return exit_code
 
 
-def _print_collect(report: CollectReport) -> int:
+def _print_collect(report: CollectReport, out: Path | None = None) -> int:
     for name, reason in sorted(report.failed.items()):
         typer.echo(f"failed: {name}: {reason}", err=True)
-    typer.echo(f"wrote {len(report.written)} masks; {len(report.failed)} failed; {len(report.pending)} not done yet")
+    in_place = ""
+    if report.in_place:
+        copied = f", not copied to {out}" if out is not None else ""
+        in_place = (f"; {len(report.in_place)} enqueued by reference already at their mask locations{copied} "
+                    f"({', '.join(mask_destinations(report))})")
+    typer.echo(f"wrote {len(report.written)} masks{in_place}; {len(report.failed)} failed; "
+               f"{len(report.pending)} not done yet")
     return 1 if report.failed else 0
 
 
 @app.command()
 def collect(
-    out: Annotated[Path, typer.Option(help="Folder for the masks (same relative names, .png).")],
+    out: Annotated[Path, typer.Option(help=(
+        "Folder for the masks (same relative names, .png). Images enqueued with --by-reference are not copied here: "
+        "their masks already are at the --out DEST they were enqueued with, and collect names that location."
+    ))],
     delete: Annotated[bool, typer.Option("--delete", help=(
-        "After writing each mask file, delete that image and its mask from Redis."
+        "After writing each mask file, delete that image and its mask from Redis. By-reference images are freed "
+        "once their outcome is reported: done (mask in place) or failed (reason listed)."
     ))] = False,
     workers: Workers = DEFAULT_WORKERS,
     redis_url: RedisUrl = None,
@@ -263,6 +273,10 @@ def collect(
 
     Exit status 1 if some image failed (each is listed with its reason). Without --delete, images
     and masks stay in Redis (collect can run again); with it, what was written is removed.
+
+    Images enqueued with `--by-reference` (say, by a producer that was interrupted before they
+    finished) count as done once the worker wrote their mask to its location (checked for local
+    paths); collect reports that location and writes nothing for them.
     """
     settings, client = _connect(redis_url, queue)
     store = QueueStore(client, settings.queue)
@@ -279,7 +293,7 @@ def collect(
                 typer.echo(f"error: collect stopped: {exc}", err=True)
                 raise typer.Exit(1) from None
             bar.update(count)
-    raise typer.Exit(_print_collect(report))
+    raise typer.Exit(_print_collect(report, out))
 
 
 @app.command()

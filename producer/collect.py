@@ -3,6 +3,13 @@
 Tiled images are stitched back and stacks written as multi-page TIFFs (`a/stack.tif` -> `OUT/a/stack.tif`) by
 producer/collect_tiled.py.
 
+Images enqueued by reference (`producer enqueue --by-reference --out DEST`, broker/references.py) have
+no mask in Redis: the worker wrote it to its mask URL under DEST before marking the image done. Collect
+counts such an image as done where its mask already is (`in_place`), and does not copy it to OUT; a
+local mask is checked to exist (a URL is not: that would be one request per image). With `delete`, a
+by-reference image is freed once collect has reported its outcome, done or failed: its record only
+points at a file the user has, so a failed one is retried by enqueueing that file again.
+
 A mask of class ids c (0..classes-1) is written as 8-bit gray c * 255 // (classes - 1): for the
 2-class U-Net, background 0 and foreground 255. `a/b/cell.tif` becomes `OUT/a/b/cell.png`.
 """
@@ -18,6 +25,7 @@ from PIL import Image
 
 from broker.store import QueueStore, StoredMask
 from broker.tiled import TiledImage
+from common import storage
 from common.images import MAX_PIXELS, resize_mask
 from common.tiles import parent_of
 from producer.collect_tiled import TileProblem, load_tiled_images, tiled_outcome, write_tiled
@@ -27,11 +35,13 @@ NUM_CLASSES = 2
 
 @dataclass
 class CollectReport:
-    """What a collect run wrote, what failed (name -> reason) and what has no mask yet (names)."""
+    """What a collect run wrote, what failed (name -> reason), what has no mask yet (names), and the mask
+    locations of images enqueued by reference that are done (written there by the worker, not copied)."""
 
     written: list[Path] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     pending: list[str] = field(default_factory=list)
+    in_place: dict[str, str] = field(default_factory=dict)  # name -> mask URL
 
 
 class MaskNotWritten(Exception):
@@ -119,14 +129,38 @@ def collect_masks(
         on_progress()
     for start in range(0, len(wanted), ROUND_TRIP_IMAGES):
         chunk = wanted[start:start + ROUND_TRIP_IMAGES]
-        written_ids = []
-        for image_id, result in zip(chunk, store.load_results(chunk), strict=True):
-            if _collect_one(report, out_dir, names.get(image_id) or image_id, result, failures.get(image_id)):
+        written_ids, referenced_ids = [], []
+        results = store.load_results(chunk)
+        referenced = [i for i, result in zip(chunk, results, strict=True) if result.mask_url is not None]
+        done = {i for i, (is_done, _) in zip(referenced, store.outcomes(referenced), strict=True) if is_done}
+        for image_id, result in zip(chunk, results, strict=True):
+            name, failure = names.get(image_id) or image_id, failures.get(image_id)
+            if result.mask_url is not None:
+                if _collect_reference(report, name, result.mask_url, image_id in done, failure):
+                    referenced_ids.append(image_id)
+            elif _collect_one(report, out_dir, name, result, failure):
                 written_ids.append(image_id)
             on_progress()
         if delete:
             store.forget(written_ids)
+            store.forget(referenced_ids, masks=False)  # their masks are at their mask URLs, never in Redis
     return report
+
+
+def _collect_reference(report: CollectReport, name: str, mask_url: str, done: bool, failure: str | None) -> bool:
+    """Note the outcome of one image enqueued by reference in `report`; True if it has one (done with its mask in
+    place, or failed), so that --delete may free it."""
+    if failure is not None:
+        report.failed[name] = failure
+        return True
+    if not done:
+        report.pending.append(name)
+        return False
+    if not storage.is_url(mask_url) and not Path(mask_url).is_file():
+        report.failed[name] = f"marked done, but its mask {mask_url} is not there (moved or deleted since?)"
+        return False
+    report.in_place[name] = mask_url
+    return True
 
 
 def _collect_one(report: CollectReport, out_dir: Path, name: str, result: StoredMask, failure: str | None) -> bool:
@@ -177,3 +211,16 @@ def absorb(into: CollectReport, report: CollectReport) -> None:
     into.written.extend(report.written)
     into.failed.update(report.failed)
     into.pending.extend(report.pending)
+    into.in_place.update(report.in_place)
+
+
+def mask_destinations(report: CollectReport) -> list[str]:
+    """The `--out DEST` locations the `in_place` masks went to (each mask URL less the mask's relative name), sorted."""
+    roots = set()
+    for name, mask_url in report.in_place.items():
+        try:
+            relative = "/" + storage.mask_name(name)
+        except ValueError:  # the worker could not have written it: name the mask itself
+            relative = ""
+        roots.add(mask_url.removesuffix(relative) if relative and mask_url.endswith(relative) else mask_url)
+    return sorted(roots)

@@ -9,8 +9,9 @@ the worker, which fails that image alone with the decoder's reason.
 
 As with `--out` for stored images, this command returns when every image has an outcome: it frees
 the records of finished images from Redis as they finish (their masks are already in DEST) and
-lists failed ones, which stay in Redis as `producer collect` leaves them. `--max-pending N` bounds
-the images of this run held in Redis (queued, being worked on, or finished but not yet freed).
+lists failed ones, which stay in Redis until `producer collect --delete` reports and frees them.
+`--max-pending N` bounds the images of this run held in Redis (queued, being worked on, or finished but
+not yet freed).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ FULL_LOOK_S = 2.0  # at least this often a look checks the whole LOOK_AHEAD wind
 
 class FinishedImages(PendingImages):
     """This run's images still in Redis; each look frees those that finished (their masks are already in DEST)
-    and notes those that failed (they stay in Redis, as collect leaves them)."""
+    and notes those that failed (they stay in Redis for `producer collect --delete`)."""
 
     def __init__(self, store: QueueStore, on_collected: Callable[[int], None] = lambda n: None, **options) -> None:
         # no pool and no out_dir: the workers wrote the masks, there is nothing to collect here

@@ -5,7 +5,8 @@ counted on their own line.
 
 Images finished counts every image that got its mask: those whose mask still waits in Redis and
 those already collected (mask file written, records freed by `producer collect --delete` or
-`producer enqueue --out`), so that jobs and images agree however the masks were taken out.
+`producer enqueue --out`), so that jobs and images agree however the masks were taken out. Images
+failed likewise counts failed images whose by-reference records `producer collect --delete` freed.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def queue_status(client: redis.Redis, queue: Queue) -> QueueStatus:
         queued=max(0, total_images - done - failed - started_images),
         started=started_images,
         finished=done + counts.collected,
-        failed=failed,
+        failed=failed + counts.failed_freed,
     )
     tiled_images, tiles = _tiled_counts(store)
     return QueueStatus(queue=queue.name, jobs=jobs, images=images, workers=live_workers(client, queue),

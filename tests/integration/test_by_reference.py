@@ -17,6 +17,7 @@ the images and write the masks; Redis carries only locations:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -282,3 +283,61 @@ def test_by_reference_max_pending_bounds_the_records_held_and_every_image_finish
     assert len(report.image_ids) == 20 and len(pending.report.written) == 20
     assert 0 < held[0] <= 8
     assert store.manifest() == {} and store.record_counts() == (0, 0)  # every finished record freed
+
+
+@pytest.mark.parametrize("interrupt", ["sigint_before_the_worker", "sigkill_after_the_worker"])
+def test_collect_after_an_interrupted_by_reference_producer_reports_and_frees_every_image(
+        tmp_path, redis_url, client, queue_name, small_engine, interrupt):
+    """The producer that would free the records dies (Ctrl-C while it waits, or SIGKILL once the worker finished):
+    `producer collect --delete` counts each finished image as done where its mask is (not copied to --out), lists
+    the failed one with its reason and a mask deleted from DEST as missing, and frees every record it reported."""
+    shared = tmp_path / "shared"
+    good = write_synthetic_images(shared / "in", 6)
+    shutil.copyfile(good[0], shared / "in" / "missing.png")
+    common = ["--redis-url", redis_url, "--queue", queue_name]
+    producer = start("producer", "enqueue", str(shared / "in"), "--by-reference", "--out", str(shared / "masks"),
+                     "--size", str(SMALL_SIZE), "--job-size", "2", *common)
+    wait_until(lambda: enqueued(client, queue_name, 7), 120, "the 7 references enqueued", producer)
+    (shared / "in" / "missing.png").unlink()
+    if interrupt == "sigint_before_the_worker":
+        producer.send_signal(signal.SIGINT)
+        assert finish(producer)[0] == 130
+    else:
+        producer.send_signal(signal.SIGSTOP)  # it frees nothing from here on
+    worker = start("worker", "run", "--engine", str(small_engine), "--burst", *common)
+    assert finish(worker)[0] == 0
+    if interrupt == "sigkill_after_the_worker":
+        producer.kill()
+        producer.wait(timeout=30)
+    store = QueueStore(client, queue_name)
+    assert store.record_counts() == (7, 0) and store.counts().collected == 0  # nobody freed them
+
+    out = tmp_path / "collected"
+    mask_of_img_001 = shared / "masks" / "img_001.png"
+    kept = mask_of_img_001.read_bytes()
+    mask_of_img_001.unlink()  # deleted from DEST since: reported, not freed
+    code, output = finish(start("producer", "collect", "--out", str(out), "--delete", "--workers", "1", *common))
+    assert code == 1, output
+    failed = {line.split(": ", 2)[1]: line for line in output.splitlines() if line.startswith("failed: ")}
+    assert set(failed) == {"missing.png", "img_001.png"}, output
+    assert "no such file or directory" in failed["missing.png"].lower(), output
+    assert f"its mask {mask_of_img_001} is not there" in failed["img_001.png"], output
+    assert (f"wrote 0 masks; 5 enqueued by reference already at their mask locations, not copied to {out} "
+            f"({shared / 'masks'}); 2 failed; 0 not done yet") in output, output
+    assert not out.exists() or not any(out.rglob("*"))  # nothing copied
+    assert store.record_counts() == (1, 0) and list(store.manifest().values()) == ["img_001.png"]
+
+    mask_of_img_001.write_bytes(kept)  # back in place: the next collect finds it
+    code, output = finish(start("producer", "collect", "--out", str(out), "--delete", *common))
+    assert code == 0, output
+    assert "wrote 0 masks; 1 enqueued by reference already at their mask locations" in output, output
+    assert "; 0 failed; 0 not done yet" in output, output
+    assert sorted(p.name for p in (shared / "masks").rglob("*")) == [p.name for p in good]
+    leftover = {key.decode() for key in client.scan_iter(match=f"segq:{queue_name}:*")}
+    assert leftover <= {f"segq:{queue_name}:totals", f"segq:{queue_name}:producers"}, leftover
+    assert store.record_counts() == (0, 0) and store.manifest() == {}
+
+    code, output = finish(start("producer", "status", "--json", *common))
+    assert code == 0, output
+    images = json.loads(output.strip().splitlines()[-1])["images"]
+    assert images == {"queued": 0, "started": 0, "finished": 6, "failed": 1}, output

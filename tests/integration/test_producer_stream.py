@@ -204,7 +204,8 @@ def test_status_after_enqueue_out_counts_collected_images_as_finished(tmp_path, 
 
 
 def test_forget_counts_each_collected_image_once(client, queue_name):
-    """Only images that were done count as collected, once each, however often they are forgotten."""
+    """Only images that were done count as collected, and failed ones as failed_freed, once each, however often
+    they are forgotten."""
     from broker.store import StoredImage
 
     store = QueueStore(client, queue_name)
@@ -214,4 +215,4 @@ def test_forget_counts_each_collected_image_once(client, queue_name):
     store.forget(["i0", "i1", "i3"])  # two done, one failed
     store.forget(["i0", "i1", "nope"])  # again, and an unknown id
     counts = store.counts()
-    assert (counts.total, counts.done, counts.failed, counts.collected) == (2, 1, 0, 2)
+    assert (counts.total, counts.done, counts.failed, counts.collected, counts.failed_freed) == (2, 1, 0, 2, 1)
