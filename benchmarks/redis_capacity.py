@@ -72,6 +72,7 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import cpu_model  # noqa: E402
 from benchmarks.scale_out import (  # noqa: E402
     PRODUCER,
     WORKER,
@@ -318,7 +319,7 @@ def main() -> int:
     children.kill_all()
     now = dt.datetime.now(dt.UTC)
     command = " ".join([Path(sys.executable).name, *sys.argv])
-    machine = f"{socket.gethostname()}: {_cpu_model()}, {os.cpu_count()} CPUs (no GPU; Redis-side figures)"
+    machine = f"{socket.gethostname()}: {cpu_model()}, {os.cpu_count()} CPUs (no GPU; Redis-side figures)"
     by_job = {}
     for job_size in job_sizes:
         pick = {row["mode"]: row for row in rows if row["job_size"] == job_size}
@@ -357,16 +358,6 @@ def main() -> int:
               f"{row['redis_net_in_bytes_per_image']:>14}{row['aof_bytes_per_image']:>11}"
               f"{row['images_per_s_one_redis'] or 0:>17}")
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import cpu_model  # noqa: E402
 from common import storage  # noqa: E402
 from common.images import decode_image  # noqa: E402
 from worker.mask_files import MaskFile, write_mask_files  # noqa: E402
@@ -122,7 +123,7 @@ def main() -> int:
         "benchmark": "reference_cpu",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": f"{socket.gethostname()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "images": args.images,
         "size": size,
         "decode": decode_rows,
@@ -150,16 +151,6 @@ def main() -> int:
           f"{result['cores_per_gpu']:.2f} cores of this kind")
     print(f"wrote {path}")
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _version(dist: str) -> str:
