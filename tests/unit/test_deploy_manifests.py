@@ -18,6 +18,7 @@ import jsonschema
 import kubernetes_validate.utils  # noqa: F401  (the test extra: fail, do not skip, when missing)
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -603,10 +604,29 @@ def test_alert_rules_and_dashboard_use_only_exported_metrics():
 
 # ---------------------------------------------------------------- reproducible images, tested Redis
 
+def _installed_dependency_tree(roots: list[str]) -> list[tuple[str, Requirement]]:
+    """(parent, requirement) for every dependency, direct or not, of the requirements `roots`, read from the
+    metadata of the packages installed in this environment (markers evaluated, no extras followed)."""
+    from importlib.metadata import requires
+
+    out: list[tuple[str, Requirement]] = []
+    todo, seen = [("pyproject", Requirement(root)) for root in roots], set()
+    while todo:
+        parent, requirement = todo.pop()
+        out.append((parent, requirement))
+        name = requirement.name.lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        for line in requires(requirement.name) or []:
+            child = Requirement(line)
+            if child.marker is None or child.marker.evaluate({"extra": ""}):
+                todo.append((name, child))
+    return out
+
+
 def test_images_install_pinned_dependencies():
     import tomllib
-
-    from packaging.requirements import Requirement
 
     pins = {}
     for line in (DOCKER / "constraints.txt").read_text().splitlines():
@@ -615,17 +635,34 @@ def test_images_install_pinned_dependencies():
             assert version and re.fullmatch(r"[0-9][0-9A-Za-z.+-]*", version), line
             pins[name.lower().replace("_", "-")] = version
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = project["dependencies"] + project["optional-dependencies"]["gpu-metrics"]
+    extras = project["optional-dependencies"]
+    wanted = project["dependencies"] + extras["gpu-metrics"] + extras["storage"]
     for requirement in map(Requirement, wanted):
         name = requirement.name.lower().replace("_", "-")
         if name == "torch":  # pinned by the Dockerfile's TORCH_VERSION
             continue
         assert name in pins, f"{name} is not pinned in docker/constraints.txt"
         assert requirement.specifier.contains(pins[name], prereleases=True), (name, pins[name])
+    # ... and the storage extra's whole dependency tree (aiobotocore, botocore, aiohttp, ...), as installed
+    # here by the test extra, within the bounds each package declares
+    for parent, requirement in _installed_dependency_tree(extras["storage"]):
+        name = requirement.name.lower().replace("_", "-")
+        assert name in pins, f"{name} (needed by {parent}) is not pinned in docker/constraints.txt"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (parent, name, pins[name])
     text = (DOCKER / "Dockerfile").read_text()
     installs = re.findall(r"pip install (.*/src\S*)", text)
     assert len(installs) == 2 and all("-c /src/docker/constraints.txt" in line for line in installs), installs
     assert "!docker/constraints.txt" in (ROOT / ".dockerignore").read_text()
+
+
+def test_both_images_install_the_storage_extra():
+    """A containerised producer or worker reads and writes s3:// URLs by reference (fsspec + s3fs)."""
+    text = (DOCKER / "Dockerfile").read_text()
+    for stage, extras in (("gpu-build", {"gpu-metrics", "storage"}), ("cpu-build", {"storage"})):
+        body = text.split(f" AS {stage}\n", 1)[1].split("\nFROM ", 1)[0]
+        (target,) = re.findall(r"pip install -c /src/docker/constraints\.txt \"?/src(\[[^\]]*\])?", body)
+        assert set(target.strip("[]").split(",")) - {""} >= extras, (stage, target)
+        assert re.search(r'python -c "import [^"]*\bs3fs\b', body), f"{stage} does not check that s3fs imports"
 
 
 def test_smoke_run_uses_the_redis_version_the_manifests_deploy():
