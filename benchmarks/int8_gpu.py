@@ -5,7 +5,8 @@
 Speed (width-64 U-Net, 512x512, batch 8, random weights: speed does not depend on their values):
 the FP32 checkpoint -> FP32 ONNX -> INT8 Q/DQ ONNX (MinMax on --calib-n synthetic images) ->
 `.cudnn` (built and timed on this GPU), and the compiled FP16 engine (`.ptc`) from the same
-checkpoint; both through `toolchain.bench.throughput` (engine alone: uint8 in, masks out, two
+checkpoint; the INT8 engine with its default glue (Triton kernels on CUDA) and with torch-op glue
+(engines.int8_glue); all through `toolchain.bench.throughput` (engine alone: uint8 in, masks out, two
 batches in flight), alternated --rounds times, medians reported.
 
 Quality (the trained width-16 demo checkpoint, 512x512, held-out synthetic images, the study's
@@ -66,16 +67,25 @@ def timed_build(source: Path, output: Path, **options: Any) -> float:
     return spent
 
 
-def engine_alone(files: dict[str, Path], rounds: int, iters: int) -> dict[str, Any]:
-    """Load time and img/s (batch 8, two in flight) of each engine file, alternated over `rounds`."""
+def open_engine(path: Path, glue: str) -> Any:
+    """A `.cudnn` file with the given glue ("auto", "torch", "triton"); any other engine file as a worker loads it."""
+    if path.suffix == ".cudnn":
+        from engines.cudnn_int8 import CudnnInt8Engine
+
+        return CudnnInt8Engine(path, glue=glue)
+    return load_engine(path, device="cuda")
+
+
+def engine_alone(files: dict[str, tuple[Path, str]], rounds: int, iters: int) -> dict[str, Any]:
+    """Load time and img/s (batch 8, two in flight) of each (engine file, glue), alternated over `rounds`."""
     images = bench_images(EngineSpec(), 8)
     loads: dict[str, float] = {}
     runs: dict[str, list[float]] = {name: [] for name in files}
     engines = {}
     try:
-        for name, path in files.items():
+        for name, (path, glue) in files.items():
             started = time.perf_counter()
-            engines[name] = load_engine(path, device="cuda")
+            engines[name] = open_engine(path, glue)
             loads[name] = time.perf_counter() - started
             log(f"{name}: loaded in {loads[name]:.1f} s ({getattr(engines[name], 'load_timings', {})})")
         for _ in range(rounds):
@@ -105,29 +115,32 @@ def speed(work: Path, calib: Path, calib_n: int, skip_fp16: bool, rounds: int, i
     builds["int8_onnx_s"] = timed_build(work / "w64.onnx", work / "w64_int8.onnx", precision="int8",
                                         calib=str(calib), calib_count=calib_n)
     builds["cudnn_s"] = timed_build(work / "w64_int8.onnx", work / "w64_int8.cudnn", target="cuda")
-    files = {"int8": work / "w64_int8.cudnn"}
+    cudnn = work / "w64_int8.cudnn"
+    files = {"int8": (cudnn, "auto"), "int8_torch_glue": (cudnn, "torch")}
     result["int8_alone"] = engine_alone(files, 1, iters)
     result["int8_img_s"] = result["int8_alone"]["median_img_s"]["int8"]
-    result["int8_step_profile"] = step_profile(files["int8"])
+    result["int8_step_profile"] = {glue: step_profile(cudnn, glue) for glue in ("auto", "torch")}
     save(result)
     if skip_fp16:
         return result
     builds["ptc_s"] = timed_build(ckpt, work / "w64.ptc", compile=True, precision="fp16")
-    files["fp16"] = work / "w64.ptc"
+    files["fp16"] = (work / "w64.ptc", "")
     both = engine_alone(files, rounds, iters)
     result.update(both)
     result["int8_img_s"] = both["median_img_s"]["int8"]
     result["fp16_compiled_img_s"] = both["median_img_s"]["fp16"]
     result["int8_over_fp16"] = result["int8_img_s"] / result["fp16_compiled_img_s"]
+    result["int8_torch_glue_over_fp16"] = both["median_img_s"]["int8_torch_glue"] / result["fp16_compiled_img_s"]
     return result
 
 
-def step_profile(path: Path) -> dict[str, Any]:
+def step_profile(path: Path, glue: str) -> dict[str, Any]:
     """Where one batch of 8 spends its GPU time in the INT8 engine: each step run eagerly, summed by kind."""
     from engines.cudnn_int8 import CudnnInt8Engine
 
     try:
-        with CudnnInt8Engine(path) as engine:
+        with CudnnInt8Engine(path, glue=glue) as engine:
+            glue = engine.glue_name
             rows = engine.profile_steps()
     except Exception as exc:  # a diagnostic: its failure is recorded, the measurement goes on
         log(f"step profile failed: {exc!r}")
@@ -137,9 +150,9 @@ def step_profile(path: Path) -> dict[str, Any]:
         key = row["kind"] + (f"_{row['precision']}" if row["precision"] else "")
         by_kind[key] = by_kind.get(key, 0.0) + row["ms"]
     total = sum(by_kind.values())
-    log("step profile, ms per batch of 8 (eager): " + ", ".join(f"{k} {v:.3f}" for k, v in by_kind.items())
-        + f"; total {total:.3f}")
-    return {"steps": rows, "ms_by_kind": by_kind, "total_ms": total}
+    steps = ", ".join(f"{k} {v:.3f}" for k, v in by_kind.items())
+    log(f"step profile ({glue} glue), ms per batch of 8 (eager): {steps}; total {total:.3f}")
+    return {"glue": glue, "steps": rows, "ms_by_kind": by_kind, "total_ms": total}
 
 
 def quality(work: Path, calib: Path, calib_n: int, n: int, uncalibrated: bool = True) -> dict[str, Any]:
@@ -219,7 +232,7 @@ def main() -> None:
 
     def save(speed_result: dict[str, Any]) -> None:  # after each phase: a run cut short keeps what it measured
         result["speed"] = speed_result
-        for key in ("fp16_compiled_img_s", "int8_img_s", "int8_over_fp16"):
+        for key in ("fp16_compiled_img_s", "int8_img_s", "int8_over_fp16", "int8_torch_glue_over_fp16"):
             if key in speed_result:
                 result[key] = speed_result[key]
         out.write_text(json.dumps(result, indent=1))
@@ -230,7 +243,8 @@ def main() -> None:
         result.update(quality(args.work, calib / "images", args.calib_n, args.dice_n, not args.skip_uncalibrated))
         out.write_text(json.dumps(result, indent=1))
     log(f"\nwrote {out}")
-    for key in ("gpu", "fp16_compiled_img_s", "int8_img_s", "int8_over_fp16", "dice_fp32", "dice_fp16", "dice_int8",
+    for key in ("gpu", "fp16_compiled_img_s", "int8_img_s", "int8_over_fp16", "int8_torch_glue_over_fp16",
+                "dice_fp32", "dice_fp16", "dice_int8",
                 "dice_int8_uncalibrated", "int8_pixel_agreement_with_onnx_int8"):
         if key in result:
             value = result[key]

@@ -9,7 +9,9 @@ measured on the GPU that built it (toolchain/cudnn_build.py). This module runs i
                -> ReLU -> INT8 output (NHWC); FP16 layers first widen their INT8 input to FP16
     each upconv: FP16 1x1 cuDNN graph to 4 x Cout channels (the 2x2 stride-2 transposed conv as a
                GEMM), INT8 output scattered into the concat buffer's channel slice
-    pool: 2x2 max on INT8; concat: copy (or requantize) the skip into the concat buffer
+    pool: 2x2 max on INT8, writing the skip's copy (requantized where its scale differs) into the
+          concat buffer in the same pass; concat: copies whatever no pool or upconv wrote
+    (those steps are engines.int8_glue: Triton kernels on CUDA, torch ops elsewhere)
     head: INT8 1x1 graph (output channels padded to 16), argmax -> uint8 masks
 
 Every activation lives in a buffer owned by its slot (engines.cuda_slots: two slots in flight, each
@@ -36,6 +38,7 @@ import torch
 
 from engines.base import EngineError
 from engines.cuda_slots import CudaSlot, CudaSlots, SlotEngine, cuda_device
+from engines.int8_glue import Glue, copy_requantized, select_glue
 from engines.int8_plan import Int8Plan, Layer, load_plan
 from engines.versions import check_compatible, gpu_identity, package_version
 
@@ -85,20 +88,6 @@ def padded(channels: int, precision: str) -> int:
     """`channels` rounded up to the multiple the precision's kernels need."""
     m = CHANNEL_MULTIPLE[precision]
     return -(-channels // m) * m
-
-
-def as_words(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The same int8 tensors viewed with the widest integer type (8, 4 or 2 bytes) all of them allow.
-
-    A strided int8 copy moves one byte per element; viewing the contiguous channel run as int64
-    moves eight. Needs the last dim contiguous and every stride and offset divisible; else int8.
-    """
-    for dtype in (torch.int64, torch.int32, torch.int16):
-        try:
-            return tuple(t.view(dtype) for t in tensors)
-        except RuntimeError:
-            continue
-    return tensors
 
 
 def requantize_table(ratio: float, device: torch.device) -> torch.Tensor:
@@ -242,10 +231,11 @@ class SlotBuffers:
 class PlanRunner:
     """A plan's weights on one device and its cuDNN graphs for each batch size; runs a forward pass on buffers."""
 
-    def __init__(self, plan: Int8Plan, device: torch.device, cudnn: Any) -> None:
+    def __init__(self, plan: Int8Plan, device: torch.device, cudnn: Any, glue: str = "auto") -> None:
         self.plan = plan
         self.device = device
         self.cudnn = cudnn
+        self.glue: Glue = select_glue(device, glue)
         self.table = torch.from_numpy(plan.input_table()).to(device)
         self.weights: dict[str, LayerWeights] = {}
         self.graphs: dict[tuple[str, int], ConvGraph] = {}
@@ -257,6 +247,7 @@ class PlanRunner:
                     if producer is not None and producer.kind == "upconv":
                         self.upconv_target[source] = (layer.output, index)
         self.requantize = self.requantize_tables()
+        self.skip_copied_by_pool = self.pooled_skips()
         self.upload_weights()
 
     def requantize_tables(self) -> dict[str, torch.Tensor]:
@@ -271,6 +262,22 @@ class PlanRunner:
                 if source not in self.upconv_target and s_in != s_out:
                     tables[source] = requantize_table(float(s_in / s_out), self.device)
         return tables
+
+    def pooled_skips(self) -> dict[str, tuple[str, int]]:
+        """Skip tensors that a pool reads before a concat copies them: name -> (concat output, channel offset).
+
+        The pool step writes their concat slice too (one read of the skip instead of two)."""
+        copied: dict[str, tuple[str, int]] = {}
+        pooled_at = {layer.sources[0]: index for index, layer in enumerate(self.plan.layers) if layer.kind == "pool"}
+        for index, layer in enumerate(self.plan.layers):
+            if layer.kind != "concat":
+                continue
+            offset = 0
+            for source in layer.sources:
+                if source not in self.upconv_target and pooled_at.get(source, index) < index:
+                    copied[source] = (layer.output, offset)
+                offset += self.plan.tensor(source).channels
+        return copied
 
     def _producer(self, name: str) -> Layer | None:
         return next((layer for layer in self.plan.layers if layer.output == name), None)
@@ -365,10 +372,8 @@ class PlanRunner:
 
     def run_layer(self, layer: Layer, bufs: SlotBuffers, n: int, handle: Any) -> None:
         """Enqueue one layer for the first n images of the slot's buffers."""
-        acts = bufs.acts
         if layer.kind == "pool":
-            x = acts[layer.sources[0]][:n]
-            torch.amax(x.unflatten(1, (-1, 2)).unflatten(3, (-1, 2)), dim=(2, 4), out=acts[layer.output][:n])
+            self.run_pool(layer, bufs, n)
         elif layer.kind == "concat":
             self.run_concat(layer, bufs, n)
         else:
@@ -378,29 +383,28 @@ class PlanRunner:
             if layer.kind == "upconv":
                 self.scatter_upconv(layer, bufs, n)
 
+    def run_pool(self, layer: Layer, bufs: SlotBuffers, n: int) -> None:
+        """2x2 max pool; a skip the concat needs is copied (requantized) into its slice in the same pass."""
+        source = layer.sources[0]
+        skip = None
+        if source in self.skip_copied_by_pool:
+            cat, offset = self.skip_copied_by_pool[source]
+            skip = bufs.acts[cat][:n, ..., offset:offset + self.plan.tensor(source).channels]
+        self.glue.pool_and_copy(bufs.acts[source][:n], bufs.acts[layer.output][:n], skip,
+                                self.requantize.get(source))
+
     def scatter_upconv(self, layer: Layer, bufs: SlotBuffers, n: int) -> None:
         """(n, h, w, [a, b, C]) GEMM output -> pixel (2i + a, 2j + b) of the (n, 2h, 2w, C) output view."""
-        y = bufs.gemm[layer.output][:n]
-        out = bufs.acts[layer.output][:n]
-        c = out.shape[-1]
-        target, source = as_words(out.unflatten(1, (-1, 2)).unflatten(3, (-1, 2)),
-                                  y.unflatten(3, (2, 2, c)).permute(0, 1, 3, 2, 4, 5))
-        target.copy_(source)
+        self.glue.scatter_upconv(bufs.gemm[layer.output][:n], bufs.acts[layer.output][:n])
 
     def run_concat(self, layer: Layer, bufs: SlotBuffers, n: int) -> None:
-        """Fill the concat buffer's channel slices (upconvs already wrote theirs); requantize where scales differ."""
+        """Fill the concat buffer's channel slices not written yet (upconvs and pools wrote theirs)."""
         out = bufs.acts[layer.output][:n]
         offset = 0
         for source in layer.sources:
             channels = self.plan.tensor(source).channels
-            if source not in self.upconv_target:
-                target = out[..., offset:offset + channels]
-                x = bufs.acts[source][:n]
-                table = self.requantize.get(source)
-                if table is not None:
-                    x = table[x.view(torch.uint8).to(torch.int32)]
-                wide_target, wide_x = as_words(target, x)
-                wide_target.copy_(wide_x)
+            if source not in self.upconv_target and source not in self.skip_copied_by_pool:
+                copy_requantized(bufs.acts[source][:n], out[..., offset:offset + channels], self.requantize.get(source))
             offset += channels
 
     def forward(self, bufs: SlotBuffers, n: int, handle: Any) -> torch.Tensor:
@@ -445,9 +449,11 @@ class CudnnInt8Engine(SlotEngine):
     Loading checks the GPU and cuDNN major version recorded in the file, uploads the weights, rebuilds
     every recorded cuDNN plan and captures one CUDA graph per slot and batch size. load_timings:
     seconds spent reading the file ("read_s"), building plans ("plans_s") and capturing ("capture_s").
+    glue: the steps between the graphs ("auto": Triton kernels when triton is installed, else torch ops;
+    engines.int8_glue.select_glue); glue_name says which runs.
     """
 
-    def __init__(self, path: Path | str, device: str = "cuda") -> None:
+    def __init__(self, path: Path | str, device: str = "cuda", glue: str = "auto") -> None:
         self.path = Path(path)
         if not device.startswith("cuda"):
             raise EngineError(f"{self.path}: a cuDNN INT8 engine runs on CUDA only, not on {device!r}; on CPU run "
@@ -461,9 +467,11 @@ class CudnnInt8Engine(SlotEngine):
         self.spec = plan.spec
         self.batch_sizes = plan.batch_sizes
         self.name = f"cudnn-int8:{self.device} {self.path.name}"
+        self.glue_name = ""
         t1 = time.perf_counter()
         with torch.cuda.device(self.device):
-            self._runner = PlanRunner(plan, self.device, cudnn)
+            self._runner = PlanRunner(plan, self.device, cudnn, glue)
+            self.glue_name = self._runner.glue.name
             self._slots = CudaSlots(self.device, self.spec.max_batch, self.spec.height, self.spec.width, self.name)
             self._cudnn = cudnn
             self._handle = make_handle(cudnn, torch.cuda.current_stream(self.device))

@@ -165,16 +165,25 @@ class _CpuConv:
         y.copy_(torch.clamp(torch.round(v), -128, 127))
 
 
-@pytest.mark.parametrize("first_precision", ["int8", "fp16"])
+@pytest.mark.parametrize(("first_precision", "glue"), [("int8", "torch"), ("fp16", "torch"), ("int8", "triton")])
 def test_engine_glue_around_the_cudnn_graphs_matches_the_reference(int8_onnx: Path, images: np.ndarray,
-                                                                   first_precision: str) -> None:
+                                                                   first_precision: str, glue: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """glue "triton": the engine's Triton kernels in Triton's interpreter (tests/unit/test_int8_glue.py)."""
     import torch
 
     from engines.cudnn_int8 import PlanRunner, layer_weights
+    from engines.int8_glue import triton_unavailable
 
+    if glue == "triton":
+        if triton_unavailable():
+            pytest.skip(triton_unavailable())
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     plan = plan_from_onnx(int8_onnx)
     plan.layers[0].precision = first_precision  # int8: 1 input channel padded to 16; fp16: widened, padded to 8
-    runner = PlanRunner(plan, torch.device("cpu"), cudnn=None)
+    runner = PlanRunner(plan, torch.device("cpu"), cudnn=None, glue=glue)
+    assert runner.glue.name == glue
+    assert runner.skip_copied_by_pool, "every skip of the U-Net is pooled first: its copy rides with the pool"
     runner.weights[plan.layers[0].name] = layer_weights(plan, plan.layers[0], first_precision, runner.device)
     bufs = runner.allocate(8)
     for layer in plan.layers:
