@@ -690,6 +690,12 @@ def decode_image(
     path = Path(path)
     fmt = _sniff(path)
     gray = _read_tiff(path, max_pixels) if fmt == "TIFF" else _read_pillow(path, fmt, max_pixels)
+    return fit_decoded(gray, height, width)
+
+
+def fit_decoded(gray: np.ndarray, height: int, width: int) -> DecodedImage:
+    """A decoded page (uint8 (h, w) grayscale at its original, oriented size) as engine input: resized to
+    height x width as :func:`decode_image` resizes (a new C-contiguous array), with its original size kept."""
     original_height, original_width = gray.shape
     pixels = np.array(_resize_gray(gray, height, width), dtype=np.uint8, order="C")
     return DecodedImage(pixels, int(original_height), int(original_width))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import ImageFile
 
 from common.images import (
     MAX_PIXELS,
@@ -44,22 +45,53 @@ class PageShape:
     width: int
 
 
-def probe_pages(path: Path, *, max_pixels: int = MAX_PIXELS, max_pages: int = MAX_PAGES) -> PageShape:
-    """The file's page count and page size from its headers only (no pixel data decoded); ImageError if the
-    file cannot be read or breaks a limit."""
+def probe_pages(path: Path, *, max_pixels: int = MAX_PIXELS, max_pages: int = MAX_PAGES,
+                oriented: bool = True) -> PageShape:
+    """The file's page count and page size from its headers; ImageError if the file cannot be read or breaks a
+    limit.
+
+    oriented: the size as displayed, after a PNG's, JPEG's or BMP's EXIF orientation (height and width swapped
+    for a quarter turn). Pillow finds a PNG's EXIF only by decoding all of its pixels (the chunk may follow the
+    image data), so that costs a full decode; with oriented=False nothing but the headers is read, and the size
+    is the one stored (what a caller gets who only needs height * width, or tiles of a square engine input).
+    """
     path = Path(path)
     fmt = _sniff(path)
     if fmt == "TIFF":
         with _open_tiff(path) as tif:
             return _check_tiff(path, tif, max_pixels, max_pages)
     with _open_pillow(path, fmt) as image:
-        try:
-            turned = image.getexif().get(_EXIF_ORIENTATION) in _SWAPS_AXES
-        except Exception:  # an unreadable EXIF block: decoding says what is wrong with the file
-            turned = False
+        turned = oriented and _turned(image)
         height, width = (image.width, image.height) if turned else (image.height, image.width)
     _check_pixels(path, height, width, max_pixels)
     return PageShape(1, height, width)
+
+
+def probe_or_read(path: Path, *, max_pixels: int = MAX_PIXELS,
+                  max_pages: int = MAX_PAGES) -> tuple[PageShape, np.ndarray | None]:
+    """The file's page shape (oriented, as probe_pages gives it) and, for a PNG, JPEG or BMP, its one page decoded.
+
+    A TIFF's shape comes from its headers alone (None for the page: read_pages decodes its pages one at a time).
+    A PNG, JPEG or BMP always has one page, and its oriented size needs its EXIF orientation, which for a PNG
+    costs a full decode (probe_pages): so it is decoded here, once, and the page (uint8 (height, width) gray at
+    its original oriented size, as read_pages gives it) is returned for the caller to use instead of reading the
+    file again. ImageError names the file and its problem.
+    """
+    path = Path(path)
+    fmt = _sniff(path)
+    if fmt == "TIFF":
+        return probe_pages(path, max_pixels=max_pixels, max_pages=max_pages), None
+    page = _read_pillow(path, fmt, max_pixels)
+    return PageShape(1, int(page.shape[0]), int(page.shape[1])), page
+
+
+def _turned(image: ImageFile.ImageFile) -> bool:
+    """Whether the image's EXIF orientation turns it by a quarter turn (an unreadable EXIF block: not turned;
+    decoding says what is wrong with the file)."""
+    try:
+        return image.getexif().get(_EXIF_ORIENTATION) in _SWAPS_AXES
+    except Exception:
+        return False
 
 
 def read_pages(path: Path, *, max_pixels: int = MAX_PIXELS, max_pages: int = MAX_PAGES) -> Iterator[np.ndarray]:

@@ -25,8 +25,8 @@ from broker.connection import BrokerSettings
 from broker.payloads import Payload, encode_image, encode_png
 from broker.process_store import fork_store_pool, process_store
 from broker.store import EncodedImage, QueueStore, new_image_id, now
-from common.images import ImageError, ImageSource, decode_image, read_png_as_is
-from common.pages import probe_pages
+from common.images import ImageError, ImageSource, decode_image, fit_decoded, read_png_as_is
+from common.pages import probe_or_read
 from producer.collect import CollectReport, collect_masks
 from producer.tiling import TILE, Fitting, StoredUnit, is_tiled, store_tiled
 
@@ -73,14 +73,15 @@ def store_files(store: QueueStore, sources: Sequence[ImageSource], height: int, 
             as_is = read_png_as_is(source.path, height, width)
             if as_is is not None:
                 payload, original_height, original_width = encode_png(as_is, height, width), height, width
-            else:
-                shape = probe_pages(source.path, max_pages=fitting.max_pages)
+            else:  # a PNG, JPEG or BMP is decoded once here (its oriented shape needs that), a TIFF's headers read
+                shape, page = probe_or_read(source.path, max_pages=fitting.max_pages)
                 if is_tiled(shape, height, width, fitting):
-                    records, unit = store_tiled(store, source, shape, height, width, fitting)
+                    records, unit = store_tiled(store, source, shape, height, width, fitting,
+                                                None if page is None else [page])
                     chunk.stored.extend(records)
                     chunk.units.append(unit)
                     continue
-                decoded = decode_image(source.path, height, width)
+                decoded = decode_image(source.path, height, width) if page is None else fit_decoded(page, height, width)
                 payload, original_height, original_width = (encode_image(decoded.pixels), decoded.original_height,
                                                              decoded.original_width)
         except ImageError as problem:

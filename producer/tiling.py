@@ -14,7 +14,7 @@ page turns out bad, the tiles already stored for the file are deleted and the fi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,17 +90,25 @@ def record_count(shape: PageShape, height: int, width: int, fitting: Fitting) ->
 
 
 def file_records(path: Path, height: int, width: int, fitting: Fitting) -> int:
-    """Engine inputs a file becomes, from its headers only; 1 for a file that cannot be read (it is rejected)."""
+    """Engine inputs a file becomes, from its headers only; 1 for a file that cannot be read (it is rejected).
+
+    For a square engine input the count does not depend on the file's EXIF orientation (a quarter turn swaps
+    the rows and columns of tiles), so it is not read: for a PNG that would mean decoding all its pixels.
+    """
     try:
-        return record_count(probe_pages(path, max_pages=fitting.max_pages), height, width, fitting)
+        shape = probe_pages(path, max_pages=fitting.max_pages, oriented=height != width)
     except ImageError:
         return 1
+    return record_count(shape, height, width, fitting)
 
 
 def store_tiled(store: QueueStore, source: ImageSource, shape: PageShape, height: int, width: int,
-                fitting: Fitting) -> tuple[list[tuple[str, str]], StoredUnit]:
+                fitting: Fitting,
+                pages: Iterable[np.ndarray] | None = None) -> tuple[list[tuple[str, str]], StoredUnit]:
     """Store a file as a tiled image: its tiles' records (in the manifest) and its `tiled` record.
 
+    pages: the file's pages already decoded (uint8 gray at the original size, as common.pages.read_pages gives
+    them: a PNG, JPEG or BMP decoded once to learn its oriented shape); None: read from the file page by page.
     Returns the (record id, name) of every tile, in index order (what the jobs name), and the unit.
     ImageError names the file (and page) if a page cannot be read; its stored tiles are deleted first.
     """
@@ -109,7 +117,7 @@ def store_tiled(store: QueueStore, source: ImageSource, shape: PageShape, height
     stored: list[tuple[str, str]] = []
     pending: list[EncodedImage] = []
     try:
-        for index, tile in enumerate(_engine_inputs(source.path, parent, fitting)):
+        for index, tile in enumerate(_engine_inputs(source.path, parent, fitting, pages)):
             record = tile_id(parent.parent_id, index)
             name = f"{source.name} [{parent.where(index)}]"
             pending.append(EncodedImage(record, name, encode_image(tile), height, width, parent.enqueued_at))
@@ -128,10 +136,11 @@ def store_tiled(store: QueueStore, source: ImageSource, shape: PageShape, height
     return stored, StoredUnit(parent.parent_id, source.name, parent.records, tiled=True)
 
 
-def _engine_inputs(path: Path, parent: TiledImage, fitting: Fitting) -> Iterator[np.ndarray]:
-    """Every engine input of the file in record order, one page decoded at a time."""
+def _engine_inputs(path: Path, parent: TiledImage, fitting: Fitting,
+                   pages: Iterable[np.ndarray] | None) -> Iterator[np.ndarray]:
+    """Every engine input of the file in record order, one page decoded at a time (or from `pages`)."""
     layout = parent.layout
-    for page in read_pages(path, max_pages=fitting.max_pages):
+    for page in read_pages(path, max_pages=fitting.max_pages) if pages is None else pages:
         if page.shape != (parent.height, parent.width):  # headers said otherwise (EXIF, a lying TIFF)
             raise ImageError(path, f"a page decodes to {page.shape[1]}x{page.shape[0]}, its header says "
                                    f"{parent.width}x{parent.height}")

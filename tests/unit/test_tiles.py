@@ -9,14 +9,14 @@ import json
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from broker.payloads import PayloadError
 from broker.tiled import TiledImage
 from common.images import ImageError
-from common.pages import PageShape, probe_pages, read_pages
+from common.pages import PageShape, probe_or_read, probe_pages, read_pages
 from common.tiles import axis_origins, cut_tiles, parent_of, plan_tiles, stitch, tile_id
-from producer.tiling import RESIZE, TILE, Fitting, record_count
+from producer.tiling import RESIZE, TILE, Fitting, file_records, record_count
 
 
 def _reference_owner(length: int, origins: list[int], tile: int) -> np.ndarray:
@@ -170,3 +170,62 @@ def test_record_counts(tmp_path):
     assert Fitting().for_engine(64, 64).overlap == 16 and Fitting().for_engine(512, 512).overlap == 64
     with pytest.raises(ValueError, match="less than half"):
         Fitting(overlap=32).for_engine(64, 64)
+
+
+def _quarter_turned_png(path, height=150, width=200):
+    """A gray PNG stored height x width whose EXIF orientation (6) turns it a quarter: displayed width x height."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray((np.arange(height * width) % 253).astype(np.uint8).reshape(height, width)).save(path, exif=exif)
+    return path
+
+
+def _counting_png_loads(monkeypatch) -> list[str]:
+    """Spy on Pillow's PNG pixel decoding (PngImageFile.load, which still runs): the file of each load that decodes
+    pixels (its image data not read yet; a later load() of a loaded image decodes nothing)."""
+    calls: list[str] = []
+    original = PngImagePlugin.PngImageFile.load
+
+    def load(self):
+        if self.tile:
+            calls.append(str(self.filename))
+        return original(self)
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", load)
+    return calls
+
+
+def test_a_record_count_reads_a_png_header_without_decoding_its_pixels(tmp_path, monkeypatch):
+    """Pillow finds a PNG's EXIF only by decoding its pixels: a square engine's count needs no orientation."""
+    Image.fromarray(np.zeros((700, 1000), np.uint8)).save(tmp_path / "plain.png")  # no EXIF at all
+    _quarter_turned_png(tmp_path / "turned.png")
+    loads = _counting_png_loads(monkeypatch)
+    tile = TILE.for_engine(512, 512)
+    assert file_records(tmp_path / "plain.png", 512, 512, tile) == 2 * 3
+    assert file_records(tmp_path / "plain.png", 512, 512, RESIZE) == 1
+    assert file_records(tmp_path / "turned.png", 64, 64, Fitting(overlap=16)) == 3 * 4  # either way round
+    assert loads == []
+    assert probe_pages(tmp_path / "plain.png", oriented=False) == PageShape(1, 700, 1000) and loads == []
+
+
+def test_a_quarter_turned_png_is_probed_turned_and_counted_turned_for_a_non_square_engine(tmp_path):
+    path = _quarter_turned_png(tmp_path / "turned.png")
+    assert probe_pages(path) == PageShape(1, 200, 150)  # as displayed
+    assert probe_pages(path, oriented=False) == PageShape(1, 150, 200)  # as stored
+    fitting = Fitting().for_engine(64, 48)  # overlap 12: 4 x 4 tiles displayed, 3 x 6 as stored
+    assert file_records(path, 64, 48, fitting) == record_count(PageShape(1, 200, 150), 64, 48, fitting) == 16
+    assert record_count(PageShape(1, 150, 200), 64, 48, fitting) == 18
+
+
+def test_probe_or_read_decodes_a_png_once_and_reads_only_a_tiffs_headers(tmp_path, monkeypatch):
+    path = _quarter_turned_png(tmp_path / "turned.png")
+    expected = next(read_pages(path))
+    loads = _counting_png_loads(monkeypatch)
+    shape, page = probe_or_read(path)
+    assert shape == PageShape(1, 200, 150) and page is not None and np.array_equal(page, expected)
+    assert loads == [str(path)]
+    _stack(tmp_path / "s.tif", 3)
+    assert probe_or_read(tmp_path / "s.tif") == (PageShape(3, 40, 30), None)
+    with pytest.raises(ImageError, match="4 pages: the limit is 3"):
+        _stack(tmp_path / "s4.tif", 4)
+        probe_or_read(tmp_path / "s4.tif", max_pages=3)
