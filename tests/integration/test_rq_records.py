@@ -5,7 +5,9 @@ merged commands), one through rq's own steps (prepare_execution, prepare_job_exe
 handle_job_success). After the start and after the completion, every rq key of each is compared
 in shape: the key names, their types, whether they expire, hash field names, the members of sets,
 sorted sets and lists, and the fields of stream entries (ids, dates and worker names normalized);
-and the job hash fields whose value the completion changes.
+and the job hash fields whose value the completion changes. The adapter writes the worker's counters
+(successful jobs, working time) with its next heartbeat rather than with each completion: the finished
+records are compared after one.
 """
 
 from __future__ import annotations
@@ -112,6 +114,8 @@ def test_batched_claim_and_completion_write_what_rqs_own_worker_writes(client, q
         for image_id in claim.image_ids:
             claim.outcomes[image_id] = ImageOutcome(image_id, True, "a.png")
     ours.complete(claims)
+    counted_before_heartbeat = client.hget("rq:worker:ourworker", "successful_job_count")
+    ours.keep_alive([])  # the worker's counters go with its next heartbeat
     our_finished = shape(client, job_ids[1], "ourworker", queue_name)
     our_changed = changed_fields(our_hash, client.hgetall(f"rq:job:{job_ids[1]}"))
     ref.teardown()
@@ -121,7 +125,33 @@ def test_batched_claim_and_completion_write_what_rqs_own_worker_writes(client, q
     # rq re-saves the whole job hash on success; only these fields change value, and the adapter writes just them
     assert ref_changed == our_changed == ["ended_at", "status"]
     assert our_finished == ref_finished
+    assert counted_before_heartbeat is None and client.hget("rq:worker:ourworker", "successful_job_count") == b"3"
     assert any(key.startswith("rq:results:") for key in our_finished)  # the comparison saw the result stream
     assert our_finished[f"rq:finished:{queue_name}"] == ("zset", "persists", ["<job>"])
     assert our_finished["rq:job:<job>"][2][-1] == "status=finished"
     assert our_started["rq:executions:<job>"] == ("zset", "expires", ["<exec>"])
+
+
+def test_claims_carry_the_records_of_their_images_enqueued_by_reference(client, queue_name, tmp_path):
+    import numpy as np
+
+    from broker.references import ImageReference
+    from broker.store import QueueStore, StoredImage, now
+
+    store = QueueStore(client, queue_name)
+    refs = [ImageReference(f"ref{i}", f"r{i}.png", f"/data/r{i}.png", f"/masks/r{i}.png", 64, 64, now())
+            for i in range(2)]
+    store.store_references(refs)
+    store.store_images([StoredImage("bytes0", "b0.png", np.zeros((64, 64), np.uint8), 64, 64, now())])
+    enqueuer = Enqueuer(client, segmentation_queue(client, queue_name), job_size=2)
+    enqueuer.add_ids([("ref0", "r0.png"), ("ref1", "r1.png"), ("bytes0", "b0.png"), ("gone", "g.png")])
+    enqueuer.flush()
+
+    ours = RqJobSource(client, queue_name, name="ourworker", job_heartbeat_ttl_s=60, maintenance_interval_s=600)
+    ours.open()
+    by_reference, stored = ours.claim(max_jobs=2, timeout_s=1)
+    ours.close()
+
+    assert sorted(by_reference.records) == ["ref0", "ref1"]  # read in the claim's round trip
+    assert by_reference.records["ref1"][b"url"] == b"/data/r1.png"
+    assert stored.records == {}  # a payload in Redis, or no record at all: read when the batch is fetched
