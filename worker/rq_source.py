@@ -124,6 +124,7 @@ class RqJobSource:
         self._rq = RqWorker([self.queue], name=name, connection=client, serializer=jobs.SERIALIZER,
                             maintenance_interval=maintenance_interval_s, worker_ttl=max(30, job_heartbeat_ttl_s))
         self._counters = _SuccessCounters()
+        self._move_limit: int | None = None  # most LMOVEs the next claim sends (_move); None: as many as it wants
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -157,7 +158,14 @@ class RqJobSource:
             timeout_s = 0.0  # every moved job was unusable: look again, without waiting
 
     def _move(self, count: int, timeout_s: float) -> list[bytes]:
-        """Move up to `count` job ids onto rq's intermediate list (rq's reliable dequeue)."""
+        """Move up to `count` job ids onto rq's intermediate list (rq's reliable dequeue).
+
+        The LMOVEs of one call go in one round trip. After a call that found fewer jobs than it asked
+        for (the queue ran dry), the next asks for at most twice as many as it found (at least one),
+        and each call that gets all it asked for doubles that limit until it no longer binds: a
+        worker polling a queue that is empty or nearly so sends one LMOVE or a few per poll, not one
+        per job its fetch window could take.
+        """
         moved: list[bytes] = []
         if timeout_s > 0:
             first = self.client.blmove(self.queue.key, self.queue.intermediate_queue_key,
@@ -167,10 +175,16 @@ class RqJobSource:
             moved.append(cast(bytes, first))
             count -= 1
         if count > 0:
+            asked = count if self._move_limit is None else min(count, self._move_limit)
             pipe = self.client.pipeline(transaction=False)
-            for _ in range(count):
+            for _ in range(asked):
                 pipe.lmove(self.queue.key, self.queue.intermediate_queue_key)
-            moved.extend(raw for raw in pipe.execute() if raw is not None)
+            found = [raw for raw in pipe.execute() if raw is not None]
+            if len(found) < asked:
+                self._move_limit = max(1, 2 * len(found))
+            elif self._move_limit is not None:
+                self._move_limit = None if 2 * asked >= count else 2 * asked
+            moved.extend(found)
         return moved
 
     def _fetch(self, raw_ids: list[bytes]) -> list[Job | UnreadableJob | None]:

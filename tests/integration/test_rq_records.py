@@ -131,27 +131,3 @@ def test_batched_claim_and_completion_write_what_rqs_own_worker_writes(client, q
     assert our_finished["rq:job:<job>"][2][-1] == "status=finished"
     assert our_started["rq:executions:<job>"] == ("zset", "expires", ["<exec>"])
 
-
-def test_claims_carry_the_records_of_their_images_enqueued_by_reference(client, queue_name, tmp_path):
-    import numpy as np
-
-    from broker.references import ImageReference
-    from broker.store import QueueStore, StoredImage, now
-
-    store = QueueStore(client, queue_name)
-    refs = [ImageReference(f"ref{i}", f"r{i}.png", f"/data/r{i}.png", f"/masks/r{i}.png", 64, 64, now())
-            for i in range(2)]
-    store.store_references(refs)
-    store.store_images([StoredImage("bytes0", "b0.png", np.zeros((64, 64), np.uint8), 64, 64, now())])
-    enqueuer = Enqueuer(client, segmentation_queue(client, queue_name), job_size=2)
-    enqueuer.add_ids([("ref0", "r0.png"), ("ref1", "r1.png"), ("bytes0", "b0.png"), ("gone", "g.png")])
-    enqueuer.flush()
-
-    ours = RqJobSource(client, queue_name, name="ourworker", job_heartbeat_ttl_s=60, maintenance_interval_s=600)
-    ours.open()
-    by_reference, stored = ours.claim(max_jobs=2, timeout_s=1)
-    ours.close()
-
-    assert sorted(by_reference.records) == ["ref0", "ref1"]  # read in the claim's round trip
-    assert by_reference.records["ref1"][b"url"] == b"/data/r1.png"
-    assert stored.records == {}  # a payload in Redis, or no record at all: read when the batch is fetched
