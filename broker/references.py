@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from broker.payloads import CorruptPayload
 
 REFERENCE_FORMAT = "segq-ref/1"
+REFERENCE_FIELDS = ("format", "url", "mask_url", "height", "width", "name", "enqueued_at")  # a record's fields
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class ImageReference:
     enqueued_at: float
 
     def fields(self) -> dict[str, str | int]:
-        """The hash fields of its record."""
+        """The hash fields of its record (REFERENCE_FIELDS)."""
         return {"format": REFERENCE_FORMAT, "url": self.url, "mask_url": self.mask_url, "height": self.height,
                 "width": self.width, "name": self.name, "enqueued_at": repr(self.enqueued_at)}
 

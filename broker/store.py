@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -185,17 +185,44 @@ class QueueStore:
 
     # --- worker: images out, results in -----------------------------------------------------
 
-    def load_images(self, image_ids: Sequence[str]) -> list[StoredImage | str]:
+    def read_references(self, pipe: redis.client.Pipeline, image_ids: Sequence[str]) -> ReferenceReads:
+        """Queue on `pipe` a read of these images' records that is enough when they were enqueued by reference
+        (one HMGET of the reference fields each: a few hundred bytes, never a payload); the returned function
+        takes the pipeline's replies for them (in order; errors as replies) and gives the records that are
+        references, by id, for `load_images(records=...)`. The worker reads them with its claims, so
+        that fetching such a batch needs no round trip of its own."""
+        for image_id in image_ids:
+            pipe.hmget(self._image_key(image_id), list(references.REFERENCE_FIELDS))
+        ids = list(image_ids)
+
+        def records(replies: Sequence[Any]) -> dict[str, dict[bytes, bytes]]:
+            found = {}
+            for image_id, values in zip(ids, replies, strict=True):
+                if isinstance(values, list):  # not an error reply (WRONGTYPE: load_images reads it again)
+                    fields = {name.encode(): value for name, value in zip(references.REFERENCE_FIELDS, values,
+                                                                          strict=True) if value is not None}
+                    if references.is_reference(fields):
+                        found[image_id] = fields
+            return found
+        return records
+
+    def load_images(self, image_ids: Sequence[str],
+                    records: Mapping[str, dict[bytes, bytes]] | None = None) -> list[StoredImage | str]:
         """Fetch and decode images in one round trip; each entry is the image or why it cannot be used.
 
-        Decoding runs here, in the caller (the worker's decode processes, worker/loader.py); its CPU
-        cost per codec is in docs/performance.md.
+        `records`: image records already read (`read_references`), by id; those images are not read
+        again (no round trip at all if every image has one). Decoding runs here, in the caller (the
+        worker's decode processes, worker/loader.py); its CPU cost per codec is in docs/performance.md.
         """
+        known = records or {}
+        unread = [image_id for image_id in image_ids if image_id not in known]
         pipe = self.client.pipeline(transaction=False)
-        for image_id in image_ids:
+        for image_id in unread:
             pipe.hgetall(self._image_key(image_id))
+        read = dict(zip(unread, _execute_keeping_wrong_types(pipe) if unread else [], strict=True))
         loaded: list[StoredImage | str] = []
-        for image_id, fields in zip(image_ids, _execute_keeping_wrong_types(pipe), strict=True):
+        for image_id in image_ids:
+            fields = known[image_id] if image_id in known else read[image_id]
             if _is_wrong_type(fields):
                 loaded.append(self._wrong_type_reason(image_id, self._image_key(image_id), "an image"))
             elif not fields:
@@ -440,6 +467,9 @@ def _referenced_image(image_id: str, fields: dict[bytes, bytes]) -> StoredImage 
         return str(exc)
     return StoredImage(image_id, reference.name, decoded.pixels, decoded.original_height, decoded.original_width,
                        reference.enqueued_at, mask_url=reference.mask_url)
+
+
+ReferenceReads = Callable[[Sequence[Any]], dict[str, dict[bytes, bytes]]]
 
 
 def _execute_keeping_wrong_types(pipe: redis.client.Pipeline) -> list[Any]:

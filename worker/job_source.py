@@ -41,6 +41,8 @@ class Claim:
 
     `handle` is the adapter's own state for the job (opaque to everyone else). `closed` is set only
     by `worker.claims.OpenClaims.close()`: a closed claim is no longer heartbeated or completed.
+    `records`: image records the source read with the claim, by image id (QueueStore.read_references:
+    images enqueued by reference), so that the loader need not read them again; others are read when fetched.
     """
 
     job_id: str
@@ -48,6 +50,7 @@ class Claim:
     handle: Any = None
     outcomes: dict[str, ImageOutcome] = field(default_factory=dict)
     closed: bool = False
+    records: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:

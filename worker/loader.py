@@ -18,7 +18,7 @@ dies (PR_SET_PDEATHSIG, as the worker pool does for its children), so a SIGKILLe
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from typing import Protocol
@@ -30,6 +30,8 @@ from broker.store import QueueStore, StoredImage
 from worker.mask_files import MaskFile, write_mask_files
 from worker.pool import die_with_parent
 
+Records = Mapping[str, dict[bytes, bytes]]  # image records read with their claims, by id (Claim.records)
+
 
 class LoaderDied(SegqueueError):
     """A decode process died (killed, out of memory): the worker cannot fetch images any more."""
@@ -38,7 +40,9 @@ class LoaderDied(SegqueueError):
 class ImageLoader(Protocol):
     """Reads and decodes images by id: each entry is the image or why it cannot be used (as QueueStore.load_images)."""
 
-    def load(self, image_ids: Sequence[str]) -> list[StoredImage | str]: ...
+    def load(self, image_ids: Sequence[str], records: Records | None = None) -> list[StoredImage | str]:
+        """`image_ids` read (but those with a record in `records`, read with their claim) and decoded."""
+        ...
 
     def write_masks(self, files: Sequence[MaskFile]) -> list[str | None]:
         """Write masks of images enqueued by reference (worker/mask_files.py): per file None or why not."""
@@ -53,9 +57,9 @@ class ThreadImageLoader:
     def __init__(self, store: QueueStore) -> None:
         self.store = store
 
-    def load(self, image_ids: Sequence[str]) -> list[StoredImage | str]:
-        """Fetch and decode `image_ids` in one round trip, on this thread."""
-        return self.store.load_images(image_ids)
+    def load(self, image_ids: Sequence[str], records: Records | None = None) -> list[StoredImage | str]:
+        """Fetch (at most one round trip) and decode `image_ids`, on this thread."""
+        return self.store.load_images(image_ids, records)
 
     def write_masks(self, files: Sequence[MaskFile]) -> list[str | None]:
         """Write the masks on this thread."""
@@ -75,8 +79,8 @@ def _die_with_worker(worker: int) -> None:
         os._exit(0)
 
 
-def _load_task(image_ids: list[str]) -> list[StoredImage | str]:
-    return process_store().load_images(image_ids)
+def _load_task(image_ids: list[str], records: Records | None) -> list[StoredImage | str]:
+    return process_store().load_images(image_ids, records)
 
 
 # --- in the worker ----------------------------------------------------------------------------
@@ -97,10 +101,10 @@ class ProcessImageLoader:
         except BrokenProcessPool:
             raise LoaderDied("the decode processes could not start (see the error above)") from None
 
-    def load(self, image_ids: Sequence[str]) -> list[StoredImage | str]:
-        """Fetch and decode `image_ids` in one round trip, in a decode process."""
+    def load(self, image_ids: Sequence[str], records: Records | None = None) -> list[StoredImage | str]:
+        """Fetch (at most one round trip) and decode `image_ids`, in a decode process."""
         try:
-            return self._executor.submit(_load_task, list(image_ids)).result()
+            return self._executor.submit(_load_task, list(image_ids), dict(records) if records else None).result()
         except BrokenProcessPool:
             raise LoaderDied("a decode process died (killed or out of memory); the worker stops and its "
                              "jobs are taken up again") from None

@@ -150,9 +150,14 @@ class BatchPipeline:
         return self._wait_for_work()
 
     def _start_fetches(self) -> None:
-        """Claim jobs and start fetching full batches (any batch, on a stop) until prefetch_batches are fetching."""
+        """Claim jobs and start fetching full batches (any batch, on a stop) until prefetch_batches are fetching.
+
+        Jobs are claimed when no more than half of prefetch_batches are fetching, then for every free
+        fetch slot at once (`_claim_available`): one claim (three round trips however many jobs) per
+        half-window of batches instead of one per batch, the most claimed ahead being the same.
+        """
         while len(self.fetching) < self.settings.prefetch_batches:
-            if not self.stop.requested:
+            if not self.stop.requested and len(self.fetching) <= self.settings.prefetch_batches // 2:
                 self._claim_available()
             if not (self.batcher.ready() or (self.stop.requested and len(self.batcher))):
                 return
@@ -176,12 +181,13 @@ class BatchPipeline:
                 self.metrics.redis_error("leases")
 
     def _claim_available(self) -> None:
-        """Claim queued jobs without blocking until a full batch of images waits.
+        """Claim queued jobs without blocking until a full batch of images waits for every free fetch slot.
 
         Jobs are claimed several at a time when they are small: as many as the missing images need
         at the size of the last job seen, so large jobs are still claimed one by one (no hoarding).
         """
-        while (missing := self.settings.max_batch - len(self.batcher)) > 0:
+        slots = self.settings.prefetch_batches - len(self.fetching)
+        while (missing := slots * self.settings.max_batch - len(self.batcher)) > 0:
             claims = self.source.claim(max(1, missing // self._images_per_job), timeout_s=0)
             if not claims:
                 return
@@ -214,7 +220,9 @@ class BatchPipeline:
     def _fetch(self, items: list[BatchItem], taken_at: float) -> Fetch:
         """On a fetch thread: read and decode a batch's pixels, and set aside unusable images."""
         fetch_start = time.perf_counter()
-        loaded = self.loader.load([item.image_id for item in items])
+        records = {item.image_id: item.claim.records[item.image_id] for item in items
+                   if item.image_id in item.claim.records}  # read with the claim: not read again
+        loaded = self.loader.load([item.image_id for item in items], records)
         good_items, images, rejected = [], [], []
         spec = self.engine.spec
         for item, image in zip(items, loaded, strict=True):

@@ -4,7 +4,9 @@ A segmentation job is an ordinary rq job (format: broker/jobs.py) whose function
 each method here is one step of rq's own worker, replayed with the Redis records rq writes, so job
 status, results, `Retry`, the failed registry, `rq info` and rq-dashboard behave as for any rq job.
 Claims and completions are pipelined over many jobs, with one command per key the jobs share
-(tests/integration/test_rq_records.py compares the records with rq's own, key by key). Not replayed, because
+(tests/integration/test_rq_records.py compares the records with rq's own, key by key); the worker's
+counters of finished jobs are written with its heartbeat, not with each completion (_SuccessCounters). A
+claim also reads the records of its images enqueued by reference (QueueStore.read_references). Not replayed, because
 `producer enqueue` never uses them: dependents, repeats, rate-limit slots and webhooks. A job rq
 cannot load, or whose arguments cannot be used, is failed with a reason worded by worker/unreadable.py.
 
@@ -12,7 +14,8 @@ rq internals touched here (rq 3.0.x), each pinned by a test of tests/unit/test_r
 - SimpleWorker bootstrap, teardown, heartbeat, set_state, handle_job_failure, should_run_maintenance_tasks and
   clean_registries (RqWorker's), worker_ttl, default_result_ttl, the worker hash's counter fields:
   test_worker_methods_the_adapter_calls_keep_their_signatures
-- claim (_start, _prepare, _register_executions): prepare_execution and prepare_job_execution split into
+- claim (_fetch_many, _start, _prepare, _register_executions): Job.fetch_many's steps (parse_job_id, key_for,
+  restore) without its transaction; prepare_execution and prepare_job_execution split into
   Execution(...).save, ExecutionRegistry.add, Job.prepare_for_execution, the started registry's score and
   the worker's execution index: test_claim_replays_rqs_own_preparation_steps
 - completion (_record_success, complete): handle_job_success and Job._handle_success (status and ended_at,
@@ -30,6 +33,7 @@ rq internals touched here (rq 3.0.x), each pinned by a test of tests/unit/test_r
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -38,7 +42,7 @@ from uuid import uuid4
 import redis
 from rq.exceptions import DeserializationError
 from rq.executions import Execution, ExecutionRegistry
-from rq.job import Job, JobStatus
+from rq.job import Job, JobStatus, parse_job_id
 from rq.results import Result
 from rq.utils import current_timestamp, now, utcformat
 
@@ -63,6 +67,44 @@ class _RqHandle:
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)  # transient: never a reason to fail a job
 
 
+def _image_ids(job: Job) -> list[str]:
+    """A job's image ids, or none if its arguments are unusable (_claim_or_fail then fails it)."""
+    try:
+        return jobs.parse_job_arguments(job.args)
+    except Exception:  # BadJob, or rq's DeserializationError
+        return []
+
+
+class _SuccessCounters:
+    """rq's worker counters of finished jobs (successful_job_count, total_working_time) not yet written.
+
+    rq's worker adds them on every success; the adapter adds them up here and writes them with the
+    worker's heartbeat (keep_alive, every few seconds) and when it closes: two commands per heartbeat
+    instead of two per completion. Nothing of the product reads them; `rq info` and dashboards see
+    them at most one heartbeat late, and a worker killed outright loses the last heartbeat's worth
+    (its worker record expires anyway). Thread-safe: the writer thread adds, the lease thread writes.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs = 0
+        self._seconds = 0.0
+
+    def add(self, finished_jobs: int, working_seconds: float) -> None:
+        with self._lock:
+            self._jobs += finished_jobs
+            self._seconds += working_seconds
+
+    def take(self) -> tuple[int, float]:
+        """The counts not yet written, which are now the caller's (give them back if writing them fails)."""
+        with self._lock:
+            taken, self._jobs, self._seconds = (self._jobs, self._seconds), 0, 0.0
+        return taken
+
+    def give_back(self, taken: tuple[int, float]) -> None:
+        self.add(*taken)
+
+
 class RqJobSource:
     """JobSource over one rq queue. `open()` registers the worker with rq, `close()` deregisters it.
 
@@ -81,6 +123,8 @@ class RqJobSource:
         self.job_heartbeat_ttl_s = job_heartbeat_ttl_s
         self._rq = RqWorker([self.queue], name=name, connection=client, serializer=jobs.SERIALIZER,
                             maintenance_interval=maintenance_interval_s, worker_ttl=max(30, job_heartbeat_ttl_s))
+        self._counters = _SuccessCounters()
+        self._move_limit: int | None = None  # most LMOVEs the next claim sends (_move); None: as many as it wants
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -89,7 +133,15 @@ class RqJobSource:
         self._rq.bootstrap(logging_level="WARNING")
 
     def close(self) -> None:
-        """Deregister from rq (death, pubsub); within RqWorker's COMMAND_POLL_S plus two round trips."""
+        """Write the worker's counters still held, then deregister from rq (death, pubsub); within RqWorker's
+        COMMAND_POLL_S plus three round trips."""
+        with self.client.pipeline() as pipe:
+            taken = self._queue_counters(pipe)
+            try:
+                pipe.execute()
+            except redis.RedisError:
+                self._counters.give_back(taken)
+                raise
         self._rq.teardown()
 
     # --- claiming --------------------------------------------------------------------------
@@ -106,7 +158,14 @@ class RqJobSource:
             timeout_s = 0.0  # every moved job was unusable: look again, without waiting
 
     def _move(self, count: int, timeout_s: float) -> list[bytes]:
-        """Move up to `count` job ids onto rq's intermediate list (rq's reliable dequeue)."""
+        """Move up to `count` job ids onto rq's intermediate list (rq's reliable dequeue).
+
+        The LMOVEs of one call go in one round trip. After a call that found fewer jobs than it asked
+        for (the queue ran dry), the next asks for at most twice as many as it found (at least one),
+        and each call that gets all it asked for doubles that limit until it no longer binds: a
+        worker polling a queue that is empty or nearly so sends one LMOVE or a few per poll, not one
+        per job its fetch window could take.
+        """
         moved: list[bytes] = []
         if timeout_s > 0:
             first = self.client.blmove(self.queue.key, self.queue.intermediate_queue_key,
@@ -116,21 +175,45 @@ class RqJobSource:
             moved.append(cast(bytes, first))
             count -= 1
         if count > 0:
+            asked = count if self._move_limit is None else min(count, self._move_limit)
             pipe = self.client.pipeline(transaction=False)
-            for _ in range(count):
+            for _ in range(asked):
                 pipe.lmove(self.queue.key, self.queue.intermediate_queue_key)
-            moved.extend(raw for raw in pipe.execute() if raw is not None)
+            found = [raw for raw in pipe.execute() if raw is not None]
+            if len(found) < asked:
+                self._move_limit = max(1, 2 * len(found))
+            elif self._move_limit is not None:
+                self._move_limit = None if 2 * asked >= count else 2 * asked
+            moved.extend(found)
         return moved
 
     def _fetch(self, raw_ids: list[bytes]) -> list[Job | UnreadableJob | None]:
         """The jobs in one round trip; None for a job that is gone, UnreadableJob for one rq cannot load."""
         try:
-            return list(Job.fetch_many([raw.decode() for raw in raw_ids], connection=self.client,
-                                       serializer=jobs.SERIALIZER))
+            fetched: list[Job | UnreadableJob | None] = []
+            fetched.extend(self._fetch_many([raw.decode() for raw in raw_ids]))
+            return fetched
         except _REDIS_DOWN:
             raise
-        except Exception:  # one unreadable job spoils fetch_many: read them one by one
+        except Exception:  # one unreadable job spoils the lot: read them one by one
             return [self._fetch_one(raw) for raw in raw_ids]
+
+    def _fetch_many(self, job_ids: list[str]) -> list[Job | None]:
+        """rq's Job.fetch_many, step for step, but its HGETALLs are pipelined without MULTI/EXEC (rq wraps
+        them in a transaction, which reads of independent hashes do not need: two commands fewer per claim)."""
+        parsed_ids = [parse_job_id(job_id) for job_id in job_ids]
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in parsed_ids:
+            pipe.hgetall(Job.key_for(job_id))
+        fetched: list[Job | None] = []
+        for job_id, raw in zip(parsed_ids, pipe.execute(), strict=True):
+            if not raw:
+                fetched.append(None)
+                continue
+            job = Job(job_id, connection=self.client, serializer=jobs.SERIALIZER)
+            job.restore(raw)
+            fetched.append(job)
+        return fetched
 
     def _fetch_one(self, raw_id: bytes) -> Job | UnreadableJob | None:
         """One job, read as rq's fetch_many reads it, or why rq cannot read it."""
@@ -174,7 +257,9 @@ class RqJobSource:
         started registry, job status "started", off the intermediate list), pipelined over the jobs,
         with one command per shared key for all of them (tests/integration/test_rq_records.py compares the
         result with rq's own). A job rq cannot load is taken off the list and recorded as failed in
-        the same transaction.
+        the same transaction. The same round trip reads the jobs' image records enough to use those
+        enqueued by reference (QueueStore.read_references): they travel with the claims, and fetching
+        their batches costs no round trip.
         """
         handles, unusable = [], []
         with self.client.pipeline() as pipe:
@@ -191,10 +276,16 @@ class RqJobSource:
             if handles:
                 self._register_executions([handle.execution for handle in handles], pipe)
             self._rq.mark_busy(pipe)
-            pipe.execute()
+            started = len(pipe)
+            reads = self.store.read_references(pipe, [i for handle in handles for i in _image_ids(handle.job)])
+            replies = pipe.execute(raise_on_error=False)
+        errors = [reply for reply in replies[:started] if isinstance(reply, Exception)]
+        if errors:  # as pipe.execute() raises (every command of the transaction ran)
+            raise errors[0]
+        records = reads(replies[started:])  # images enqueued by reference: the fetch needs no round trip
         for bad in unusable:
             unreadable.report_unreadable(self.store, bad)
-        return [claim for handle in handles if (claim := self._claim_or_fail(handle)) is not None]
+        return [claim for handle in handles if (claim := self._claim_or_fail(handle, records)) is not None]
 
     def _prepare(self, job: Job, pipe: redis.client.Pipeline) -> _RqHandle:
         """Queue the per-job steps that start one job on `pipe`: its Execution and its own registry
@@ -226,11 +317,12 @@ class RqJobSource:
         bad.record._handle_failure(bad.reason, pipeline=pipe, worker_name=self.name)
         self._rq.increment_failed_job_count(pipeline=pipe)
 
-    def _claim_or_fail(self, handle: _RqHandle) -> Claim | None:
-        """The Claim of a started job, or None after failing it (no retry) if its arguments are unusable;
-        then the images its meta names (broker.jobs.job_meta) fail with it."""
+    def _claim_or_fail(self, handle: _RqHandle, records: dict[str, dict[bytes, bytes]]) -> Claim | None:
+        """The Claim of a started job, with the image `records` read with it, or None after failing it (no retry)
+        if its arguments are unusable; then the images its meta names (broker.jobs.job_meta) fail with it."""
         try:
-            return Claim(handle.job.id, jobs.parse_job_arguments(handle.job.args), handle)
+            image_ids = jobs.parse_job_arguments(handle.job.args)
+            return Claim(handle.job.id, image_ids, handle, records={i: records[i] for i in image_ids if i in records})
         except Exception as exc:  # BadJob, or rq's DeserializationError on garbled arguments
             # job.args raises rq's DeserializationError, without a message, from the serializer's error
             if isinstance(exc, DeserializationError):
@@ -253,7 +345,21 @@ class RqJobSource:
                     handle: _RqHandle = claim.handle
                     handle.execution.heartbeat(self._started_registry, ttl, pipeline=pipe)
                     handle.job.heartbeat(now(), ttl, pipeline=pipe, xx=True)
-            pipe.execute()
+            taken = self._queue_counters(pipe)
+            try:
+                pipe.execute()
+            except redis.RedisError:
+                self._counters.give_back(taken)
+                raise
+
+    def _queue_counters(self, pipe: redis.client.Pipeline) -> tuple[int, float]:
+        """Queue the worker's counters of jobs finished since they were last written, as rq's increment_* write
+        them (HINCRBY, HINCRBYFLOAT; nothing if none finished); what was taken."""
+        finished, seconds = taken = self._counters.take()
+        if finished:
+            pipe.hincrby(self._rq.key, "successful_job_count", finished)
+            pipe.hincrbyfloat(self._rq.key, "total_working_time", seconds)
+        return taken
 
     def queued(self) -> int:
         """Jobs waiting in the queue (one LLEN)."""
@@ -271,10 +377,11 @@ class RqJobSource:
 
         Per job these are the records of rq's handle_job_success: status finished, a successful
         Result with the per-image outcomes, the finished registry, the job's expiry, the
-        execution removed from the started registry; plus the worker's counters (successful jobs,
-        working time). Keys shared by the jobs (the finished and started registries, the worker's
-        execution index and counters) get one command for all of them. `results` (the batch's image
-        outcomes, QueueStore.save_results) go first in the same transaction: one round trip for both.
+        execution removed from the started registry. Keys shared by the jobs (the finished and started
+        registries, the worker's execution index) get one command for all of them. The worker's counters
+        (successful jobs, working time) are added up and written with its next heartbeat
+        (_SuccessCounters). `results` (the batch's image outcomes, QueueStore.save_results) go first in
+        the same transaction: one round trip for both.
         """
         finished = [claim for claim in claims if claim.any_ok]
         with self.client.pipeline() as pipe:  # nothing is sent if nothing was queued
@@ -283,6 +390,8 @@ class RqJobSource:
             if finished:
                 self._record_finished(finished, pipe)
             pipe.execute()
+        if finished:
+            self._counters.add(len(finished), sum(jobs.working_seconds(claim.handle.job) for claim in finished))
         for claim in claims:
             if not claim.any_ok:
                 self.fail([claim], claim.failure_reason(), retry=False)
@@ -300,9 +409,6 @@ class RqJobSource:
         composite_keys = [handle.execution.composite_key for handle in handles]
         pipe.zrem(self._started_registry.key, *composite_keys)
         pipe.srem(handles[0].execution.worker_executions_key, *composite_keys)
-        # the worker's counters, as rq's increment_* write them, once for all these jobs
-        pipe.hincrby(self._rq.key, "successful_job_count", len(finished))
-        pipe.hincrbyfloat(self._rq.key, "total_working_time", sum(jobs.working_seconds(h.job) for h in handles))
 
     def _record_success(self, claim: Claim, pipe: redis.client.Pipeline) -> int:
         """Queue one finished job's own records on `pipe` (the shared keys are the caller's); its result TTL.

@@ -3,9 +3,10 @@
 It runs on its own thread, so that the Redis round trips of writing and of the jobs' bookkeeping
 overlap the next batches' claiming, fetching and compute on the main thread. A batch's masks and
 failures and every job it completes go to Redis in one call to the job source (one round trip
-however many jobs). It works
-through a bounded queue: when it falls behind, the main loop waits (at most `put_timeout_s` at a
-time, in a loop).
+however many jobs); batches that are already waiting when the writer takes one (it fell behind)
+go in the same call, each still logging its own `batch` line: the writer never waits for more.
+It works through a bounded queue: when it falls behind, the main loop waits (at most
+`put_timeout_s` at a time, in a loop).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from broker.store import QueueStore
 from common.tiles import parent_of
 from worker.batch import BatchItem, FetchedBatch, claims_of
 from worker.claims import OpenClaims
-from worker.job_source import ImageOutcome, JobSource, ResultWrites
+from worker.job_source import Claim, ImageOutcome, JobSource, ResultWrites
 from worker.mask_files import MaskFile, write_mask_files
 from worker.metrics import WorkerMetrics
 
@@ -94,23 +95,53 @@ class ResultWriter:
             batch = self._queue.get()
             if batch is None:
                 return
+            batches, last = self._waiting([batch])
             try:
-                self._write_one(batch)
+                self._write(batches)
             except Exception as exc:  # never let the thread die: leave the jobs to the queue's retry
-                abandon(self.log, self.claims, batch.fetched.all_items,
+                abandon(self.log, self.claims, [item for b in batches for item in b.fetched.all_items],
                         f"{type(exc).__name__} while writing results: {exc}")
+            if last:
+                return
 
-    def _write_one(self, batch: ComputedBatch) -> None:
-        write_start = time.perf_counter()
-        results = self._outcomes(batch.fetched, batch.masks)
-        jobs_completed, jobs_failed = self._complete_finished_jobs(results)
-        write_ms = (time.perf_counter() - write_start) * 1000
-        submitted = batch.fetched
-        total_ms = (self.clock() - submitted.taken_at) * 1000  # taken from the batcher until written
-        self._log_batch(submitted, batch.compute_ms, write_ms, total_ms, jobs_completed)
-        self.metrics.observe_batch(len(submitted.items), len(submitted.rejected), jobs_completed - jobs_failed,
-                                   jobs_failed, [wait / 1000 for wait in submitted.image_wait_ms],
-                                   batch.compute_ms / 1000, total_ms / 1000, fetch_s=submitted.fetch_ms / 1000)
+    def _waiting(self, batches: list[ComputedBatch]) -> tuple[list[ComputedBatch], bool]:
+        """`batches` and those already handed over behind them (no waiting: only when the writer is behind);
+        True if the end of the run (close) was among them."""
+        while True:
+            try:
+                batch = self._queue.get_nowait()
+            except queue.Empty:
+                return batches, False
+            if batch is None:
+                return batches, True
+            batches.append(batch)
+
+    def _write(self, batches: list[ComputedBatch]) -> None:
+        """Write batches that were waiting together: each one's masks and outcomes, then their results and every job
+        they complete in one round trip; one `batch` line each (its jobs completed, its own write time)."""
+        writes: list[ResultWrites] = []
+        completed: list[list[Claim]] = []  # per batch, the jobs whose last outcome it brought
+        write_ms: list[float] = []
+        for batch in batches:
+            start = time.perf_counter()
+            writes.append(self._outcomes(batch.fetched, batch.masks))
+            earlier = {claim for claims in completed for claim in claims}
+            completed.append([claim for claim in self.claims.complete() if claim not in earlier])
+            write_ms.append((time.perf_counter() - start) * 1000)
+        start = time.perf_counter()
+        # closed just before their completion (no longer heartbeated); one the main loop failed meanwhile is skipped
+        closed = set(self.claims.close_all([claim for claims in completed for claim in claims]))
+        done = [[claim for claim in claims if claim in closed] for claims in completed]
+        self._complete(writes, [claim for claims in done for claim in claims])
+        shared_ms = (time.perf_counter() - start) * 1000
+        for batch, claims, own_ms in zip(batches, done, write_ms, strict=True):
+            jobs_failed = sum(1 for claim in claims if not claim.any_ok)
+            submitted = batch.fetched
+            total_ms = (self.clock() - submitted.taken_at) * 1000  # taken from the batcher until written
+            self._log_batch(submitted, batch.compute_ms, own_ms + shared_ms, total_ms, len(claims))
+            self.metrics.observe_batch(len(submitted.items), len(submitted.rejected), len(claims) - jobs_failed,
+                                       jobs_failed, [wait / 1000 for wait in submitted.image_wait_ms],
+                                       batch.compute_ms / 1000, total_ms / 1000, fetch_s=submitted.fetch_ms / 1000)
 
     def _outcomes(self, submitted: FetchedBatch, masks: np.ndarray | None) -> ResultWrites:
         """Write the masks of images enqueued by reference to storage and note each image's outcome on its job;
@@ -141,16 +172,22 @@ class ResultWriter:
         self.images_done += len(submitted.items) - len(not_written)
         return write
 
-    def _complete_finished_jobs(self, results: ResultWrites) -> tuple[int, int]:
-        """Write a batch's results and finish (or, if every image failed, fail) each job whose images all have an
-        outcome, in one round trip; (ended, failed)."""
-        # a claim the main loop failed meanwhile is already closed, and skipped here
-        done = self.claims.close_all(self.claims.complete())
+    def _complete(self, writes: list[ResultWrites], done: list[Claim]) -> None:
+        """Write the batches' results and finish (or, if every image failed, fail) the jobs `done`, in one round
+        trip."""
+        def results(pipe: redis.client.Pipeline | None) -> None:
+            if pipe is None:
+                pipe = self.store.client.pipeline(transaction=False)
+                for write in writes:
+                    write(pipe)
+                pipe.execute()
+            else:
+                for write in writes:
+                    write(pipe)
         if done:
             self.source.complete(done, results)
         else:
             results(None)
-        return len(done), sum(1 for claim in done if not claim.any_ok)
 
     def _log_batch(self, submitted: FetchedBatch, compute_ms: float, write_ms: float, total_ms: float,
                    jobs_completed: int) -> None:

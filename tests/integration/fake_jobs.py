@@ -23,6 +23,7 @@ class FakeJobSource:
         self._queued: deque[Claim] = deque(Claim(f"job{i}", list(ids)) for i, ids in enumerate(jobs))
         self._on_claim = on_claim
         self.claimed: list[Claim] = []
+        self.claim_sizes: list[int] = []  # jobs returned by each claim call
         self.completed: list[Claim] = []
         self.complete_calls = 0
         self.failed: list[tuple[Claim, str, bool]] = []
@@ -30,11 +31,15 @@ class FakeJobSource:
         self.heartbeats_after_completion: list[str] = []
         self.maintained = 0
         self.fail_completions_with: Exception | None = None
+        self.completion_sizes: list[int] = []  # jobs of each complete call
+        self.completing = threading.Event()  # set when a complete call begins
+        self.complete_gate: threading.Event | None = None  # if set, complete calls wait for it (up to 10 s)
 
     def claim(self, max_jobs: int, timeout_s: float) -> list[Claim]:
         with self._lock:
             claims = [self._queued.popleft() for _ in range(min(max_jobs, len(self._queued)))]
             self.claimed.extend(claims)
+            self.claim_sizes.append(len(claims))
         if claims:
             self._on_claim(claims)
         return claims
@@ -51,12 +56,16 @@ class FakeJobSource:
             self.maintained += 1
 
     def complete(self, claims: Sequence[Claim], results: ResultWrites | None = None) -> None:
+        self.completing.set()
+        if self.complete_gate is not None:
+            self.complete_gate.wait(10)
         if self.fail_completions_with is not None:
             raise self.fail_completions_with
         if results is not None:  # no pipeline here: the results go on their own
             results(None)
         with self._lock:
             self.complete_calls += 1
+            self.completion_sizes.append(len(claims))
             self.completed.extend(claims)
 
     def fail(self, claims: Sequence[Claim], reason: str, retry: bool) -> None:

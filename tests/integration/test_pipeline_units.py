@@ -8,6 +8,7 @@ failures, whole-batch failures, stop requests, heartbeats, and one completion pe
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -123,11 +124,25 @@ def test_a_stop_request_finishes_the_claimed_work_and_claims_no_more(tmp_path, c
     stop = StopFlag()
     source = FakeJobSource([ids[:4], ids[4:8], ids[8:]], on_claim=lambda claims: stop.request())
 
-    done = make_pipeline(tmp_path, redis_url, queue_name, engine, source, stop=stop, burst=False).run()
+    # one batch of prefetch: the first claim takes the jobs of one batch (8 images), not the third job
+    done = make_pipeline(tmp_path, redis_url, queue_name, engine, source, stop=stop, burst=False,
+                         prefetch_batches=1).run()
 
     claimed = {i for c in source.claimed for i in c.image_ids}
     assert done == len(claimed) and 0 < len(claimed) < 12
     assert sorted(c.job_id for c in source.completed) == sorted(c.job_id for c in source.claimed)
+
+
+def test_jobs_are_claimed_for_the_whole_prefetch_window_at_once(tmp_path, client, redis_url, queue_name, engine):
+    ids = store_images(client, queue_name, 80)
+    source = FakeJobSource([ids[start:start + 4] for start in range(0, 80, 4)])
+
+    done = make_pipeline(tmp_path, redis_url, queue_name, engine, source, max_batch=8, prefetch_batches=4).run()
+
+    assert done == 80 and len(source.completed) == 20
+    # the window is 4 batches of 8 images; once half of it is free, one claim fills it: 2 batches, 4 jobs of 4
+    # (the first claim, before a job is seen, counts 8 images a job: 4 batches, 4 jobs)
+    assert [size for size in source.claim_sizes if size] == [4] * 5
 
 
 def test_open_jobs_are_heartbeated_and_closed_ones_are_not(tmp_path, client, redis_url, queue_name, engine):
@@ -169,14 +184,40 @@ def test_the_writer_completes_a_job_spanning_two_batches_once_after_the_second(t
     writer = make_writer(client, queue_name, source, claims, tmp_path)
 
     writer.put(computed([BatchItem(first, ids[0]), BatchItem(spanning, ids[1])], client, queue_name))
+    assert source.completing.wait(10)  # the first batch is written before the second is handed over
     writer.put(computed([BatchItem(spanning, ids[2]), BatchItem(spanning, ids[3])], client, queue_name))
     writer.close()
 
     assert [c.job_id for c in source.completed] == ["job0", "job1"]
-    assert source.complete_calls == 2 and len(claims) == 0
+    assert source.completion_sizes == [1, 1] and len(claims) == 0
     assert writer.images_done == 4
     expected = (next(generate(4, size=SMALL_SIZE, seed=11))[0] > 128).astype(np.uint8)
     assert np.array_equal(stored_mask(client, queue_name, ids[0]), expected)
+
+
+def test_batches_waiting_behind_a_write_go_to_redis_together_and_each_logs_its_line(tmp_path, client, queue_name):
+    ids = store_images(client, queue_name, 3)
+    source = FakeJobSource([[image_id] for image_id in ids])
+    claims = OpenClaims()
+    first, second, third = source.claim(3, 0)
+    for claim in (first, second, third):
+        claims.add(claim)
+    source.complete_gate = threading.Event()
+    writer = make_writer(client, queue_name, source, claims, tmp_path)
+
+    writer.put(computed([BatchItem(first, ids[0])], client, queue_name))
+    assert source.completing.wait(10)  # the first batch's completion is under way (held at the gate)
+    writer.put(computed([BatchItem(second, ids[1])], client, queue_name))
+    writer.put(computed([BatchItem(third, ids[2])], client, queue_name))
+    source.complete_gate.set()
+    writer.close()
+
+    assert source.completion_sizes == [1, 2]  # the two batches that waited: one completion call, one round trip
+    assert [c.job_id for c in source.completed] == ["job0", "job1", "job2"] and len(claims) == 0
+    assert all(stored_mask(client, queue_name, image_id) is not None for image_id in ids)
+    lines = [json.loads(line) for line in (tmp_path / "writer.log").read_text().splitlines()]
+    assert [(r["job_ids"], r["jobs_completed"]) for r in lines if r["event"] == "batch"] == [
+        (["job0"], 1), (["job1"], 1), (["job2"], 1)]
 
 
 def test_the_writer_survives_a_failed_completion_and_abandons_those_jobs(tmp_path, client, queue_name):

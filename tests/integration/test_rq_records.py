@@ -5,7 +5,9 @@ merged commands), one through rq's own steps (prepare_execution, prepare_job_exe
 handle_job_success). After the start and after the completion, every rq key of each is compared
 in shape: the key names, their types, whether they expire, hash field names, the members of sets,
 sorted sets and lists, and the fields of stream entries (ids, dates and worker names normalized);
-and the job hash fields whose value the completion changes.
+and the job hash fields whose value the completion changes. The adapter writes the worker's counters
+(successful jobs, working time) with its next heartbeat rather than with each completion: the finished
+records are compared after one.
 """
 
 from __future__ import annotations
@@ -112,6 +114,8 @@ def test_batched_claim_and_completion_write_what_rqs_own_worker_writes(client, q
         for image_id in claim.image_ids:
             claim.outcomes[image_id] = ImageOutcome(image_id, True, "a.png")
     ours.complete(claims)
+    counted_before_heartbeat = client.hget("rq:worker:ourworker", "successful_job_count")
+    ours.keep_alive([])  # the worker's counters go with its next heartbeat
     our_finished = shape(client, job_ids[1], "ourworker", queue_name)
     our_changed = changed_fields(our_hash, client.hgetall(f"rq:job:{job_ids[1]}"))
     ref.teardown()
@@ -121,7 +125,9 @@ def test_batched_claim_and_completion_write_what_rqs_own_worker_writes(client, q
     # rq re-saves the whole job hash on success; only these fields change value, and the adapter writes just them
     assert ref_changed == our_changed == ["ended_at", "status"]
     assert our_finished == ref_finished
+    assert counted_before_heartbeat is None and client.hget("rq:worker:ourworker", "successful_job_count") == b"3"
     assert any(key.startswith("rq:results:") for key in our_finished)  # the comparison saw the result stream
     assert our_finished[f"rq:finished:{queue_name}"] == ("zset", "persists", ["<job>"])
     assert our_finished["rq:job:<job>"][2][-1] == "status=finished"
     assert our_started["rq:executions:<job>"] == ("zset", "expires", ["<exec>"])
+

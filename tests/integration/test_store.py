@@ -167,3 +167,36 @@ def test_bad_jobs_are_kept_with_their_reason(client, queue_name):
     store.record_bad_job("bad id!", "bad job: rq refuses its id")
     assert store.bad_jobs() == {"bad id!": "bad job: rq refuses its id"} and store.bad_job_count() == 1
     assert store.bad_jobs_key == f"segq:{queue_name}:bad_jobs"
+
+
+def test_reference_records_read_ahead_are_used_as_read_and_others_are_read_when_loaded(client, queue_name, tmp_path):
+    from broker.references import ImageReference
+
+    store = QueueStore(client, queue_name)
+    paths = write_synthetic_images(tmp_path / "images", 2)
+    refs = [ImageReference(new_image_id(), path.name, str(path), str(tmp_path / "masks" / path.name), SMALL_SIZE,
+                           SMALL_SIZE, now()) for path in paths]
+    store.store_references(refs)
+    in_redis = stored(new_image_id(), np.zeros((SMALL_SIZE, SMALL_SIZE), np.uint8))
+    store.store_images([in_redis])
+    wrong_type = new_image_id()
+    client.set(store._image_key(wrong_type), "not a hash")
+    ids = [refs[0].image_id, in_redis.image_id, "missing", wrong_type, refs[1].image_id]
+
+    pipe = client.pipeline()  # a transaction, as the worker's claims read them
+    reads = store.read_references(pipe, ids)
+    records = reads(pipe.execute(raise_on_error=False))
+
+    assert set(records) == {refs[0].image_id, refs[1].image_id}  # only references: never a payload, nor an error
+    with_records, without = store.load_images(ids, records), store.load_images(ids)
+    for ahead, read in zip(with_records, without, strict=True):
+        if isinstance(read, str):
+            assert ahead == read  # the same reason: the missing and the WRONGTYPE keys are read when loaded
+        else:
+            assert (ahead.name, ahead.mask_url, ahead.original_height) == (read.name, read.mask_url,
+                                                                          read.original_height)
+            np.testing.assert_array_equal(ahead.pixels, read.pixels)
+    # records read ahead are not read again: gone from Redis, they still load
+    store.forget([ref.image_id for ref in refs], masks=False)
+    assert [image.name for image in store.load_images([refs[1].image_id], records)] == [paths[1].name]
+    assert "not in Redis" in store.load_images([refs[1].image_id])[0]

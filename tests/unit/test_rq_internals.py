@@ -102,6 +102,15 @@ def test_claim_replays_rqs_own_preparation_steps():
     assert params(Execution.create) == ["job", "ttl", "pipeline", "worker_name"]
     assert params(Job.prepare_for_execution) == ["self", "worker_name", "pipeline"]
     assert params(Job.fetch_many) == ["job_ids", "connection", "serializer"]
+    # RqJobSource._fetch_many is fetch_many step for step, with its HGETALLs pipelined outside a transaction
+    fetch_many = inspect.getsource(Job.fetch_many)
+    for step in ("parsed_ids = [parse_job_id(job_id) for job_id in job_ids]", "with connection.pipeline() as pipeline",
+                 "pipeline.hgetall(cls.key_for(job_id))", "if not results[i]:",
+                 "job = cls(job_id, connection=connection, serializer=serializer)", "job.restore(results[i])"):
+        assert step in fetch_many, step
+    from rq.job import parse_job_id
+
+    assert parse_job_id("abc:exec") == "abc" and Job.key_for("abc") == "rq:job:abc"
     prepare = inspect.getsource(SimpleWorker.prepare_job_execution)
     for step in ("job.heartbeat", "job.prepare_for_execution", "pipeline.persist(job.key)",
                  "lrem(queue.intermediate_queue_key"):
@@ -160,7 +169,7 @@ def test_completion_replays_rqs_own_success_records():
     cleanup = inspect.getsource(Job.cleanup)
     assert "connection.expire(self.dependents_key, ttl)" in cleanup and "connection.expire(self.key, ttl)" in cleanup
     assert JobStatus.FINISHED == "finished"
-    # the worker's counters are added once per completion call, under rq's own field names
+    # the worker's counters are added up and written with its heartbeat (_SuccessCounters), under rq's own field names
     assert "'successful_job_count', 1" in inspect.getsource(SimpleWorker.increment_successful_job_count)
     assert "'total_working_time'" in inspect.getsource(SimpleWorker.increment_total_working_time)
 
