@@ -11,7 +11,7 @@ measured on the GPU that built it (toolchain/cudnn_build.py). This module runs i
                GEMM), INT8 output scattered into the concat buffer's channel slice
     pool: 2x2 max on INT8, writing the skip's copy (requantized where its scale differs) into the
           concat buffer in the same pass; concat: copies whatever no pool or upconv wrote
-    (those steps are engines.int8_glue: Triton kernels on CUDA, torch ops elsewhere)
+    (those steps are engines.int8_glue: torch ops, or Triton kernels with SEGQ_INT8_GLUE=triton)
     head: INT8 1x1 graph (output channels padded to 16), argmax -> uint8 masks
 
 Every activation lives in a buffer owned by its slot (engines.cuda_slots: two slots in flight, each
@@ -449,8 +449,8 @@ class CudnnInt8Engine(SlotEngine):
     Loading checks the GPU and cuDNN major version recorded in the file, uploads the weights, rebuilds
     every recorded cuDNN plan and captures one CUDA graph per slot and batch size. load_timings:
     seconds spent reading the file ("read_s"), building plans ("plans_s") and capturing ("capture_s").
-    glue: the steps between the graphs ("auto": Triton kernels when triton is installed, else torch ops;
-    engines.int8_glue.select_glue); glue_name says which runs.
+    glue: the steps between the graphs ("auto", "torch" or "triton"; engines.int8_glue.select_glue);
+    glue_name says which runs.
     """
 
     def __init__(self, path: Path | str, device: str = "cuda", glue: str = "auto") -> None:

@@ -3,10 +3,10 @@
 Two implementations of the same integer arithmetic, bit for bit:
 
 - `TorchGlue`: torch tensor ops (any device; on the CPU it checks the engine's code around the graphs).
-- `TritonGlue`: one Triton kernel per step on CUDA. The torch ops make several passes over a level's
-  activations (a 2x2 max as a strided reduction, a requantization through an int32 index tensor, the
-  skip read a second time for the concat); each kernel here reads its input once and writes each output
-  once.
+- `TritonGlue` (opt-in: SEGQ_INT8_GLUE=triton): one Triton kernel per step on CUDA. The torch ops make
+  several passes over a level's activations (a 2x2 max as a strided reduction, a requantization through
+  an int32 index tensor, the skip read a second time for the concat); each kernel here reads its input
+  once and writes each output once.
 
 Tensors are NHWC int8 (`(N, H, W, C)`), channels contiguous; outputs may be channel slices of a wider
 concat buffer. `table` (int8, (256,)) requantizes: entry b is the output for the int8 value whose bit
@@ -125,6 +125,12 @@ class TritonGlue:
             BLOCK_P=self.PIXELS_PER_PROGRAM, BLOCK_C=block_c)
 
 
+def interpreter_unsafe() -> str:
+    """Why Triton's interpreter must not run in this process ('' if it may): on a CUDA host the kernels run
+    compiled, and a process that ran the interpreter first failed every compiled check on an H100."""
+    return "a CUDA device is present: the kernels are checked compiled here" if torch.cuda.is_available() else ""
+
+
 def triton_unavailable() -> str:
     """Why TritonGlue cannot run here ('' if it can)."""
     try:
@@ -135,15 +141,14 @@ def triton_unavailable() -> str:
 
 
 def select_glue(device: torch.device, choice: str = "auto") -> Glue:
-    """The glue for `device`: choice "torch", "triton", or "auto" (Triton on CUDA when installed, else torch).
+    """The glue for `device`: choice "torch", "triton", or "auto".
 
-    The environment variable SEGQ_INT8_GLUE overrides "auto" (for A/B measurements). ValueError on an
-    unknown choice or Triton asked for where it cannot run.
+    "auto" is the environment variable SEGQ_INT8_GLUE if set, else "torch": the torch ops are the glue
+    that has run on a GPU; the Triton kernels are opt-in until a GPU run shows them bit-exact and faster
+    (docs/int8-gpu.md). ValueError on an unknown choice or Triton asked for where it cannot run.
     """
     if choice == "auto":
-        choice = os.environ.get("SEGQ_INT8_GLUE", "auto")
-    if choice == "auto":
-        choice = "triton" if device.type == "cuda" and not triton_unavailable() else "torch"
+        choice = os.environ.get("SEGQ_INT8_GLUE", "torch")
     if choice == "torch":
         return TorchGlue()
     if choice == "triton":

@@ -173,11 +173,11 @@ def test_engine_glue_around_the_cudnn_graphs_matches_the_reference(int8_onnx: Pa
     import torch
 
     from engines.cudnn_int8 import PlanRunner, layer_weights
-    from engines.int8_glue import triton_unavailable
+    from engines.int8_glue import interpreter_unsafe, triton_unavailable
 
     if glue == "triton":
-        if triton_unavailable():
-            pytest.skip(triton_unavailable())
+        if triton_unavailable() or interpreter_unsafe():
+            pytest.skip(triton_unavailable() or interpreter_unsafe())
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     plan = plan_from_onnx(int8_onnx)
     plan.layers[0].precision = first_precision  # int8: 1 input channel padded to 16; fp16: widened, padded to 8

@@ -1,7 +1,8 @@
 """The INT8 engine's glue steps (engines.int8_glue): the Triton kernels give the torch ops' bytes exactly.
 
-On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1: the same kernel code, each
-program executed with numpy); on a CUDA device (marked `gpu`) they run compiled, at a real level's shape.
+On a machine without CUDA (CI) the kernels run in Triton's interpreter (TRITON_INTERPRET=1: the same
+kernel code, each program executed with numpy); on a CUDA host they run compiled instead, never both in
+one process (engines.int8_glue.interpreter_unsafe).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from engines.cudnn_int8 import requantize_table
-from engines.int8_glue import TorchGlue, TritonGlue, select_glue, triton_unavailable
+from engines.int8_glue import TorchGlue, TritonGlue, interpreter_unsafe, select_glue, triton_unavailable
 
 pytestmark = pytest.mark.skipif(bool(triton_unavailable()), reason=triton_unavailable() or "ok")
 
@@ -26,6 +27,8 @@ def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> t
             pytest.skip("needs a CUDA device")
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     else:
+        if interpreter_unsafe():
+            pytest.skip(interpreter_unsafe())
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # engines.int8_glue defines the kernels per mode
     return torch.device(request.param)
 
@@ -80,8 +83,12 @@ def test_pool_without_skip_writes_only_the_pooled_tensor(device: torch.device) -
     assert torch.equal(pooled.cpu(), x.cpu().unflatten(1, (-1, 2)).unflatten(3, (-1, 2)).amax(dim=(2, 4)))
 
 
-def test_selection_names_what_runs_and_refuses_unknown_choices() -> None:
+def test_selection_names_what_runs_and_refuses_unknown_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SEGQ_INT8_GLUE", raising=False)
     assert select_glue(torch.device("cpu")).name == "torch"
+    assert select_glue(torch.device("cuda")).name == "torch"  # the default until the kernels have run on a GPU
+    monkeypatch.setenv("SEGQ_INT8_GLUE", "triton")
+    assert select_glue(torch.device("cuda")).name == "triton"
     assert select_glue(torch.device("cpu"), "triton").name == "triton"
     with pytest.raises(ValueError, match="unknown INT8 glue 'cuda'"):
         select_glue(torch.device("cpu"), "cuda")
