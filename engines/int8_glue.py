@@ -97,7 +97,7 @@ class TritonGlue:
     PIXELS_PER_PROGRAM = 64
 
     def __init__(self) -> None:
-        self._kernels = _triton_kernels()
+        self._kernels = triton_kernels()
 
     def pool_and_copy(self, x: torch.Tensor, pooled: torch.Tensor, skip: torch.Tensor | None,
                       table: torch.Tensor | None) -> None:
@@ -162,7 +162,7 @@ def select_glue(device: torch.device, choice: str = "auto") -> Glue:
 _KERNELS: dict[str, dict[str, Any]] = {}
 
 
-def _triton_kernels() -> dict[str, Any]:
+def triton_kernels() -> dict[str, Any]:
     """The Triton kernels, defined on first use (importing triton is slow and CUDA-only in production).
 
     Defined once per value of TRITON_INTERPRET (set: Triton's interpreter runs them, on CPU tensors)."""

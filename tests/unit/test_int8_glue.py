@@ -92,3 +92,4 @@ def test_selection_names_what_runs_and_refuses_unknown_choices(monkeypatch: pyte
     assert select_glue(torch.device("cpu"), "triton").name == "triton"
     with pytest.raises(ValueError, match="unknown INT8 glue 'cuda'"):
         select_glue(torch.device("cpu"), "cuda")
+
