@@ -126,8 +126,8 @@ class TritonGlue:
 
 
 def interpreter_unsafe() -> str:
-    """Why Triton's interpreter must not run in this process ('' if it may): on a CUDA host the kernels run
-    compiled, and a process that ran the interpreter first failed every compiled check on an H100."""
+    """Why Triton's interpreter must not run in this process ('' if it may): on a CUDA host the kernels are
+    checked compiled (tests/integration/test_int8_glue_compiled.py), never interpreted beside that."""
     return "a CUDA device is present: the kernels are checked compiled here" if torch.cuda.is_available() else ""
 
 
@@ -143,9 +143,9 @@ def triton_unavailable() -> str:
 def select_glue(device: torch.device, choice: str = "auto") -> Glue:
     """The glue for `device`: choice "torch", "triton", or "auto".
 
-    "auto" is the environment variable SEGQ_INT8_GLUE if set, else "torch": the torch ops are the glue
-    that has run on a GPU; the Triton kernels are opt-in until a GPU run shows them bit-exact and faster
-    (docs/int8-gpu.md). ValueError on an unknown choice or Triton asked for where it cannot run.
+    "auto" is the environment variable SEGQ_INT8_GLUE if set, else "torch": the Triton kernels are opt-in
+    until a GPU run shows them bit-exact and faster (docs/int8-gpu.md). ValueError on an unknown choice
+    or Triton asked for where it cannot run.
     """
     if choice == "auto":
         choice = os.environ.get("SEGQ_INT8_GLUE", "torch")
