@@ -145,9 +145,23 @@ def test_jobs_are_claimed_for_the_whole_prefetch_window_at_once(tmp_path, client
     assert [size for size in source.claim_sizes if size] == [4] * 5
 
 
+class CompletesAfterAHeartbeat(FakeJobSource):
+    """Completions wait (up to 10 s) until a heartbeat has seen an open job: on a busy machine the whole run
+    can otherwise end between two heartbeats, and the test would depend on scheduling."""
+
+    def __init__(self, jobs: list[list[str]]) -> None:
+        super().__init__(jobs)
+        self.complete_gate = threading.Event()
+
+    def keep_alive(self, claims) -> None:
+        super().keep_alive(claims)
+        if self.kept_alive[-1]:
+            self.complete_gate.set()
+
+
 def test_open_jobs_are_heartbeated_and_closed_ones_are_not(tmp_path, client, redis_url, queue_name, engine):
     ids = store_images(client, queue_name, 16)
-    source = FakeJobSource([[i] for i in ids])
+    source = CompletesAfterAHeartbeat([[i] for i in ids])
 
     make_pipeline(tmp_path, redis_url, queue_name, engine, source, heartbeat_interval_s=0.0).run()
 
