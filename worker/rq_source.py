@@ -136,12 +136,7 @@ class RqJobSource:
         """Write the worker's counters still held, then deregister from rq (death, pubsub); within RqWorker's
         COMMAND_POLL_S plus three round trips."""
         with self.client.pipeline() as pipe:
-            taken = self._queue_counters(pipe)
-            try:
-                pipe.execute()
-            except redis.RedisError:
-                self._counters.give_back(taken)
-                raise
+            self._execute_with_counters(pipe)
         self._rq.teardown()
 
     # --- claiming --------------------------------------------------------------------------
@@ -345,21 +340,21 @@ class RqJobSource:
                     handle: _RqHandle = claim.handle
                     handle.execution.heartbeat(self._started_registry, ttl, pipeline=pipe)
                     handle.job.heartbeat(now(), ttl, pipeline=pipe, xx=True)
-            taken = self._queue_counters(pipe)
-            try:
-                pipe.execute()
-            except redis.RedisError:
-                self._counters.give_back(taken)
-                raise
+            self._execute_with_counters(pipe)
 
-    def _queue_counters(self, pipe: redis.client.Pipeline) -> tuple[int, float]:
-        """Queue the worker's counters of jobs finished since they were last written, as rq's increment_* write
-        them (HINCRBY, HINCRBYFLOAT; nothing if none finished); what was taken."""
+    def _execute_with_counters(self, pipe: redis.client.Pipeline) -> None:
+        """Add the worker's counters of jobs finished since they were last written to `pipe`, as rq's increment_*
+        write them (HINCRBY, HINCRBYFLOAT; nothing if none finished), and execute it; if Redis fails, the
+        counters are kept for the next write."""
         finished, seconds = taken = self._counters.take()
         if finished:
             pipe.hincrby(self._rq.key, "successful_job_count", finished)
             pipe.hincrbyfloat(self._rq.key, "total_working_time", seconds)
-        return taken
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            self._counters.give_back(taken)
+            raise
 
     def queued(self) -> int:
         """Jobs waiting in the queue (one LLEN)."""
