@@ -303,18 +303,18 @@ def _serve(settings: WorkerSettings, plan: DevicePlan | None, log, started: floa
             warmup_s = _warm_up(loaded, settings.max_batch)
         except EngineError as exc:
             _fail(f"{settings.engine_path}: warm-up batch failed: {exc}")
-        source.open()
-        metrics.queue_depth = source.queued
-        metrics.set_engine(engine_labels(loaded, settings.engine_path, settings.device))
-        metrics.set_ready()
-        log.info("worker_ready", pid=os.getpid(), device=settings.device, load_s=round(load_s, 3),
-                 warmup_s=round(warmup_s, 3), ready_s=round(time.perf_counter() - started, 3), **gpu)
-        try:
-            with stop_on_signals() as stop:
+        with stop_on_signals() as stop:  # before ready: a SIGTERM once ready is announced drains, never kills
+            source.open()
+            metrics.queue_depth = source.queued
+            metrics.set_engine(engine_labels(loaded, settings.engine_path, settings.device))
+            metrics.set_ready()
+            log.info("worker_ready", pid=os.getpid(), device=settings.device, load_s=round(load_s, 3),
+                     warmup_s=round(warmup_s, 3), ready_s=round(time.perf_counter() - started, 3), **gpu)
+            try:
                 images = BatchPipeline(settings, loaded, source, client, log, stop, metrics=metrics,
                                        loader=loader).run()
-        finally:
-            source.close()
+            finally:
+                source.close()
         log.info("worker_stopped", images=images)
         return 0
     finally:
