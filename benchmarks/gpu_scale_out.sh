@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f .device/env.sh ] && source .device/env.sh
-work=/tmp/gpu_scale_out
+work=${SCALE_OUT_WORK:-/tmp/gpu_scale_out}  # SCALE_OUT_WORK: reuse a w64.ptc another run built there
 mkdir -p "$work"
 # Bytecode, as a user's `pip install` leaves it. The device's env.sh installs its wheels with
 # --no-compile and its image sets PYTHONDONTWRITEBYTECODE=1 (torch and numpy there have no bytecode
