@@ -11,7 +11,7 @@ measured on the GPU that built it (toolchain/cudnn_build.py). This module runs i
                GEMM), INT8 output scattered into the concat buffer's channel slice
     pool: 2x2 max on INT8, writing the skip's copy (requantized where its scale differs) into the
           concat buffer in the same pass; concat: copies whatever no pool or upconv wrote
-    (those steps are engines.int8_glue: torch ops, or Triton kernels with SEGQ_INT8_GLUE=triton)
+    (those steps are engines.int8_glue: Triton kernels on CUDA, or torch ops with SEGQ_INT8_GLUE=torch)
     head: INT8 1x1 graph (output channels padded to 16), argmax -> uint8 masks
 
 Every activation lives in a buffer owned by its slot (engines.cuda_slots: two slots in flight, each

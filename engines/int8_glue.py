@@ -3,7 +3,8 @@
 Two implementations of the same integer arithmetic, bit for bit:
 
 - `TorchGlue`: torch tensor ops (any device; on the CPU it checks the engine's code around the graphs).
-- `TritonGlue` (opt-in: SEGQ_INT8_GLUE=triton): one Triton kernel per step on CUDA. The torch ops make
+- `TritonGlue` (the default on CUDA where triton is installed; SEGQ_INT8_GLUE=torch opts out): one Triton
+  kernel per step. The torch ops make
   several passes over a level's activations (a 2x2 max as a strided reduction, a requantization through
   an int32 index tensor, the skip read a second time for the concat); each kernel here reads its input
   once and writes each output once.
@@ -143,12 +144,13 @@ def triton_unavailable() -> str:
 def select_glue(device: torch.device, choice: str = "auto") -> Glue:
     """The glue for `device`: choice "torch", "triton", or "auto".
 
-    "auto" is the environment variable SEGQ_INT8_GLUE if set, else "torch": the Triton kernels are opt-in
-    until a GPU run shows them bit-exact and faster (docs/int8-gpu.md). ValueError on an unknown choice
-    or Triton asked for where it cannot run.
+    "auto" is the environment variable SEGQ_INT8_GLUE if set, else "triton" on a CUDA device where triton
+    is installed (bit-identical to the torch ops and faster on the GPU: docs/int8-gpu.md), else "torch".
+    ValueError on an unknown choice or Triton asked for where it cannot run.
     """
     if choice == "auto":
-        choice = os.environ.get("SEGQ_INT8_GLUE", "torch")
+        default = "triton" if device.type == "cuda" and not triton_unavailable() else "torch"
+        choice = os.environ.get("SEGQ_INT8_GLUE", default)
     if choice == "torch":
         return TorchGlue()
     if choice == "triton":

@@ -217,7 +217,8 @@ gpu = pytest.mark.skipif(bool(_gpu_ready()), reason=_gpu_ready() or "ok")
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_engine_matches_the_reference(int8_onnx: Path, tmp_path: Path, images: np.ndarray) -> None:
+@pytest.mark.parametrize("glue", ["torch", "triton"])
+def test_gpu_engine_matches_the_reference(int8_onnx: Path, tmp_path: Path, images: np.ndarray, glue: str) -> None:
     from engines.cudnn_int8 import CudnnInt8Engine
     from toolchain.cudnn_build import build_cudnn_int8
 
@@ -225,7 +226,8 @@ def test_gpu_engine_matches_the_reference(int8_onnx: Path, tmp_path: Path, image
     plan = build_cudnn_int8(int8_onnx, path, batch_sizes=(1, 4, 8), progress=lambda _: None)
     assert all(layer.plans.keys() == {"1", "4", "8"} for layer in plan.layers if layer.kind in ("conv", "upconv"))
     reference = reference_masks(plan, images)
-    with CudnnInt8Engine(path) as engine:
+    with CudnnInt8Engine(path, glue=glue) as engine:
+        assert engine.glue_name == glue
         masks = infer(engine, images)
         for n in (1, 3, 5):  # padded batches give the same masks as full ones
             assert np.array_equal(infer(engine, images[:n]), masks[:n])

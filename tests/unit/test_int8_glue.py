@@ -106,8 +106,10 @@ def test_pool_without_skip_writes_only_the_pooled_tensor(interpreted: torch.devi
 def test_selection_names_what_runs_and_refuses_unknown_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SEGQ_INT8_GLUE", raising=False)
     assert select_glue(torch.device("cpu")).name == "torch"
-    assert select_glue(torch.device("cuda")).name == "torch"  # the default until the kernels have run on a GPU
+    assert select_glue(torch.device("cuda")).name == "triton"  # the default on CUDA where triton is installed
+    monkeypatch.setenv("SEGQ_INT8_GLUE", "torch")
+    assert select_glue(torch.device("cuda")).name == "torch"
     monkeypatch.setenv("SEGQ_INT8_GLUE", "triton")
-    assert select_glue(torch.device("cuda")).name == "triton"
+    assert select_glue(torch.device("cpu")).name == "triton"  # asked for by name: the caller's choice
     with pytest.raises(ValueError, match="unknown INT8 glue 'cuda'"):
         select_glue(torch.device("cpu"), "cuda")
