@@ -25,7 +25,7 @@ from worker.metrics_server import MetricsServer
 from worker.observability import engine_labels, instrument
 from worker.pipeline import BatchPipeline
 from worker.rq_source import RqJobSource
-from worker.settings import DEFAULT_DECODE_PROCESSES, WorkerSettings
+from worker.settings import WorkerSettings, default_decode_processes
 from worker.signals import stop_on_signals
 
 # Nothing imported above initialises CUDA (torch reads CUDA_VISIBLE_DEVICES only when CUDA first
@@ -95,11 +95,11 @@ def run(
     liveness_timeout: Annotated[float, typer.Option(min=1, help=(
         "/livez fails once the worker loop has not passed for this many seconds."
     ))] = 60.0,
-    decode_processes: Annotated[int, typer.Option(min=0, help=(
+    decode_processes: Annotated[int | None, typer.Option(min=0, show_default=False, help=(
         "Processes that read and decode images from Redis (a GPU needs several busy ones, more than threads can "
         "share under the GIL; docs/performance.md gives the CPU per image); 0 decodes on the worker's fetch "
-        "threads. Default: 8, or the number of CPUs if fewer."
-    ))] = DEFAULT_DECODE_PROCESSES,
+        "threads. Default: 12 for a CUDA device, 8 for the CPU, at most one per CPU."
+    ))] = None,
 ) -> None:
     """Serve a queue: claim jobs, batch their images across jobs, run the engine, write masks back.
 
@@ -137,7 +137,7 @@ def run(
         maintenance_interval_s=maintenance_interval,
         metrics_port=metrics_port,
         liveness_timeout_s=liveness_timeout,
-        decode_processes=decode_processes,
+        decode_processes=default_decode_processes(plan.engine_device) if decode_processes is None else decode_processes,
     )
     sys.exit(serve(settings, plan))
 

@@ -38,7 +38,11 @@ class LoaderDied(SegqueueError):
 
 
 class ImageLoader(Protocol):
-    """Reads and decodes images by id: each entry is the image or why it cannot be used (as QueueStore.load_images)."""
+    """Reads and decodes images by id: each entry is the image or why it cannot be used (as QueueStore.load_images).
+
+    processes: how many loads run at once beside the worker's threads (decode processes; 0 for none)."""
+
+    processes: int
 
     def load(self, image_ids: Sequence[str], records: Records | None = None) -> list[StoredImage | str]:
         """`image_ids` read (but those with a record in `records`, read with their claim) and decoded."""
@@ -53,6 +57,8 @@ class ImageLoader(Protocol):
 
 class ThreadImageLoader:
     """Loads on the calling thread through the worker's own QueueStore."""
+
+    processes = 0
 
     def __init__(self, store: QueueStore) -> None:
         self.store = store

@@ -1,7 +1,9 @@
 """The worker's main loop: claim jobs -> batch images across jobs -> fetch -> submit to the engine.
 
-Up to `engine.slots` batches are in flight on the engine, and up to `prefetch_batches` more are
-being fetched and decoded by `fetch_threads` threads: while the engine computes batch k, batches
+Up to `engine.slots` batches are in flight on the engine, and up to `fetch_window` more are
+being fetched and decoded, each on a fetch thread of its own (`prefetch_batches`, or twice the decode
+processes if more: jobs are claimed when half the window is free, and the other half keeps every
+decode process busy meanwhile): while the engine computes batch k, batches
 k+1 and k+2 are read from Redis and decompressed, the main thread claims the jobs after them, and
 the writer thread (worker/writer.py) writes batch k-1's masks and completes its jobs, so Redis I/O
 and payload decoding overlap compute (done on the main thread, they set the pace instead of the GPU:
@@ -92,7 +94,8 @@ class BatchPipeline:
         self.batcher: Batcher[BatchItem] = Batcher(settings.max_batch, settings.max_wait_s, clock)
         self.inflight: deque[SubmittedBatch] = deque()
         self.fetching: deque[tuple[list[BatchItem], Future[Fetch]]] = deque()
-        self.fetcher = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="fetch")
+        self.fetch_window = max(settings.prefetch_batches, 2 * self.loader.processes)
+        self.fetcher = ThreadPoolExecutor(self.fetch_window, thread_name_prefix="fetch")
         self.claims = OpenClaims()
         self.writer = ResultWriter(self.store, source, self.claims, log, clock, metrics=self.metrics,
                                    write_masks=self.loader.write_masks)
@@ -150,14 +153,15 @@ class BatchPipeline:
         return self._wait_for_work()
 
     def _start_fetches(self) -> None:
-        """Claim jobs and start fetching full batches (any batch, on a stop) until prefetch_batches are fetching.
+        """Claim jobs and start fetching full batches (any batch, on a stop) until fetch_window are fetching.
 
-        Jobs are claimed when no more than half of prefetch_batches are fetching, then for every free
+        Jobs are claimed when no more than half of fetch_window are fetching, then for every free
         fetch slot at once (`_claim_available`): one claim (three round trips however many jobs) per
         half-window of batches instead of one per batch, the most claimed ahead being the same.
         """
-        while len(self.fetching) < self.settings.prefetch_batches:
-            if not self.stop.requested and len(self.fetching) <= self.settings.prefetch_batches // 2:
+        window = self.fetch_window
+        while len(self.fetching) < window:
+            if not self.stop.requested and len(self.fetching) <= window // 2:
                 self._claim_available()
             if not (self.batcher.ready() or (self.stop.requested and len(self.batcher))):
                 return
@@ -186,7 +190,7 @@ class BatchPipeline:
         Jobs are claimed several at a time when they are small: as many as the missing images need
         at the size of the last job seen, so large jobs are still claimed one by one (no hoarding).
         """
-        slots = self.settings.prefetch_batches - len(self.fetching)
+        slots = self.fetch_window - len(self.fetching)
         while (missing := slots * self.settings.max_batch - len(self.batcher)) > 0:
             claims = self.source.claim(max(1, missing // self._images_per_job), timeout_s=0)
             if not claims:

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker.connection import BrokerSettings
 
-DEFAULT_DECODE_PROCESSES = min(8, os.cpu_count() or 1)  # see WorkerSettings.decode_processes
+
+def default_decode_processes(device: str) -> int:
+    """Decode processes when --decode-processes is not given: 12 for a CUDA device, 8 otherwise, at most one per CPU.
+
+    A GPU engine needs more images decoded per second than a CPU engine; see WorkerSettings.decode_processes."""
+    return min(12 if device.startswith("cuda") else 8, os.cpu_count() or 1)
+
 
 
 @dataclass(frozen=True)
@@ -32,13 +38,13 @@ class WorkerSettings:
     precision: str | None = None
     max_batch: int = 8
     max_wait_ms: float = 20.0
-    # Threads that fetch batches, batches fetched ahead of the engine besides those in flight on it, and
-    # the processes that read and decode them (worker/loader.py; 0: on the fetch threads): one per core,
-    # up to eight (enough to keep up with an H200's engine: docs/worker-measurements.md); more processes
-    # than cores would only queue for them.
-    fetch_threads: int = 8
+    # Batches fetched ahead of the engine besides those in flight on it (at least: worker/pipeline.py
+    # widens the window to twice the decode processes), and the processes that read and decode them
+    # (worker/loader.py; 0: on the fetch threads): one per core, up to twelve for a GPU (a decode process
+    # takes about as long for a batch of PNG payloads as the INT8 engine takes for eight batches:
+    # docs/worker-measurements.md); more processes than cores would only queue for them.
     prefetch_batches: int = 8
-    decode_processes: int = DEFAULT_DECODE_PROCESSES
+    decode_processes: int = field(default_factory=lambda: default_decode_processes("cpu"))
     burst: bool = False
     metrics_port: int | None = None  # serve /metrics, /readyz, /livez here (worker/metrics.py)
     liveness_timeout_s: float = 60.0  # /livez fails once the main loop has not passed for this long

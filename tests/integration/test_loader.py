@@ -25,7 +25,7 @@ from tests.conftest import SMALL_SIZE, free_port, write_synthetic_images
 from tests.integration.test_pool import events, wait_until
 from toolchain.synth import generate
 from worker.loader import LoaderDied, ProcessImageLoader
-from worker.settings import DEFAULT_DECODE_PROCESSES
+from worker.settings import default_decode_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -125,7 +125,7 @@ def test_a_dead_decode_process_stops_its_worker_and_another_does_the_jobs(tmp_pa
     try:
         wait_until(lambda: events(victim_log, "worker_ready"), 120, "the worker to be ready", victim)
         decoders = children_of(victim.pid)
-        assert len(decoders) == DEFAULT_DECODE_PROCESSES  # the default --decode-processes: 8, or one per core
+        assert len(decoders) == default_decode_processes("cpu")  # the default --decode-processes: 8, or one per core
         os.kill(decoders[0], signal.SIGKILL)
         images = tmp_path / "images"
         write_synthetic_images(images, 16)

@@ -24,6 +24,7 @@ from tests.integration.fake_jobs import FakeJobSource
 from toolchain.synth import generate
 from worker.batch import BatchItem, FetchedBatch
 from worker.claims import OpenClaims
+from worker.loader import ImageLoader, ProcessImageLoader
 from worker.logs import configure_logging
 from worker.pipeline import BatchPipeline
 from worker.settings import WorkerSettings
@@ -44,12 +45,13 @@ def stored_mask(client: redis.Redis, queue: str, image_id: str) -> np.ndarray | 
 
 
 def make_pipeline(tmp_path: Path, redis_url: str, queue: str, engine, source: FakeJobSource,
-                  stop: StopFlag | None = None, **overrides) -> BatchPipeline:
+                  stop: StopFlag | None = None, loader: ImageLoader | None = None, **overrides) -> BatchPipeline:
     options = {"burst": True, **overrides}
     settings = WorkerSettings(broker=BrokerSettings(redis_url=redis_url, queue=queue), engine_path=Path("-"),
                               log_file=tmp_path / "worker.log", **options)
     log = configure_logging(settings.log_file).bind(worker=source.name, engine=engine.name)
-    return BatchPipeline(settings, engine, source, redis.Redis.from_url(redis_url), log, stop or StopFlag())
+    return BatchPipeline(settings, engine, source, redis.Redis.from_url(redis_url), log, stop or StopFlag(),
+                         loader=loader)
 
 
 def batch_sizes(tmp_path: Path) -> list[int]:
@@ -131,6 +133,25 @@ def test_a_stop_request_finishes_the_claimed_work_and_claims_no_more(tmp_path, c
     claimed = {i for c in source.claimed for i in c.image_ids}
     assert done == len(claimed) and 0 < len(claimed) < 12
     assert sorted(c.job_id for c in source.completed) == sorted(c.job_id for c in source.claimed)
+
+
+def test_the_fetch_window_is_twice_the_decode_processes_so_a_claim_never_leaves_one_idle(
+        tmp_path, client, redis_url, queue_name, engine):
+    ids = store_images(client, queue_name, 80)
+    source = FakeJobSource([ids[start:start + 4] for start in range(0, 80, 4)])
+    loader = ProcessImageLoader(BrokerSettings(redis_url=redis_url, queue=queue_name), processes=3)
+    try:
+        pipeline = make_pipeline(tmp_path, redis_url, queue_name, engine, source, loader=loader, max_batch=8,
+                                 prefetch_batches=2)
+        assert pipeline.fetch_window == 6
+        done = pipeline.run()
+    finally:
+        loader.close()
+
+    assert done == 80 and len(source.completed) == 20
+    # a window of 6 batches, not prefetch_batches' 2: claims come when 3 batches are still fetching (one per
+    # decode process) and fill the other 3, 6 jobs of 4 (the first counts 8 images a job: 6 jobs, 3 batches)
+    assert [size for size in source.claim_sizes if size] == [6, 6, 6, 2]
 
 
 def test_jobs_are_claimed_for_the_whole_prefetch_window_at_once(tmp_path, client, redis_url, queue_name, engine):
