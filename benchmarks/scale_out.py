@@ -288,6 +288,30 @@ class Sampler(threading.Thread):
                 "cpu_busy_after_producing": busy(t_split, t_end)}
 
 
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process `pid` and every live descendant (a worker and its
+    decode processes), from /proc; 0 where there is none."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent and child not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(used.get(p, 0.0) for p in tree)
+
+
 # -- logs ------------------------------------------------------------------------------------------
 
 def events(log: Path, name: str) -> list[dict[str, Any]]:
@@ -405,6 +429,7 @@ class Bench:
         peak = before["used_memory"]
         sampler = Sampler(self.url)
         sampler.start()
+        worker_cpu_before = sum(process_tree_cpu_s(proc.pid) for proc in procs)
         try:
             t0 = time.time()
             pool = self.args.e2e_producer_workers or max(1, (os.cpu_count() or 1) // 2 // len(parts))
@@ -436,6 +461,7 @@ class Bench:
                     raise BenchError(f"phase G={gpus}: not done within {self.args.phase_timeout:.0f} s: {snap}")
                 time.sleep(self.args.poll_s)
             t_poll = time.time()
+            worker_cpu_s = sum(process_tree_cpu_s(proc.pid) for proc in procs) - worker_cpu_before
         finally:  # also when the phase fails: no sampler left pinging
             sampler.stop()
         after = redis_snapshot(self.client, self.redis_dir)
@@ -469,6 +495,9 @@ class Bench:
             **sampler.summary(t0, producers_done_at or t_end, t_end),
             "aof_delayed_fsync": int(after["aof_delayed_fsync"] - before["aof_delayed_fsync"]),
             "batch_medians": batch_medians(batches),
+            # the workers and their decode processes: reading, decoding, engine calls, writing masks
+            "worker_cpu_ms_per_image": round(worker_cpu_s * 1000 / n, 3),
+            "worker_cores_busy": round(worker_cpu_s / (t_poll - t0), 2),
             **redis_delta(before, after, n, peak, t_poll - t0),
         }
         if masks is not None:
@@ -565,6 +594,11 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"{'Redis bytes in, MB per 1,000 images':<58}{first['net_in_mb_per_1000']:>10.1f}")
         lines.append(f"{'AOF growth, MB per 1,000 images':<58}{first['aof_mb_per_1000']:>10.1f}")
         lines.append(f"{'Redis peak memory (MB)':<58}{result['redis_used_memory_peak_mb']:>10.1f}")
+        lines.append(f"{'Redis main thread busy end to end (share of wall)':<58}"
+                     f"{first['redis_main_thread_busy']:>10.3f}")
+        lines.append(f"{'worker CPU ms per image (with its decode processes)':<58}"
+                     f"{first['worker_cpu_ms_per_image']:>10.3f}")
+        lines.append(f"{'worker cores busy end to end':<58}{first['worker_cores_busy']:>10.2f}")
     return "\n".join(lines)
 
 
