@@ -5,7 +5,7 @@
 Speed (width-64 U-Net, 512x512, batch 8, random weights: speed does not depend on their values):
 the FP32 checkpoint -> FP32 ONNX -> INT8 Q/DQ ONNX (MinMax on --calib-n synthetic images) ->
 `.cudnn` (built and timed on this GPU), and the compiled FP16 engine (`.ptc`) from the same
-checkpoint; the INT8 engine with its default glue (torch ops) and with the opt-in Triton kernels
+checkpoint; the INT8 engine with its default glue (Triton kernels on CUDA) and with the torch ops
 (engines.int8_glue); all through `toolchain.bench.throughput` (engine alone: uint8 in, masks out, two
 batches in flight), alternated --rounds times, medians reported.
 
@@ -100,7 +100,8 @@ def engine_alone(files: dict[str, tuple[Path, str]], rounds: int, iters: int) ->
     finally:
         for engine in engines.values():
             engine.close()
-    return {"load_s": loads, "runs_img_s": runs, "median_img_s": {k: statistics.median(v) for k, v in runs.items()}}
+    return {"load_s": loads, "runs_img_s": runs, "median_img_s": {k: statistics.median(v) for k, v in runs.items()},
+            "glue": {name: getattr(engine, "glue_name", "") for name, engine in engines.items()}}
 
 
 def speed(work: Path, calib: Path, calib_n: int, skip_fp16: bool, rounds: int, iters: int,
@@ -121,16 +122,10 @@ def speed(work: Path, calib: Path, calib_n: int, skip_fp16: bool, rounds: int, i
                                         calib=str(calib), calib_count=calib_n)
     cudnn = work / "w64_int8_b8.cudnn"  # plans for batch 8 only: the only size timed here, a shorter build
     builds["cudnn_s"] = timed_build(work / "w64_int8.onnx", cudnn, target="cuda", batch_sizes=(8,))
-    files = {"int8": (cudnn, "torch")}
+    files = {"int8": (cudnn, "auto"), "int8_torch_glue": (cudnn, "torch")}  # the default glue, and torch ops
     result["int8_alone"] = engine_alone(files, 1, iters)
     result["int8_img_s"] = result["int8_alone"]["median_img_s"]["int8"]
     result["int8_step_profile"] = {glue: step_profile(cudnn, glue) for glue in ("torch", "triton")}
-    try:  # the opt-in Triton glue: timed beside the default where it loads
-        result["int8_triton_glue_alone"] = engine_alone({"int8_triton_glue": (cudnn, "triton")}, 1, iters)
-        files["int8_triton_glue"] = (cudnn, "triton")
-    except Exception as exc:  # recorded; the default engine's measurement goes on
-        log(f"Triton glue failed: {exc!r}")
-        result["int8_triton_glue_error"] = repr(exc)
     save(result)
     if skip_fp16:
         return result
@@ -141,8 +136,7 @@ def speed(work: Path, calib: Path, calib_n: int, skip_fp16: bool, rounds: int, i
     result["int8_img_s"] = both["median_img_s"]["int8"]
     result["fp16_compiled_img_s"] = both["median_img_s"]["fp16"]
     result["int8_over_fp16"] = result["int8_img_s"] / result["fp16_compiled_img_s"]
-    if "int8_triton_glue" in files:
-        result["int8_triton_glue_over_fp16"] = both["median_img_s"]["int8_triton_glue"] / result["fp16_compiled_img_s"]
+    result["int8_torch_glue_over_fp16"] = both["median_img_s"]["int8_torch_glue"] / result["fp16_compiled_img_s"]
     return result
 
 
@@ -244,7 +238,7 @@ def main() -> None:
 
     def save(speed_result: dict[str, Any]) -> None:  # after each phase: a run cut short keeps what it measured
         result["speed"] = speed_result
-        for key in ("fp16_compiled_img_s", "int8_img_s", "int8_over_fp16", "int8_triton_glue_over_fp16"):
+        for key in ("fp16_compiled_img_s", "int8_img_s", "int8_over_fp16", "int8_torch_glue_over_fp16"):
             if key in speed_result:
                 result[key] = speed_result[key]
         out.write_text(json.dumps(result, indent=1))
@@ -255,7 +249,7 @@ def main() -> None:
         result.update(quality(args.work, calib / "images", args.calib_n, args.dice_n, not args.skip_uncalibrated))
         out.write_text(json.dumps(result, indent=1))
     log(f"\nwrote {out}")
-    for key in ("gpu", "fp16_compiled_img_s", "int8_img_s", "int8_over_fp16", "int8_triton_glue_over_fp16",
+    for key in ("gpu", "fp16_compiled_img_s", "int8_img_s", "int8_over_fp16", "int8_torch_glue_over_fp16",
                 "dice_fp32", "dice_fp16", "dice_int8",
                 "dice_int8_uncalibrated", "int8_pixel_agreement_with_onnx_int8"):
         if key in result:
