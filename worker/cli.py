@@ -98,7 +98,8 @@ def run(
     decode_processes: Annotated[int | None, typer.Option(min=0, show_default=False, help=(
         "Processes that read and decode images from Redis (a GPU needs several busy ones, more than threads can "
         "share under the GIL; docs/performance.md gives the CPU per image); 0 decodes on the worker's fetch "
-        "threads. Default: 12 for a CUDA device, 8 for the CPU, at most one per CPU."
+        "threads. Default: 12 for a CUDA device, 8 for the CPU, at most one per CPU (a pool divides the CPUs among "
+        "its workers)."
     ))] = None,
 ) -> None:
     """Serve a queue: claim jobs, batch their images across jobs, run the engine, write masks back.
@@ -183,6 +184,13 @@ def _child_port(options: dict[str, object], index: int) -> int | None:
     return base + index if isinstance(base, int) else None
 
 
+def _with_decode_processes(options: dict[str, object], device: str, workers: int) -> dict[str, object]:
+    """A pool child's options: --decode-processes as given, else its share of this host's CPUs (of `workers`)."""
+    if options.get("decode_processes") is not None:
+        return options
+    return {**options, "decode_processes": default_decode_processes(device, workers)}
+
+
 def _run_pool(ctx: typer.Context, options: dict[str, object], device: str, log_file: Path | None, name: str) -> int:
     """`--device all` or a list: supervise one `worker run` child per device (worker/pool.py)."""
     from worker.pool import ChildSpec, WorkerPool
@@ -193,7 +201,8 @@ def _run_pool(ctx: typer.Context, options: dict[str, object], device: str, log_f
         _fail(str(exc))
     labels = child_labels(devices)
     children = [
-        ChildSpec(label, dev, _child_argv(ctx, options, dev, suffixed(log_file, label) if log_file else None,
+        ChildSpec(label, dev, _child_argv(ctx, _with_decode_processes(options, dev, len(devices)), dev,
+                                          suffixed(log_file, label) if log_file else None,
                                           f"{name}.{label}" if name else "", _child_port(options, index)),
                   _child_env(options))
         for index, (label, dev) in enumerate(zip(labels, devices, strict=True))

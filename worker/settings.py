@@ -10,12 +10,12 @@ from pathlib import Path
 from broker.connection import BrokerSettings
 
 
-def default_decode_processes(device: str) -> int:
-    """Decode processes when --decode-processes is not given: 12 for a CUDA device, 8 otherwise, at most one per CPU.
+def default_decode_processes(device: str, workers_here: int = 1) -> int:
+    """Decode processes when --decode-processes is not given: 12 for a CUDA device, 8 otherwise, at most the
+    CPUs divided among the `workers_here` workers of this host (a pool's children).
 
     A GPU engine needs more images decoded per second than a CPU engine; see WorkerSettings.decode_processes."""
-    return min(12 if device.startswith("cuda") else 8, os.cpu_count() or 1)
-
+    return min(12 if device.startswith("cuda") else 8, max(1, (os.cpu_count() or 1) // max(1, workers_here)))
 
 
 @dataclass(frozen=True)

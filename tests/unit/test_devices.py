@@ -92,3 +92,29 @@ def test_gpu_count_follows_cuda_visible_devices():
 def test_log_file_suffixes():
     assert suffixed(Path("logs/worker.log"), "gpu0") == Path("logs/worker.gpu0.log")
     assert suffixed(Path("worker"), "cpu1") == Path("worker.cpu1")
+
+
+@pytest.mark.parametrize(
+    ("device", "workers", "cpus", "expected"),
+    [
+        ("cuda:0", 1, 16, 12),  # a GPU gets more decode processes than a CPU worker
+        ("cpu", 1, 16, 8),
+        ("cuda:0", 1, 2, 2),  # never more than the CPUs
+        ("cuda:1", 4, 16, 4),  # a pool of four shares the host's CPUs
+        ("cuda:1", 32, 16, 1),  # at least one each
+    ],
+)
+def test_default_decode_processes_fit_the_device_and_the_host(monkeypatch: pytest.MonkeyPatch, device: str,
+                                                              workers: int, cpus: int, expected: int) -> None:
+    from worker.settings import default_decode_processes
+
+    monkeypatch.setattr("os.cpu_count", lambda: cpus)
+    assert default_decode_processes(device, workers) == expected
+
+
+def test_a_pool_passes_each_child_its_share_of_decode_processes_unless_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.cli import _with_decode_processes
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert _with_decode_processes({"decode_processes": None}, "cuda:0", 2)["decode_processes"] == 8
+    assert _with_decode_processes({"decode_processes": 3}, "cuda:0", 2)["decode_processes"] == 3
