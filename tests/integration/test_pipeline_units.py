@@ -150,7 +150,8 @@ def test_the_fetch_window_is_twice_the_decode_processes_so_a_claim_never_leaves_
 
     assert done == 80 and len(source.completed) == 20
     # a window of 6 batches, not prefetch_batches' 2: claims come when 3 batches are still fetching (one per
-    # decode process) and fill the other 3, 6 jobs of 4 (the first counts 8 images a job: 6 jobs, 3 batches)
+    # decode process) and fill the other 3, 6 jobs of 4 (the first pass counts 8 images a job: 6 jobs, 3 batches,
+    # then at once 6 more jobs for the other 3)
     assert [size for size in source.claim_sizes if size] == [6, 6, 6, 2]
 
 
