@@ -1,13 +1,19 @@
 """INT8 on the GPU: the cuDNN INT8 engine against the compiled FP16 engine, and its masks' quality.
 
-    python benchmarks/int8_gpu.py --work /tmp/int8 [--skip-fp16] [--dice-n 64]
+    python benchmarks/int8_gpu.py --work /tmp/int8 [--skip-fp16] [--dice-n 64] [--e2e 16000]
 
 Speed (width-64 U-Net, 512x512, batch 8, random weights: speed does not depend on their values):
 the FP32 checkpoint -> FP32 ONNX -> INT8 Q/DQ ONNX (MinMax on --calib-n synthetic images) ->
 `.cudnn` (built and timed on this GPU), and the compiled FP16 engine (`.ptc`) from the same
 checkpoint; the INT8 engine with its default glue (Triton kernels on CUDA) and with the torch ops
-(engines.int8_glue); all through `toolchain.bench.throughput` (engine alone: uint8 in, masks out, two
-batches in flight), alternated --rounds times, medians reported.
+(engines.int8_glue), and the checkpoint itself in FP32 and FP16 torch; all through
+`toolchain.bench.throughput` (engine alone: uint8 in, masks out, two batches in flight), alternated
+--rounds times, medians reported.
+
+Files to masks (--e2e IMAGES): benchmarks/scale_out.py with the INT8 engine as users build it
+(`engines build ... --target cuda`: plans for every batch size), real commands, Redis AOF on, jobs of
+8, the Triton kernels compiled afresh by the worker; its worker start-to-ready time, img/s against the
+engine alone in that run, the worker's CPU per image and Redis's main-thread share.
 
 Quality (the trained width-16 demo checkpoint, 512x512, held-out synthetic images, the study's
 criterion): Dice of FP32 torch, FP16 torch, INT8 cuDNN (MinMax calibration on real-looking images)
@@ -23,11 +29,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -72,17 +80,19 @@ def timed_build(source: Path, output: Path, batch_sizes: tuple[int, ...] = (), *
     return spent
 
 
-def open_engine(path: Path, glue: str) -> Any:
-    """A `.cudnn` file with the given glue ("auto", "torch", "triton"); any other engine file as a worker loads it."""
+def open_engine(path: Path, option: str) -> Any:
+    """A `.cudnn` file with the glue `option` ("auto", "torch", "triton"); a `.pt` checkpoint in the precision
+    `option` ("fp32", "fp16"); any other engine file as a worker loads it."""
     if path.suffix == ".cudnn":
         from engines.cudnn_int8 import CudnnInt8Engine
 
-        return CudnnInt8Engine(path, glue=glue)
-    return load_engine(path, device="cuda")
+        return CudnnInt8Engine(path, glue=option)
+    return load_engine(path, device="cuda", precision=option if path.suffix == ".pt" else None)
 
 
 def engine_alone(files: dict[str, tuple[Path, str]], rounds: int, iters: int) -> dict[str, Any]:
-    """Load time and img/s (batch 8, two in flight) of each (engine file, glue), alternated over `rounds`."""
+    """Load time and img/s (batch 8, two in flight) of each (engine file, option of open_engine), alternated over
+    `rounds`."""
     images = bench_images(EngineSpec(), 8)
     loads: dict[str, float] = {}
     runs: dict[str, list[float]] = {name: [] for name in files}
@@ -131,12 +141,15 @@ def speed(work: Path, calib: Path, calib_n: int, skip_fp16: bool, rounds: int, i
         return result
     builds["ptc_s"] = timed_build(ckpt, work / "w64.ptc", compile=True, precision="fp16")
     files["fp16"] = (work / "w64.ptc", "")
+    files["fp32_torch"], files["fp16_torch"] = (ckpt, "fp32"), (ckpt, "fp16")
     both = engine_alone(files, rounds, iters)
     result.update(both)
     result["int8_img_s"] = both["median_img_s"]["int8"]
     result["fp16_compiled_img_s"] = both["median_img_s"]["fp16"]
     result["int8_over_fp16"] = result["int8_img_s"] / result["fp16_compiled_img_s"]
     result["int8_torch_glue_over_fp16"] = both["median_img_s"]["int8_torch_glue"] / result["fp16_compiled_img_s"]
+    result["fp32_torch_img_s"] = both["median_img_s"]["fp32_torch"]
+    result["fp16_torch_img_s"] = both["median_img_s"]["fp16_torch"]
     return result
 
 
@@ -166,19 +179,20 @@ def quality(work: Path, calib: Path, calib_n: int, n: int, uncalibrated: bool = 
     onnx = work / "demo.onnx"
     timed_build(DEMO_CHECKPOINT, onnx, precision="fp32")
     timed_build(onnx, work / "demo_int8.onnx", precision="int8", calib=str(calib), calib_count=calib_n)
-    timed_build(work / "demo_int8.onnx", work / "demo_int8.cudnn", target="cuda")
+    # plans for batch 8 only (the images are scored in batches of 8): a shorter build, the same masks
+    timed_build(work / "demo_int8.onnx", work / "demo_int8_b8.cudnn", batch_sizes=(8,))
     pairs = list(generate(n, size=512, seed=HELDOUT_SEED))
     images, truth = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
     variants: dict[str, tuple[Path, str, str | None]] = {
         "fp32": (DEMO_CHECKPOINT, "cuda", "fp32"),
         "fp16": (DEMO_CHECKPOINT, "cuda", "fp16"),
-        "int8": (work / "demo_int8.cudnn", "cuda", None),
+        "int8": (work / "demo_int8_b8.cudnn", "cuda", None),
         "onnx_int8": (work / "demo_int8.onnx", "cpu", None),
     }
     if uncalibrated:
         timed_build(onnx, work / "demo_int8_nocal.onnx", precision="int8", calib="none", calib_count=calib_n)
-        timed_build(work / "demo_int8_nocal.onnx", work / "demo_int8_nocal.cudnn", target="cuda")
-        variants["int8_uncalibrated"] = (work / "demo_int8_nocal.cudnn", "cuda", None)
+        timed_build(work / "demo_int8_nocal.onnx", work / "demo_int8_nocal_b8.cudnn", batch_sizes=(8,))
+        variants["int8_uncalibrated"] = (work / "demo_int8_nocal_b8.cudnn", "cuda", None)
     masks: dict[str, np.ndarray] = {}
     for name, (path, device, precision) in variants.items():
         import torch
@@ -192,6 +206,29 @@ def quality(work: Path, calib: Path, calib_n: int, n: int, uncalibrated: bool = 
     scores["dice_onnx_int8_cpu"] = float(np.mean([dice(m, t) for m, t in zip(masks["onnx_int8"], truth, strict=True)]))
     scores["dice_images"] = n
     return scores
+
+
+def end_to_end(work: Path, images: int) -> dict[str, Any]:
+    """Files to masks with the width-64 INT8 engine (every batch size, as users build it) through
+    benchmarks/scale_out.py; its headline figures, and its own JSON under "e2e"."""
+    engine = work / "w64_int8.cudnn"
+    build_s = timed_build(work / "w64_int8.onnx", engine, target="cuda")
+    report = work / "scale_out_int8.json"
+    env = {**os.environ, "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton_e2e_")}  # the worker compiles afresh
+    argv = [sys.executable, str(ROOT / "benchmarks" / "scale_out.py"), "--engine", str(engine), "--images",
+            str(images), "--gpus", "1", "--redis-io-threads", "4", "--out-json", str(report)]
+    log(" ".join(argv))
+    subprocess.run(argv, check=True, env=env)
+    run = json.loads(report.read_text())
+    phase = run["raw"]["phases"][0]
+    return {"worker_ready_s": run["worker_start_s"], "e2e_img_s": run["e2e_img_s"],
+            "e2e_engine_img_s": run["engine_img_s"], "e2e_over_engine": run["e2e_vs_engine"],
+            "e2e_worker_cpu_ms_per_image": phase.get("worker_cpu_ms_per_image"),
+            "e2e_redis_main_thread_busy": phase.get("redis_main_thread_busy"),
+            "e2e_redis_main_ms_per_image": phase.get("redis_main_thread_cpu_s_per_1000"),
+            "e2e_cpu_busy_while_producing": phase.get("cpu_busy_while_producing"),
+            "e2e_cpu_busy_after_producing": phase.get("cpu_busy_after_producing"),
+            "e2e_engine_build_s": build_s, "e2e": run}
 
 
 def gpu_name() -> str:
@@ -213,6 +250,8 @@ def main() -> None:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true", help="quality only (speed measured in another run)")
     parser.add_argument("--skip-uncalibrated", action="store_true", help="no data-free INT8 row in the quality phase")
+    parser.add_argument("--e2e", type=int, default=0, metavar="IMAGES",
+                        help="also files to masks through the real commands with this many images (0: skip)")
     parser.add_argument("--out-json", type=Path, default=None)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -238,7 +277,8 @@ def main() -> None:
 
     def save(speed_result: dict[str, Any]) -> None:  # after each phase: a run cut short keeps what it measured
         result["speed"] = speed_result
-        for key in ("fp16_compiled_img_s", "int8_img_s", "int8_over_fp16", "int8_torch_glue_over_fp16"):
+        for key in ("fp16_compiled_img_s", "int8_img_s", "int8_over_fp16", "int8_torch_glue_over_fp16",
+                    "fp32_torch_img_s", "fp16_torch_img_s"):
             if key in speed_result:
                 result[key] = speed_result[key]
         out.write_text(json.dumps(result, indent=1))
@@ -248,10 +288,16 @@ def main() -> None:
     if not args.skip_quality:
         result.update(quality(args.work, calib / "images", args.calib_n, args.dice_n, not args.skip_uncalibrated))
         out.write_text(json.dumps(result, indent=1))
+    if args.e2e:
+        if not (args.work / "w64_int8.onnx").exists():
+            parser.error("--e2e needs the width-64 INT8 ONNX that the speed phase builds in --work")
+        result.update(end_to_end(args.work, args.e2e))
+        out.write_text(json.dumps(result, indent=1))
     log(f"\nwrote {out}")
-    for key in ("gpu", "fp16_compiled_img_s", "int8_img_s", "int8_over_fp16", "int8_torch_glue_over_fp16",
-                "dice_fp32", "dice_fp16", "dice_int8",
-                "dice_int8_uncalibrated", "int8_pixel_agreement_with_onnx_int8"):
+    for key in ("gpu", "fp32_torch_img_s", "fp16_torch_img_s", "fp16_compiled_img_s", "int8_img_s", "int8_over_fp16",
+                "int8_torch_glue_over_fp16", "dice_fp32", "dice_fp16", "dice_int8", "dice_int8_uncalibrated",
+                "int8_pixel_agreement_with_onnx_int8", "worker_ready_s", "e2e_img_s", "e2e_over_engine",
+                "e2e_worker_cpu_ms_per_image", "e2e_redis_main_thread_busy"):
         if key in result:
             value = result[key]
             log(f"{key:40s} {value:.4f}" if isinstance(value, float) else f"{key:40s} {value}")
