@@ -208,15 +208,17 @@ def quality(work: Path, calib: Path, calib_n: int, n: int, uncalibrated: bool = 
     return scores
 
 
-def end_to_end(work: Path, images: int) -> dict[str, Any]:
+def end_to_end(work: Path, images: int, logs: Path | None = None) -> dict[str, Any]:
     """Files to masks with the width-64 INT8 engine (every batch size, as users build it) through
-    benchmarks/scale_out.py; its headline figures, and its own JSON under "e2e"."""
+    benchmarks/scale_out.py; its headline figures, and its own JSON under "e2e" (its logs copied to `logs`)."""
     engine = work / "w64_int8.cudnn"
     build_s = timed_build(work / "w64_int8.onnx", engine, target="cuda")
     report = work / "scale_out_int8.json"
     env = {**os.environ, "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton_e2e_")}  # the worker compiles afresh
     argv = [sys.executable, str(ROOT / "benchmarks" / "scale_out.py"), "--engine", str(engine), "--images",
             str(images), "--gpus", "1", "--redis-io-threads", "4", "--out-json", str(report)]
+    if logs:
+        argv += ["--save-logs", str(logs)]
     log(" ".join(argv))
     subprocess.run(argv, check=True, env=env)
     run = json.loads(report.read_text())
@@ -252,8 +254,14 @@ def main() -> None:
     parser.add_argument("--skip-uncalibrated", action="store_true", help="no data-free INT8 row in the quality phase")
     parser.add_argument("--e2e", type=int, default=0, metavar="IMAGES",
                         help="also files to masks through the real commands with this many images (0: skip)")
+    parser.add_argument("--e2e-logs", type=Path, default=None, help="copy the files-to-masks run's logs here")
     parser.add_argument("--out-json", type=Path, default=None)
+    parser.add_argument("--update", action="store_true", help=(
+        "add this run's phases to the existing --out-json (e.g. --skip-speed --skip-quality --e2e N after a run "
+        "that measured speed and quality on the same machine)"))
     args = parser.parse_args()
+    if args.update and not (args.out_json and args.out_json.exists()):
+        parser.error("--update needs an existing --out-json")
     args.work.mkdir(parents=True, exist_ok=True)
     calib = args.work / "calib"
     if not calib.exists():
@@ -271,6 +279,12 @@ def main() -> None:
     import torch
 
     result["versions"]["cudnn"] = str(torch.backends.cudnn.version())
+    if args.update:  # one JSON from two runs on one machine: the earlier run's fields, then this one's
+        earlier = json.loads(args.out_json.read_text())
+        if earlier.get("machine") != result["machine"] or earlier.get("gpu") != result["gpu"]:
+            parser.error(f"--update: {args.out_json} was measured on {earlier.get('machine')} ({earlier.get('gpu')})")
+        result = {**earlier, "command": f"{earlier['command']} && {result['command']}",
+                  "dates": [earlier["date"], result["date"]]}
     out = args.out_json or ROOT / "benchmarks" / "results" / (
         f"int8_gpu_{result['gpu'].lower().replace(' ', '_')}_{dt.datetime.now():%Y%m%dT%H%M%S}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -291,7 +305,7 @@ def main() -> None:
     if args.e2e:
         if not (args.work / "w64_int8.onnx").exists():
             parser.error("--e2e needs the width-64 INT8 ONNX that the speed phase builds in --work")
-        result.update(end_to_end(args.work, args.e2e))
+        result.update(end_to_end(args.work, args.e2e, args.e2e_logs))
         out.write_text(json.dumps(result, indent=1))
     log(f"\nwrote {out}")
     for key in ("gpu", "fp32_torch_img_s", "fp16_torch_img_s", "fp16_compiled_img_s", "int8_img_s", "int8_over_fp16",
