@@ -4,11 +4,11 @@
 
 Speed (width-64 U-Net, 512x512, batch 8, random weights: speed does not depend on their values):
 the FP32 checkpoint -> FP32 ONNX -> INT8 Q/DQ ONNX (MinMax on --calib-n synthetic images) ->
-`.cudnn` (built and timed on this GPU), and the compiled FP16 engine (`.ptc`) from the same
-checkpoint; the INT8 engine with its default glue (Triton kernels on CUDA) and with the torch ops
-(engines.int8_glue), and the checkpoint itself in FP32 and FP16 torch; all through
-`toolchain.bench.throughput` (engine alone: uint8 in, masks out, two batches in flight), alternated
---rounds times, medians reported.
+`.cudnn` (built and timed on this GPU; plans for batch 8 only, or for every batch size with --e2e),
+and the compiled FP16 engine (`.ptc`) from the same checkpoint; the INT8 engine with its default
+glue (Triton kernels on CUDA) and with the torch ops (engines.int8_glue), and the checkpoint itself
+in FP32 and FP16 torch; all through `toolchain.bench.throughput` (engine alone: uint8 in, masks out,
+two batches in flight), alternated --rounds times, medians reported.
 
 Files to masks (--e2e IMAGES): benchmarks/scale_out.py with the INT8 engine as users build it
 (`engines build ... --target cuda`: plans for every batch size), real commands, Redis AOF on, jobs of
@@ -115,8 +115,10 @@ def engine_alone(files: dict[str, tuple[Path, str]], rounds: int, iters: int) ->
 
 
 def speed(work: Path, calib: Path, calib_n: int, skip_fp16: bool, rounds: int, iters: int,
-          save: Any) -> dict[str, Any]:
-    """Engine-alone img/s of the width-64 INT8 cuDNN and compiled FP16 engines (INT8 alone first, then both)."""
+          save: Any, all_batch_sizes: bool = False) -> dict[str, Any]:
+    """Engine-alone img/s of the width-64 INT8 cuDNN and compiled FP16 engines (INT8 alone first, then both);
+    the INT8 engine with plans for batch 8 only, or for every batch size (as users build it) if
+    `all_batch_sizes`."""
     import torch
 
     from engines.unet import UNet, UNetConfig
@@ -130,8 +132,12 @@ def speed(work: Path, calib: Path, calib_n: int, skip_fp16: bool, rounds: int, i
     builds["onnx_s"] = timed_build(ckpt, work / "w64.onnx", precision="fp32")
     builds["int8_onnx_s"] = timed_build(work / "w64.onnx", work / "w64_int8.onnx", precision="int8",
                                         calib=str(calib), calib_count=calib_n)
-    cudnn = work / "w64_int8_b8.cudnn"  # plans for batch 8 only: the only size timed here, a shorter build
-    builds["cudnn_s"] = timed_build(work / "w64_int8.onnx", cudnn, target="cuda", batch_sizes=(8,))
+    if all_batch_sizes:  # the file the files-to-masks phase runs
+        cudnn = work / "w64_int8.cudnn"
+        builds["cudnn_s"] = timed_build(work / "w64_int8.onnx", cudnn, target="cuda")
+    else:  # plans for batch 8 only: the only size timed here, a shorter build
+        cudnn = work / "w64_int8_b8.cudnn"
+        builds["cudnn_s"] = timed_build(work / "w64_int8.onnx", cudnn, target="cuda", batch_sizes=(8,))
     files = {"int8": (cudnn, "auto"), "int8_torch_glue": (cudnn, "torch")}  # the default glue, and torch ops
     result["int8_alone"] = engine_alone(files, 1, iters)
     result["int8_img_s"] = result["int8_alone"]["median_img_s"]["int8"]
@@ -298,7 +304,8 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=1))
 
     if not args.skip_speed:
-        save(speed(args.work, calib / "images", args.calib_n, args.skip_fp16, args.rounds, args.iters, save))
+        save(speed(args.work, calib / "images", args.calib_n, args.skip_fp16, args.rounds, args.iters, save,
+                   all_batch_sizes=bool(args.e2e)))
     if not args.skip_quality:
         result.update(quality(args.work, calib / "images", args.calib_n, args.dice_n, not args.skip_uncalibrated))
         out.write_text(json.dumps(result, indent=1))
