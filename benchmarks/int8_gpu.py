@@ -236,6 +236,7 @@ def end_to_end(work: Path, images: int, logs: Path | None = None) -> dict[str, A
             "e2e_redis_main_ms_per_image": phase.get("redis_main_thread_cpu_s_per_1000"),
             "e2e_cpu_busy_while_producing": phase.get("cpu_busy_while_producing"),
             "e2e_cpu_busy_after_producing": phase.get("cpu_busy_after_producing"),
+            "e2e_worker_main_thread_shares": phase.get("worker_main_thread_shares"),
             "e2e_engine_build_s": build_s, "e2e": run}
 
 

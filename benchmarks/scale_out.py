@@ -495,6 +495,7 @@ class Bench:
             **sampler.summary(t0, producers_done_at or t_end, t_end),
             "aof_delayed_fsync": int(after["aof_delayed_fsync"] - before["aof_delayed_fsync"]),
             "batch_medians": batch_medians(batches),
+            "worker_main_thread_shares": main_thread_shares(batches, t_end - t0, gpus),
             # the workers and their decode processes: reading, decoding, engine calls, writing masks
             "worker_cpu_ms_per_image": round(worker_cpu_s * 1000 / n, 3),
             "worker_cores_busy": round(worker_cpu_s / (t_poll - t0), 2),
@@ -527,6 +528,14 @@ def split_at(batches: list[dict[str, Any]], t0: float, t_split: float) -> dict[s
     return {"producers_done_s": round(t_split - t0, 3),
             "img_s_while_producing": round(during / max(1e-9, t_split - t0), 2),
             "img_s_after_producing": round(after / (t_end - t_split), 2) if t_end > t_split else None}
+
+
+def main_thread_shares(batches: list[dict[str, Any]], wall_s: float, workers: int) -> dict[str, float]:
+    """Share of the run's wall time each worker's main thread spent claiming, handing batches to its writer,
+    waiting for fetches and waiting for the engine (worker.batch.MainThreadWaits), averaged over workers."""
+    keys = ("claim_ms", "handover_ms", "fetch_wait_ms", "engine_wait_ms")
+    return {key.removesuffix("_ms"): round(sum(float(e.get(key, 0.0)) for e in batches) / 1000 / (wall_s * workers), 3)
+            for key in keys}
 
 
 def batch_medians(batches: list[dict[str, Any]]) -> dict[str, float]:
@@ -599,6 +608,9 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"{'worker CPU ms per image (with its decode processes)':<58}"
                      f"{first['worker_cpu_ms_per_image']:>10.3f}")
         lines.append(f"{'worker cores busy end to end':<58}{first['worker_cores_busy']:>10.2f}")
+        shares = first["worker_main_thread_shares"]
+        lines.append(f"{'worker main thread: claim / handover / fetch / engine waits':<58}"
+                     + "".join(f"{shares[key]:>8.3f}" for key in ("claim", "handover", "fetch_wait", "engine_wait")))
     return "\n".join(lines)
 
 

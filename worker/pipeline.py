@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import redis
@@ -32,7 +32,7 @@ import structlog
 
 from broker.store import QueueStore, now
 from engines.base import Engine, InFlight
-from worker.batch import BatchItem, FetchedBatch, claims_of
+from worker.batch import BatchItem, FetchedBatch, MainThreadWaits, claims_of
 from worker.batcher import Batcher
 from worker.claims import OpenClaims
 from worker.job_source import Claim, JobSource
@@ -56,11 +56,12 @@ class Fetch:
 @dataclass(frozen=True)
 class SubmittedBatch:
     """A batch on the engine: its masks come from `inflight` (None: no usable image); submitted_at in
-    time.perf_counter() seconds."""
+    time.perf_counter() seconds; the main thread's waits so far (engine_wait_ms comes at its finish)."""
 
     batch: FetchedBatch
     inflight: InFlight | None
     submitted_at: float
+    waits: MainThreadWaits
 
 
 class BatchPipeline:
@@ -102,6 +103,7 @@ class BatchPipeline:
         self._halt = threading.Event()
         self._leases = threading.Thread(target=self._renew_leases, name="job-leases", daemon=True)
         self._images_per_job = self.settings.max_batch  # until a job is seen: claim one at a time
+        self._claim_s = self._handover_s = 0.0  # the main thread's, since the last submit (MainThreadWaits)
         self.metrics.watch(in_flight=lambda: len(self.inflight),
                            claimed=lambda: sum(len(claim.image_ids) for claim in self.claims.snapshot()))
 
@@ -162,7 +164,9 @@ class BatchPipeline:
         window = self.fetch_window
         while len(self.fetching) < window:
             if not self.stop.requested and len(self.fetching) <= window // 2:
+                started = time.perf_counter()
                 self._claim_available()
+                self._claim_s += time.perf_counter() - started
             if not (self.batcher.ready() or (self.stop.requested and len(self.batcher))):
                 return
             items = self.batcher.take()
@@ -253,6 +257,7 @@ class BatchPipeline:
 
     def _submit(self, items: list[BatchItem], fetch: Future[Fetch]) -> None:
         """Wait for a batch's fetch (bounded by the Redis socket timeout) and hand its images to the engine."""
+        waiting_since = time.perf_counter()
         try:
             fetched = fetch.result()
         except redis.RedisError as exc:
@@ -262,18 +267,22 @@ class BatchPipeline:
             abandon(self.log, self.claims, items, str(exc))
             raise
         submitted_at, inflight = time.perf_counter(), None
+        waits = MainThreadWaits(claim_ms=self._claim_s * 1000, handover_ms=self._handover_s * 1000,
+                                fetch_wait_ms=(submitted_at - waiting_since) * 1000)
+        self._claim_s = self._handover_s = 0.0
         if fetched.pixels is not None:
             try:
                 inflight = self.engine.submit(fetched.pixels)
             except Exception as exc:  # the engine refused the batch: fail its jobs, rq retries them
                 self._fail_batch(fetched.batch, f"engine {self.engine.name} failed: {type(exc).__name__}: {exc}")
                 return
-        self.inflight.append(SubmittedBatch(fetched.batch, inflight, submitted_at))
+        self.inflight.append(SubmittedBatch(fetched.batch, inflight, submitted_at, waits))
         self.metrics.engine_busy(True)
 
     def _finish(self, submitted: SubmittedBatch) -> None:
         """Wait for a batch's masks and hand them to the writer thread."""
         masks = None
+        waiting_since = time.perf_counter()
         try:
             if submitted.inflight is not None:
                 masks = submitted.inflight.result()
@@ -286,7 +295,9 @@ class BatchPipeline:
         finished_at = time.perf_counter()
         self.metrics.observe_engine(submitted.submitted_at, finished_at)
         compute_ms = (finished_at - submitted.submitted_at) * 1000
-        self.writer.put(ComputedBatch(submitted.batch, masks, compute_ms))
+        waits = replace(submitted.waits, engine_wait_ms=(finished_at - waiting_since) * 1000)
+        self.writer.put(ComputedBatch(submitted.batch, masks, compute_ms, waits))
+        self._handover_s += time.perf_counter() - finished_at
 
     def _fail_batch(self, batch: FetchedBatch, reason: str) -> None:
         """A batch failed as a whole: fail every open job that had an image in it (rq retries)."""

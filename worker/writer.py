@@ -22,7 +22,7 @@ import structlog
 
 from broker.store import QueueStore
 from common.tiles import parent_of
-from worker.batch import BatchItem, FetchedBatch, claims_of
+from worker.batch import BatchItem, FetchedBatch, MainThreadWaits, claims_of
 from worker.claims import OpenClaims
 from worker.job_source import Claim, ImageOutcome, JobSource, ResultWrites
 from worker.mask_files import MaskFile, write_mask_files
@@ -43,6 +43,7 @@ class ComputedBatch:
     fetched: FetchedBatch
     masks: np.ndarray | None
     compute_ms: float
+    waits: MainThreadWaits = MainThreadWaits()
 
 
 class ResultWriter:
@@ -138,7 +139,7 @@ class ResultWriter:
             jobs_failed = sum(1 for claim in claims if not claim.any_ok)
             submitted = batch.fetched
             total_ms = (self.clock() - submitted.taken_at) * 1000  # taken from the batcher until written
-            self._log_batch(submitted, batch.compute_ms, own_ms + shared_ms, total_ms, len(claims))
+            self._log_batch(submitted, batch.compute_ms, own_ms + shared_ms, total_ms, len(claims), batch.waits)
             self.metrics.observe_batch(len(submitted.items), len(submitted.rejected), len(claims) - jobs_failed,
                                        jobs_failed, [wait / 1000 for wait in submitted.image_wait_ms],
                                        batch.compute_ms / 1000, total_ms / 1000, fetch_s=submitted.fetch_ms / 1000)
@@ -190,7 +191,7 @@ class ResultWriter:
             results(None)
 
     def _log_batch(self, submitted: FetchedBatch, compute_ms: float, write_ms: float, total_ms: float,
-                   jobs_completed: int) -> None:
+                   jobs_completed: int, waits: MainThreadWaits) -> None:
         self.batches_done += 1
         job_ids = sorted({claim.job_id for claim in claims_of(submitted.all_items)})
         tile_of = [parent_of(item.image_id) for item in submitted.items]  # per image_wait_ms entry
@@ -211,4 +212,8 @@ class ResultWriter:
             write_ms=round(write_ms, 3),
             total_ms=round(total_ms, 3),
             img_per_s=round(submitted.size / max(total_ms / 1000, 1e-9), 2),
+            claim_ms=round(waits.claim_ms, 3),
+            handover_ms=round(waits.handover_ms, 3),
+            fetch_wait_ms=round(waits.fetch_wait_ms, 3),
+            engine_wait_ms=round(waits.engine_wait_ms, 3),
         )

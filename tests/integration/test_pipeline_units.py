@@ -167,6 +167,21 @@ def test_jobs_are_claimed_for_the_whole_prefetch_window_at_once(tmp_path, client
     assert [size for size in source.claim_sizes if size] == [4] * 5
 
 
+def test_each_batch_line_says_where_the_main_thread_waited(tmp_path, client, redis_url, queue_name, engine):
+    ids = store_images(client, queue_name, 8)
+    # claiming the job takes at least 0.2 s: the main thread's claim time goes on the batch it submits next
+    source = FakeJobSource([ids], on_claim=lambda claims: time.sleep(0.2))
+
+    assert make_pipeline(tmp_path, redis_url, queue_name, engine, source).run() == 8
+
+    [line] = [r for r in map(json.loads, (tmp_path / "worker.log").read_text().splitlines()) if r["event"] == "batch"]
+    assert line["claim_ms"] >= 200
+    waits = [line[key] for key in ("claim_ms", "handover_ms", "fetch_wait_ms", "engine_wait_ms")]
+    assert all(wait >= 0 for wait in waits)
+    assert line["engine_wait_ms"] <= line["compute_ms"]  # asked for after the submit, got by the finish
+    assert line["fetch_wait_ms"] + line["engine_wait_ms"] <= line["total_ms"]
+
+
 class CompletesAfterAHeartbeat(FakeJobSource):
     """Completions wait (up to 10 s) until a heartbeat has seen an open job: on a busy machine the whole run
     can otherwise end between two heartbeats, and the test would depend on scheduling."""

@@ -63,7 +63,8 @@ def test_jobs_are_batched_across_job_boundaries(tmp_path, client, redis_url, que
     assert batches[0]["jobs"] == 3  # 3 + 3 + the first 2 images of the third job
     assert batches[1]["jobs"] == 3  # the third job's last image + 3 + 3
     assert set(batches[0]["job_ids"]) & set(batches[1]["job_ids"])  # one job spans both batches
-    for key in ("queue_wait_ms", "fetch_ms", "compute_ms", "write_ms", "total_ms", "img_per_s", "worker", "engine"):
+    for key in ("queue_wait_ms", "fetch_ms", "compute_ms", "write_ms", "total_ms", "img_per_s", "worker", "engine",
+                "claim_ms", "handover_ms", "fetch_wait_ms", "engine_wait_ms"):
         assert key in batches[0]
     queue = segmentation_queue(client, queue_name)
     assert queue.finished_job_registry.count == 5
