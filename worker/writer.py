@@ -139,7 +139,7 @@ class ResultWriter:
             jobs_failed = sum(1 for claim in claims if not claim.any_ok)
             submitted = batch.fetched
             total_ms = (self.clock() - submitted.taken_at) * 1000  # taken from the batcher until written
-            self._log_batch(submitted, batch.compute_ms, own_ms + shared_ms, total_ms, len(claims), batch.waits)
+            self._log_batch(batch, own_ms + shared_ms, total_ms, len(claims))
             self.metrics.observe_batch(len(submitted.items), len(submitted.rejected), len(claims) - jobs_failed,
                                        jobs_failed, [wait / 1000 for wait in submitted.image_wait_ms],
                                        batch.compute_ms / 1000, total_ms / 1000, fetch_s=submitted.fetch_ms / 1000)
@@ -190,8 +190,8 @@ class ResultWriter:
         else:
             results(None)
 
-    def _log_batch(self, submitted: FetchedBatch, compute_ms: float, write_ms: float, total_ms: float,
-                   jobs_completed: int, waits: MainThreadWaits) -> None:
+    def _log_batch(self, batch: ComputedBatch, write_ms: float, total_ms: float, jobs_completed: int) -> None:
+        submitted, waits = batch.fetched, batch.waits
         self.batches_done += 1
         job_ids = sorted({claim.job_id for claim in claims_of(submitted.all_items)})
         tile_of = [parent_of(item.image_id) for item in submitted.items]  # per image_wait_ms entry
@@ -208,7 +208,7 @@ class ResultWriter:
             queue_wait_ms=max(submitted.image_wait_ms, default=0.0),
             image_wait_ms=submitted.image_wait_ms,
             fetch_ms=round(submitted.fetch_ms, 3),
-            compute_ms=round(compute_ms, 3),
+            compute_ms=round(batch.compute_ms, 3),
             write_ms=round(write_ms, 3),
             total_ms=round(total_ms, 3),
             img_per_s=round(submitted.size / max(total_ms / 1000, 1e-9), 2),
