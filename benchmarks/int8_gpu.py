@@ -13,7 +13,9 @@ two batches in flight), alternated --rounds times, medians reported.
 Files to masks (--e2e IMAGES): benchmarks/scale_out.py with the INT8 engine as users build it
 (`engines build ... --target cuda`: plans for every batch size), real commands, Redis AOF on, jobs of
 8, the Triton kernels compiled afresh by the worker; its worker start-to-ready time, img/s against the
-engine alone in that run, the worker's CPU per image and Redis's main-thread share.
+engine alone in that run, the worker's CPU per image and Redis's main-thread share. --e2e-args adds
+scale_out.py options (e.g. "--stream 2000 --engine-slots 3"). The Python modules are compiled to
+bytecode first, as `pip install` leaves them (the GPU machine's packages come without it).
 
 Quality (the trained width-16 demo checkpoint, 512x512, held-out synthetic images, the study's
 criterion): Dice of FP32 torch, FP16 torch, INT8 cuDNN (MinMax calibration on real-looking images)
@@ -31,6 +33,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import socket
 import statistics
 import subprocess
@@ -214,15 +217,33 @@ def quality(work: Path, calib: Path, calib_n: int, n: int, uncalibrated: bool = 
     return scores
 
 
-def end_to_end(work: Path, images: int, logs: Path | None = None) -> dict[str, Any]:
+def bytecode_env() -> dict[str, str]:
+    """This environment with every imported package compiled to bytecode (into PYTHONPYCACHEPREFIX), as a
+    `pip install` leaves them: without it each command of the run recompiles what it imports at start-up."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    env.setdefault("PYTHONPYCACHEPREFIX", "/tmp/pycache")
+    import numpy
+    import torch
+
+    roots = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    roots += [str(Path(torch.__file__).parent), str(Path(numpy.__file__).parent)]
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", *roots], env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    log(f"compiled bytecode in {time.perf_counter() - started:.0f} s")
+    return env
+
+
+def end_to_end(work: Path, images: int, logs: Path | None = None, extra: list[str] | None = None) -> dict[str, Any]:
     """Files to masks with the width-64 INT8 engine (every batch size, as users build it) through
-    benchmarks/scale_out.py; its headline figures, and its own JSON under "e2e" (its logs copied to `logs`)."""
+    benchmarks/scale_out.py (with the options `extra`); its headline figures, and its own JSON under "e2e"
+    (its logs copied to `logs`)."""
     engine = work / "w64_int8.cudnn"
     build_s = timed_build(work / "w64_int8.onnx", engine, target="cuda")
     report = work / "scale_out_int8.json"
-    env = {**os.environ, "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton_e2e_")}  # the worker compiles afresh
+    env = {**bytecode_env(), "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton_e2e_")}  # the worker compiles afresh
     argv = [sys.executable, str(ROOT / "benchmarks" / "scale_out.py"), "--engine", str(engine), "--images",
-            str(images), "--gpus", "1", "--redis-io-threads", "4", "--out-json", str(report)]
+            str(images), "--gpus", "1", "--redis-io-threads", "4", "--out-json", str(report), *(extra or [])]
     if logs:
         argv += ["--save-logs", str(logs)]
     log(" ".join(argv))
@@ -262,6 +283,8 @@ def main() -> None:
     parser.add_argument("--e2e", type=int, default=0, metavar="IMAGES",
                         help="also files to masks through the real commands with this many images (0: skip)")
     parser.add_argument("--e2e-logs", type=Path, default=None, help="copy the files-to-masks run's logs here")
+    parser.add_argument("--e2e-args", default="", help=(
+        "more benchmarks/scale_out.py options for --e2e, one string, e.g. \"--stream 2000 --engine-slots 3\""))
     parser.add_argument("--out-json", type=Path, default=None)
     parser.add_argument("--update", action="store_true", help=(
         "add this run's phases to the existing --out-json (e.g. --skip-speed --skip-quality --e2e N after a run "
@@ -313,7 +336,7 @@ def main() -> None:
     if args.e2e:
         if not (args.work / "w64_int8.onnx").exists():
             parser.error("--e2e needs the width-64 INT8 ONNX that the speed phase builds in --work")
-        result.update(end_to_end(args.work, args.e2e, args.e2e_logs))
+        result.update(end_to_end(args.work, args.e2e, args.e2e_logs, shlex.split(args.e2e_args)))
         out.write_text(json.dumps(result, indent=1))
     log(f"\nwrote {out}")
     for key in ("gpu", "fp32_torch_img_s", "fp16_torch_img_s", "fp16_compiled_img_s", "int8_img_s", "int8_over_fp16",

@@ -394,6 +394,8 @@ class Bench:
             log = self.tmp / "logs" / f"worker_g{gpus}_{i}.log"
             argv = [self.py, *WORKER, "run", "--engine", str(self.args.engine), "--device", device,
                     "--max-batch", str(self.args.max_batch), "--log-file", str(log), *self.common(queue)]
+            if self.args.engine_slots:
+                argv += ["--engine-slots", str(self.args.engine_slots)]
             spawned.append(time.time())
             procs.append(self.children.start(argv, log.with_suffix(".out")))
             logs.append(log)
@@ -587,6 +589,7 @@ def table(result: dict[str, Any]) -> str:
              f"{result['images']} images {result['size']}px, jobs of {result['job_size']}, "
              f"AOF {'on' if result['aof'] else 'off'}, "
              f"Redis io-threads {result['redis_io_threads']}"
+             + (f", {result['engine_slots']} batches in flight" if result.get("engine_slots") else "")
              + (f", masks streamed to disk (--max-pending {result['stream_max_pending']})"
                 if result.get("stream_max_pending") else ""),
              f"{'':<58}{'img/s':>10}"]
@@ -644,6 +647,9 @@ def main() -> int:
                              "the workers read and decode the files and write the masks (no producer-alone phase)")
     parser.add_argument("--job-size", type=int, default=8)
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--engine-slots", type=int, default=None,
+                        help="batches in flight on a CUDA engine, for `engines bench --slots` and `worker run "
+                             "--engine-slots` alike (default: the engine's, 2)")
     parser.add_argument("--aof", action=argparse.BooleanOptionalAction, default=True, help="Redis AOF (everysec)")
     parser.add_argument("--redis-server", default=None,
                         help="redis-server binary to measure (default: the one on PATH, else the bundled one)")
@@ -690,6 +696,8 @@ def main() -> int:
                       "--device", device, "--json", str(bench_json)]
         if args.bench_samples:
             bench_argv += ["--samples", str(args.bench_samples)]
+        if args.engine_slots:
+            bench_argv += ["--slots", str(args.engine_slots)]
         run(bench_argv, args.phase_timeout, "engines bench")
         engine_bench = json.loads(bench_json.read_text())
         engine_img_s = float(engine_bench["rows"][0]["fps"])
@@ -745,6 +753,7 @@ def main() -> int:
         "stream_max_pending": args.stream,  # None: masks end in Redis; else files to masks on disk, streamed
         "by_reference": args.by_reference,  # True: only paths in Redis, the workers read files and write masks
         "engine": str(args.engine),
+        "engine_slots": args.engine_slots,  # None: the engine's default (2), in the bench and the workers alike
         "engine_img_s": round(engine_img_s, 2),
         "e2e_img_s": one["e2e_img_s"],
         "e2e_img_s_2gpu": two["e2e_img_s"] if two else None,

@@ -16,6 +16,8 @@ from typing import Protocol
 
 import numpy as np
 
+DEFAULT_SLOTS = 2  # batches in flight on an engine unless told otherwise: one computing, one queued
+
 
 class EngineError(Exception):
     """An engine file cannot be loaded or run; the message says which file and what to do."""
@@ -111,7 +113,7 @@ class EngineBase:
 
     spec: EngineSpec
     name: str
-    slots: int = 2
+    slots: int = DEFAULT_SLOTS
     _closed: bool = False
 
     def _start(self, images: np.ndarray) -> InFlight:

@@ -171,10 +171,10 @@ class CompiledTorchEngine(SlotEngine):
     and warms every compiled batch size (seconds, not the build's minute). Batches smaller than a
     compiled size run padded to the smallest one that holds them. load_timings: seconds spent
     reading the file ("read_s"), loading the cache ("cache_load_s") and compiling + warming
-    ("compile_warm_s"). slots = 2 (engines.cuda_slots), as the eager CUDA engine.
+    ("compile_warm_s"). slots: batches in flight (engines.cuda_slots; 2 by default), one CUDA graph each.
     """
 
-    def __init__(self, path: Path | str, device: str = "cuda", cuda_graphs: bool = True) -> None:
+    def __init__(self, path: Path | str, device: str = "cuda", cuda_graphs: bool = True, slots: int = 2) -> None:
         self.path = Path(path)
         if not device.startswith("cuda"):
             raise EngineError(
@@ -196,7 +196,9 @@ class CompiledTorchEngine(SlotEngine):
         module = prepare_module(compiled_file.checkpoint, self.device)
         self._compiled = compile_module(module, self.batch_sizes, self.spec, self.device)
         self.load_timings = {"read_s": t1 - t0, "cache_load_s": t2 - t1, "compile_warm_s": time.perf_counter() - t2}
-        self._slots = CudaSlots(self.device, self.spec.max_batch, self.spec.height, self.spec.width, self.name)
+        self._slots = CudaSlots(self.device, self.spec.max_batch, self.spec.height, self.spec.width, self.name,
+                                count=slots)
+        self.slots = slots
         with torch.cuda.device(self.device):  # per slot, one padded input per compiled size
             shape = (self.spec.height, self.spec.width)
             self._pads = [

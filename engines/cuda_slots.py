@@ -53,6 +53,8 @@ class CudaSlots:
     def __init__(
         self, device: torch.device, max_batch: int, height: int, width: int, label: str, count: int = 2
     ) -> None:
+        if count < 1:
+            raise EngineError(f"{label}: at least one batch must be allowed in flight, got {count} slots")
         self.device = device
         self.label = label
         shape = (max_batch, height, width)

@@ -14,7 +14,7 @@ measured on the GPU that built it (toolchain/cudnn_build.py). This module runs i
     (those steps are engines.int8_glue: Triton kernels on CUDA, or torch ops with SEGQ_INT8_GLUE=torch)
     head: INT8 1x1 graph (output channels padded to 16), argmax -> uint8 masks
 
-Every activation lives in a buffer owned by its slot (engines.cuda_slots: two slots in flight, each
+Every activation lives in a buffer owned by its slot (engines.cuda_slots: two slots in flight by default, each
 with its stream, cuDNN handle and workspace). The whole forward pass of each batch size is captured
 once per slot as a CUDA graph and replayed per batch; smaller batches run padded to the smallest
 captured size that holds them. Plans are rebuilt at load from the recorded (engine id, knobs), so
@@ -450,10 +450,11 @@ class CudnnInt8Engine(SlotEngine):
     every recorded cuDNN plan and captures one CUDA graph per slot and batch size. load_timings:
     seconds spent reading the file ("read_s"), building plans ("plans_s") and capturing ("capture_s").
     glue: the steps between the graphs ("auto", "torch" or "triton"; engines.int8_glue.select_glue);
-    glue_name says which runs.
+    glue_name says which runs. slots: batches in flight (engines.cuda_slots; 2 by default), each with its own
+    buffers and CUDA graphs.
     """
 
-    def __init__(self, path: Path | str, device: str = "cuda", glue: str = "auto") -> None:
+    def __init__(self, path: Path | str, device: str = "cuda", glue: str = "auto", slots: int = 2) -> None:
         self.path = Path(path)
         if not device.startswith("cuda"):
             raise EngineError(f"{self.path}: a cuDNN INT8 engine runs on CUDA only, not on {device!r}; on CPU run "
@@ -472,7 +473,9 @@ class CudnnInt8Engine(SlotEngine):
         with torch.cuda.device(self.device):
             self._runner = PlanRunner(plan, self.device, cudnn, glue)
             self.glue_name = self._runner.glue.name
-            self._slots = CudaSlots(self.device, self.spec.max_batch, self.spec.height, self.spec.width, self.name)
+            self._slots = CudaSlots(self.device, self.spec.max_batch, self.spec.height, self.spec.width, self.name,
+                                    count=slots)
+            self.slots = slots
             self._cudnn = cudnn
             self._handle = make_handle(cudnn, torch.cuda.current_stream(self.device))
             self._bufs = [self._runner.allocate(self.spec.max_batch) for _ in self._slots]

@@ -25,7 +25,7 @@ import re
 import warnings
 from pathlib import Path
 
-from engines.base import Engine, EngineError, EngineSpec, metadata_path
+from engines.base import DEFAULT_SLOTS, Engine, EngineError, EngineSpec, metadata_path
 from engines.versions import check_compatible
 
 ONNX_SUFFIXES = (".onnx",)
@@ -74,7 +74,8 @@ def _check_precision(path: Path, engine: Engine, precision: str | None) -> Engin
     return engine
 
 
-def load_engine(path: Path | str, device: str = "cpu", precision: str | None = None) -> Engine:
+def load_engine(path: Path | str, device: str = "cpu", precision: str | None = None,
+                slots: int | None = None) -> Engine:
     """Load an engine file and return it ready to `submit`.
 
     .onnx -> OnnxEngine (precision must be None or match its metadata).
@@ -94,6 +95,10 @@ def load_engine(path: Path | str, device: str = "cpu", precision: str | None = N
     if not path.is_file():
         kind = "TensorRT plan" if suffix in TENSORRT_SUFFIXES else "engine"
         raise EngineError(f"{path}: {kind} file not found")
+    if slots is not None and not (device.startswith("cuda") and suffix not in ONNX_SUFFIXES):
+        raise EngineError(f"{path}: the number of batches in flight can be set for CUDA engines only (eager and "
+                          f"compiled torch, TensorRT, cuDNN INT8), not for this one on {device}")
+    in_flight = DEFAULT_SLOTS if slots is None else slots
     if suffix in ONNX_SUFFIXES:
         from engines.onnx_engine import OnnxEngine
 
@@ -102,26 +107,27 @@ def load_engine(path: Path | str, device: str = "cpu", precision: str | None = N
         from engines.tensorrt_engine import TensorRTEngine, import_tensorrt
 
         import_tensorrt()  # the clear "TensorRT is not installed here" error comes first
-        return _check_precision(path, TensorRTEngine(path, device=_gpu_device(path, device)), precision)
+        engine = TensorRTEngine(path, device=_gpu_device(path, device), slots=in_flight)
+        return _check_precision(path, engine, precision)
     if suffix in CUDNN_SUFFIXES:
         from engines.cudnn_int8 import CudnnInt8Engine
 
         if precision not in (None, "int8"):
             raise EngineError(f"{path}: a cuDNN engine is int8, {precision} was requested")
-        return CudnnInt8Engine(path, device=device)
+        return CudnnInt8Engine(path, device=device, slots=in_flight)
     if suffix in COMPILED_SUFFIXES:
         from engines.compiled_engine import CompiledTorchEngine
 
         if precision not in (None, "fp16"):
             raise EngineError(f"{path}: a compiled engine is fp16, {precision} was requested")
-        return CompiledTorchEngine(path, device=device)
+        return CompiledTorchEngine(path, device=device, slots=in_flight)
     from engines.torch2trt_file import is_torch2trt_file
 
     if is_torch2trt_file(path):
-        return _check_precision(path, _load_torch2trt(path, _gpu_device(path, device)), precision)
+        return _check_precision(path, _load_torch2trt(path, _gpu_device(path, device), slots=in_flight), precision)
     from engines.torch_engine import TorchEngine
 
-    return TorchEngine(path, device=device, precision=precision or "fp32")
+    return TorchEngine(path, device=device, precision=precision or "fp32", slots=in_flight)
 
 
 def _gpu_device(path: Path, device: str) -> str:
@@ -139,7 +145,7 @@ def _torch2trt_spec(path: Path) -> tuple[EngineSpec, bool]:
     return spec, False
 
 
-def _load_torch2trt(path: Path, device: str) -> Engine:
+def _load_torch2trt(path: Path, device: str, slots: int = 2) -> Engine:
     from engines.tensorrt_engine import TensorRTEngine, import_tensorrt
     from engines.torch2trt_file import parse_torch2trt
 
@@ -162,6 +168,7 @@ def _load_torch2trt(path: Path, device: str) -> Engine:
         spec=spec,
         input_names=parsed.input_names,
         output_names=parsed.output_names,
+        slots=slots,
         rebuild=(
             "torch2trt engines only run on the TensorRT version and GPU that built them: rebuild with torch2trt "
             "there, or export the checkpoint to ONNX and `engines build` a plan on this machine."

@@ -129,7 +129,7 @@ class TensorRTEngine(SlotEngine):
     names; the version/GPU check is then skipped (nothing records them) and TensorRT's own
     deserialization check applies; rebuild says what to do if it fails; infer_shapes=True takes
     the spec's input name, size, classes and batch range from the engine itself (no metadata
-    file). slots = 2, each with its own execution context.
+    file). slots: batches in flight (2 by default), each with its own execution context.
     """
 
     def __init__(
@@ -143,8 +143,10 @@ class TensorRTEngine(SlotEngine):
         output_names: Sequence[str] | None = None,
         rebuild: str | None = None,
         infer_shapes: bool = False,
+        slots: int = 2,
     ) -> None:
         self.path = Path(path)
+        self.slots = slots
         trt = import_tensorrt()
         self._trt = trt
         self.device = cuda_device(device, str(self.path))

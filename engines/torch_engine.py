@@ -43,10 +43,12 @@ class TorchEngine(EngineBase):
     """Eager U-Net engine. `submit(uint8 (N, H, W))` -> InFlight; `result()` -> uint8 (N, H, W).
 
     checkpoint_path: a .pt/.pth written by engines.checkpoint. device: "cpu" or "cuda[:i]".
-    precision: "fp32", or on CUDA "fp16" (half weights) or "amp" (autocast FP16). slots = 2.
+    precision: "fp32", or on CUDA "fp16" (half weights) or "amp" (autocast FP16). slots: batches in flight
+    on CUDA (2 by default; the CPU path keeps 2).
     """
 
-    def __init__(self, checkpoint_path: Path | str, device: str = "cpu", precision: str = "fp32") -> None:
+    def __init__(self, checkpoint_path: Path | str, device: str = "cpu", precision: str = "fp32",
+                 slots: int = 2) -> None:
         self.path = Path(checkpoint_path)
         if precision not in PRECISIONS:
             raise EngineError(f"{self.path}: precision must be one of {PRECISIONS}, got {precision!r}")
@@ -81,7 +83,9 @@ class TorchEngine(EngineBase):
             model = model.to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
             self._model = model.half() if precision == "fp16" else model
             self._dtype = torch.float16 if precision == "fp16" else torch.float32
-            self._slots = CudaSlots(self.device, self.spec.max_batch, self.spec.height, self.spec.width, self.name)
+            self._slots = CudaSlots(self.device, self.spec.max_batch, self.spec.height, self.spec.width, self.name,
+                                    count=slots)
+            self.slots = slots
             torch.cuda.synchronize(self.device)  # once, at load: weights are on the device
 
     # -- CPU -------------------------------------------------------------------------------------

@@ -274,6 +274,9 @@ def bench(
     precision: Annotated[
         str | None, typer.Option(help="Torch checkpoints: fp32 or fp16 (CUDA); default: the file's own.")
     ] = None,
+    slots: Annotated[int | None, typer.Option(min=1, show_default=False, help=(
+        "Batches in flight on a CUDA engine (default 2), as `worker run --engine-slots`."
+    ))] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the results as JSON (date, machine, versions, command).")
     ] = None,
@@ -293,7 +296,7 @@ def bench(
     loaded = []
     try:
         for file in files:
-            loaded.append((file, load_engine(file, device=device, precision=precision)))
+            loaded.append((file, load_engine(file, device=device, precision=precision, slots=slots)))
         for file, engine in loaded:
             too_big = [b for b in batches if b > engine.spec.max_batch]
             if too_big:

@@ -95,6 +95,11 @@ def run(
     liveness_timeout: Annotated[float, typer.Option(min=1, help=(
         "/livez fails once the worker loop has not passed for this many seconds."
     ))] = 60.0,
+    engine_slots: Annotated[int | None, typer.Option(min=1, show_default=False, help=(
+        "Batches in flight on a CUDA engine, each with its own buffers and CUDA graphs (default 2). More keep the GPU "
+        "busy through the worker's own pauses (claiming jobs, handing masks to the writer) at the cost of GPU memory "
+        "and a longer load; CPU and ONNX Runtime engines refuse it."
+    ))] = None,
     decode_processes: Annotated[int | None, typer.Option(min=0, show_default=False, help=(
         "Processes that read and decode images from Redis (a GPU needs several busy ones, more than threads can "
         "share under the GIL; docs/performance.md gives the CPU per image); 0 decodes on the worker's fetch "
@@ -128,6 +133,7 @@ def run(
         engine_sha256=engine_sha256,
         device=plan.engine_device,
         precision=precision,
+        engine_slots=engine_slots,
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
         burst=burst,
@@ -280,7 +286,8 @@ def _serve(settings: WorkerSettings, plan: DevicePlan | None, log, started: floa
            client: redis.Redis, loader: ImageLoader) -> int:
     engine_started = time.perf_counter()
     try:
-        loaded = load_engine(settings.engine_path, device=settings.device, precision=settings.precision)
+        loaded = load_engine(settings.engine_path, device=settings.device, precision=settings.precision,
+                             slots=settings.engine_slots)
     except (SegqueueError, EngineError) as exc:
         _fail(_with_device(str(exc), plan))
     load_s = time.perf_counter() - started
@@ -301,9 +308,9 @@ def _serve(settings: WorkerSettings, plan: DevicePlan | None, log, started: floa
                else {"gpu": plan.physical, "requested_device": plan.requested})
         engine_timings = {k: round(v, 3) for k, v in getattr(loaded, "load_timings", {}).items()}
         log.info("worker_started", queue=settings.broker.queue, broker=settings.broker.describe(),
-                 max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, device=settings.device,
-                 burst=settings.burst, pid=os.getpid(), load_s=round(load_s, 3), engine_s=round(engine_s, 3),
-                 engine_load=engine_timings, **gpu)
+                 max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, engine_slots=loaded.slots,
+                 device=settings.device, burst=settings.burst, pid=os.getpid(), load_s=round(load_s, 3),
+                 engine_s=round(engine_s, 3), engine_load=engine_timings, **gpu)
         graphs_error = getattr(loaded, "cuda_graphs_error", None)  # compiled engines only
         if graphs_error:
             log.warning("cuda_graphs_off", reason=graphs_error,

@@ -36,6 +36,7 @@ class WorkerSettings:
     engine_sha256: str | None = None  # if set, the engine file must have this SHA-256 (hex) or the worker refuses it
     device: str = "cpu"
     precision: str | None = None
+    engine_slots: int | None = None  # batches in flight on a CUDA engine; None: the engine's default (engines.base)
     max_batch: int = 8
     max_wait_ms: float = 20.0
     # Batches fetched ahead of the engine besides those in flight on it (at least: worker/pipeline.py

@@ -52,3 +52,14 @@ def test_worker_device_past_the_visible_list_is_refused(redis_url):
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "CUDA_VISIBLE_DEVICES=1 lists 1 GPU(s), so there is no cuda:1" in out.stderr
+
+
+def test_worker_engine_slots_on_a_cpu_engine_is_refused(redis_url):
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "run", "--engine", str(DEMO_ONNX), "--device", "cpu",
+         "--engine-slots", "3", "--redis-url", redis_url, "--burst"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("error: ")
+    assert f"{DEMO_ONNX}: the number of batches in flight can be set for CUDA engines only" in out.stderr

@@ -234,3 +234,21 @@ def test_pth_checkpoint_still_loads_as_torch(tiny_ckpt: Path, tmp_path: Path) ->
     assert read_spec(pth).height == 64
     assert json.loads(EngineSpec().to_json())["precision"] == "fp32"
     assert asdict(read_spec(pth))["max_batch"] == 4
+
+
+def test_batches_in_flight_are_set_for_cuda_engines_only(tiny_ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match=r"tiny\.pt: the number of batches in flight can be set for CUDA engines"):
+        load_engine(tiny_ckpt, slots=3)
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"not read: refused before loading")
+    with pytest.raises(EngineError, match=r"model\.onnx: .*CUDA engines only"):
+        load_engine(onnx, device="cuda", slots=3)
+    with load_engine(tiny_ckpt) as engine:  # left unset, every engine keeps its own
+        assert engine.slots == 2
+
+
+def test_cuda_slots_need_at_least_one() -> None:
+    from engines.cuda_slots import CudaSlots
+
+    with pytest.raises(EngineError, match="at least one batch must be allowed in flight, got 0"):
+        CudaSlots(torch.device("cpu"), 8, 64, 64, "unet.cudnn", count=0)
