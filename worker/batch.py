@@ -44,10 +44,10 @@ class FetchedBatch:
 class MainThreadWaits:
     """Where the worker's main thread spent its time around one batch, ms (logged on the batch's line).
 
-    claim_ms: claiming jobs, and handover_ms: waiting for the writer thread to take computed batches, both
-    since the previous batch went to the engine; fetch_wait_ms: waiting for this batch's images to be read
-    and decoded; engine_wait_ms: waiting for its masks once the main thread asked for them. Much time in
-    engine_wait_ms means the engine set the pace; in the others, the stage named.
+    claim_ms: claiming jobs or waiting for the claim thread's claim, and handover_ms: waiting for the writer
+    thread to take computed batches, both since the previous batch went to the engine; fetch_wait_ms: waiting
+    for this batch's images to be read and decoded; engine_wait_ms: waiting for its masks once the main thread
+    asked for them. Much time in engine_wait_ms means the engine set the pace; in the others, the stage named.
     """
 
     claim_ms: float = 0.0

@@ -4,7 +4,8 @@ Up to `engine.slots` batches are in flight on the engine, and up to `fetch_windo
 being fetched and decoded, each on a fetch thread of its own (`prefetch_batches`, or twice the decode
 processes if more: jobs are claimed when half the window is free, and the other half keeps every
 decode process busy meanwhile): while the engine computes batch k, batches
-k+1 and k+2 are read from Redis and decompressed, the main thread claims the jobs after them, and
+k+1 and k+2 are read from Redis and decompressed, a claim thread claims the jobs after them (the main
+thread only waits for a claim when it has nothing else to do), and
 the writer thread (worker/writer.py) writes batch k-1's masks and completes its jobs, so Redis I/O
 and payload decoding overlap compute (done on the main thread, they set the pace instead of the GPU:
 docs/worker-measurements.md). Each fetch thread hands its batch to an image loader (worker/loader.py):
@@ -43,6 +44,7 @@ from worker.signals import StopFlag
 from worker.writer import ComputedBatch, ResultWriter, abandon
 
 MAX_REDIS_BACKOFF_S = 10.0
+DRY_QUEUE_RETRY_S = 0.01  # a claim ahead that found no job holds the next one back this long
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,8 @@ class SubmittedBatch:
 class BatchPipeline:
     """Runs one worker until its queue is drained (`burst`) or it is asked to stop.
 
-    The main thread claims, batches, fetches and submits; a ResultWriter thread writes masks and
-    completes jobs. Both reach the queue only through `source`; `stop` is set by a stop request.
+    The main thread batches, fetches and submits; a claim thread claims jobs ahead, a ResultWriter thread
+    writes masks and completes jobs. Both reach the queue only through `source`; `stop` is set by a stop request.
     """
 
     def __init__(
@@ -97,6 +99,9 @@ class BatchPipeline:
         self.fetching: deque[tuple[list[BatchItem], Future[Fetch]]] = deque()
         self.fetch_window = max(settings.prefetch_batches, 2 * self.loader.processes)
         self.fetcher = ThreadPoolExecutor(self.fetch_window, thread_name_prefix="fetch")
+        self.claimer = ThreadPoolExecutor(1, thread_name_prefix="claim")
+        self._claiming: Future[list[Claim]] | None = None  # the claim running on the claim thread, if any
+        self._dry_until = 0.0  # clock() before which no claim ahead starts: the last one found the queue empty
         self.claims = OpenClaims()
         self.writer = ResultWriter(self.store, source, self.claims, log, clock, metrics=self.metrics,
                                    write_masks=self.loader.write_masks)
@@ -129,6 +134,7 @@ class BatchPipeline:
                     time.sleep(backoff_s)
                     backoff_s = min(backoff_s * 2, MAX_REDIS_BACKOFF_S)
         finally:
+            self.claimer.shutdown(wait=True, cancel_futures=True)
             self.fetcher.shutdown(wait=True, cancel_futures=True)
             self.writer.close()
             self._halt.set()
@@ -150,27 +156,29 @@ class BatchPipeline:
         if self.inflight:
             self._finish(self.inflight.popleft())
             return True
+        if self._claiming is not None:  # nothing else to do: wait for the claim under way
+            self._take_claims(wait=True)
+            return True
         if self.stop.requested:
             return False
         return self._wait_for_work()
 
     def _start_fetches(self) -> None:
-        """Claim jobs and start fetching full batches (any batch, on a stop) until fetch_window are fetching.
+        """Take claimed jobs, start fetching full batches (any batch, on a stop) until fetch_window are
+        fetching, and claim more.
 
         Jobs are claimed when no more than half of fetch_window are fetching, then for every free
-        fetch slot at once (`_claim_available`): one claim (three round trips however many jobs) per
-        half-window of batches instead of one per batch, the most claimed ahead being the same.
+        fetch slot at once (`_claim_ahead`): one claim (three round trips however many jobs) per
+        half-window of batches instead of one per batch, the most claimed ahead being the same. The
+        claim runs on the claim thread; its jobs join the batcher at a later pass, which fetches them.
         """
-        window = self.fetch_window
-        while len(self.fetching) < window:
-            if not self.stop.requested and len(self.fetching) <= window // 2:
-                started = time.perf_counter()
-                self._claim_available()
-                self._claim_s += time.perf_counter() - started
-            if not (self.batcher.ready() or (self.stop.requested and len(self.batcher))):
-                return
+        self._take_claims(wait=False)
+        while len(self.fetching) < self.fetch_window and (
+                self.batcher.ready() or (self.stop.requested and len(self.batcher))):
             items = self.batcher.take()
             self.fetching.append((items, self.fetcher.submit(self._fetch, items, self.clock())))
+        if not self.stop.requested and len(self.fetching) <= self.fetch_window // 2:
+            self._claim_ahead()
 
     def _renew_leases(self) -> None:
         """Lease thread: heartbeat the worker and its open jobs every heartbeat interval until the run ends.
@@ -188,19 +196,42 @@ class BatchPipeline:
                 self.log.warning("lease_renewal_failed", error=str(exc))
                 self.metrics.redis_error("leases")
 
-    def _claim_available(self) -> None:
-        """Claim queued jobs without blocking until a full batch of images waits for every free fetch slot.
+    def _claim_ahead(self) -> None:
+        """Start claiming queued jobs (without waiting for any) on the claim thread, unless a claim is under
+        way or a full batch of images already waits for every free fetch slot.
 
         Jobs are claimed several at a time when they are small: as many as the missing images need
         at the size of the last job seen, so large jobs are still claimed one by one (no hoarding).
         """
-        slots = self.fetch_window - len(self.fetching)
-        while (missing := slots * self.settings.max_batch - len(self.batcher)) > 0:
-            claims = self.source.claim(max(1, missing // self._images_per_job), timeout_s=0)
-            if not claims:
-                return
-            for claim in claims:
-                self._accept(claim)
+        missing = (self.fetch_window - len(self.fetching)) * self.settings.max_batch - len(self.batcher)
+        if self._claiming is None and missing > 0 and self.clock() >= self._dry_until:
+            self._claiming = self.claimer.submit(self._claim_held, max(1, missing // self._images_per_job))
+
+    def _claim_held(self, max_jobs: int) -> list[Claim]:
+        """On the claim thread: claim up to `max_jobs` queued jobs without waiting, and hold them open at once
+        (the lease thread heartbeats them even before the main loop batches them)."""
+        claims = self.source.claim(max_jobs, timeout_s=0)
+        for claim in claims:
+            self.claims.add(claim)
+        return claims
+
+    def _take_claims(self, wait: bool) -> None:
+        """Put the jobs of the claim under way into the batcher once it is done (or, with `wait`, when it is);
+        a claim that found none holds the next one back for DRY_QUEUE_RETRY_S (until then the loop waits for work
+        as without claims ahead). Its errors (Redis down) are raised here."""
+        claiming = self._claiming
+        if claiming is None or not (wait or claiming.done()):
+            return
+        started = time.perf_counter()
+        self._claiming = None
+        try:
+            claims = claiming.result()
+        finally:
+            self._claim_s += time.perf_counter() - started
+        for claim in claims:
+            self._batch(claim)
+        if not claims:
+            self._dry_until = self.clock() + DRY_QUEUE_RETRY_S
 
     def _wait_for_work(self) -> bool:
         """Nothing to compute: wait (bounded) for the next job. False means: stop (burst, queue empty)."""
@@ -219,6 +250,10 @@ class BatchPipeline:
 
     def _accept(self, claim: Claim) -> None:
         self.claims.add(claim)
+        self._batch(claim)
+
+    def _batch(self, claim: Claim) -> None:
+        """Put an open claim's images into the batcher."""
         self._images_per_job = max(1, len(claim.image_ids))
         for image_id in claim.image_ids:
             self.batcher.add(BatchItem(claim, image_id))

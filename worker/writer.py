@@ -1,7 +1,7 @@
 """The write stage: store masks, record per-image outcomes, complete jobs through the job source, log the batch.
 
 It runs on its own thread, so that the Redis round trips of writing and of the jobs' bookkeeping
-overlap the next batches' claiming, fetching and compute on the main thread. A batch's masks and
+overlap the next batches' claiming, fetching and compute. A batch's masks and
 failures and every job it completes go to Redis in one call to the job source (one round trip
 however many jobs); batches that are already waiting when the writer takes one (it fell behind)
 go in the same call, each still logging its own `batch` line: the writer never waits for more.

@@ -149,10 +149,12 @@ def test_the_fetch_window_is_twice_the_decode_processes_so_a_claim_never_leaves_
         loader.close()
 
     assert done == 80 and len(source.completed) == 20
-    # a window of 6 batches, not prefetch_batches' 2: claims come when 3 batches are still fetching (one per
-    # decode process) and fill the other 3, 6 jobs of 4 (the first pass counts 8 images a job: 6 jobs, 3 batches,
-    # then at once 6 more jobs for the other 3)
-    assert [size for size in source.claim_sizes if size] == [6, 6, 6, 2]
+    # a window of 6 batches, not prefetch_batches' 2: claims come when at most 3 batches are still fetching (one
+    # per decode process) and ask for the other 3 or more at once, less the images already waiting (whole jobs,
+    # under a batch): at least 20 images, 5 jobs of 4 (the first, before a job is seen, counts 8 images a job)
+    sizes = [size for size in source.claim_sizes if size]
+    assert sum(sizes) == 20 and all(size >= 5 for size in sizes[:-1]), sizes
+    assert max(sizes) <= 12  # never more than the whole window: 6 batches of 8 images
 
 
 def test_jobs_are_claimed_for_the_whole_prefetch_window_at_once(tmp_path, client, redis_url, queue_name, engine):
@@ -162,9 +164,37 @@ def test_jobs_are_claimed_for_the_whole_prefetch_window_at_once(tmp_path, client
     done = make_pipeline(tmp_path, redis_url, queue_name, engine, source, max_batch=8, prefetch_batches=4).run()
 
     assert done == 80 and len(source.completed) == 20
-    # the window is 4 batches of 8 images; once half of it is free, one claim fills it: 2 batches, 4 jobs of 4
-    # (the first claim, before a job is seen, counts 8 images a job: 4 batches, 4 jobs)
-    assert [size for size in source.claim_sizes if size] == [4] * 5
+    # the window is 4 batches of 8 images; once half of it is free, one claim fills it: 2 batches or more, less
+    # the images already waiting (whole jobs, under a batch), so at least 12 images, 3 jobs of 4 (the first claim,
+    # before a job is seen, counts 8 images a job: 4 jobs); one claim per batch would make 10
+    sizes = [size for size in source.claim_sizes if size]
+    assert sum(sizes) == 20 and all(size >= 3 for size in sizes[:-1]), sizes
+    assert max(sizes) <= 8  # never more than the whole window
+
+
+def test_jobs_are_claimed_ahead_on_the_claim_thread_and_held_open_at_once(
+        tmp_path, client, redis_url, queue_name, engine):
+    ids = store_images(client, queue_name, 40)
+    threads: list[str] = []
+    held: list[bool] = []
+
+    def on_claim(claims) -> None:  # runs inside the claim, before it returns
+        threads.append(threading.current_thread().name)
+
+    source = FakeJobSource([ids[start:start + 4] for start in range(0, 40, 4)], on_claim=on_claim)
+    pipeline = make_pipeline(tmp_path, redis_url, queue_name, engine, source, max_batch=8, prefetch_batches=2)
+    claim_held = pipeline._claim_held
+
+    def spy(max_jobs: int):  # what the claim thread returns is already among the open (heartbeated) claims
+        claims = claim_held(max_jobs)
+        open_ids = {claim.job_id for claim in pipeline.claims.snapshot()}
+        held.extend(claim.job_id in open_ids for claim in claims)
+        return claims
+
+    pipeline._claim_held = spy  # type: ignore[method-assign]
+    assert pipeline.run() == 40 and len(source.completed) == 10
+    assert threads[0].startswith("claim"), threads  # the first claim: the main loop had nothing to wait for yet
+    assert held and all(held)
 
 
 def test_each_batch_line_says_where_the_main_thread_waited(tmp_path, client, redis_url, queue_name, engine):
