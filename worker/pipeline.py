@@ -103,8 +103,8 @@ class BatchPipeline:
         self._claiming: Future[list[Claim]] | None = None  # the claim running on the claim thread, if any
         self._dry_until = 0.0  # clock() before which no claim ahead starts: the last one found the queue empty
         self.claims = OpenClaims()
-        self.writer = ResultWriter(self.store, source, self.claims, log, clock, metrics=self.metrics,
-                                   write_masks=self.loader.write_masks)
+        self.writer = ResultWriter(self.store, source, self.claims, log, clock, depth=settings.writer_depth,
+                                   metrics=self.metrics, write_masks=self.loader.write_masks)
         self._halt = threading.Event()
         self._leases = threading.Thread(target=self._renew_leases, name="job-leases", daemon=True)
         self._images_per_job = self.settings.max_batch  # until a job is seen: claim one at a time

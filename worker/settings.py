@@ -45,6 +45,10 @@ class WorkerSettings:
     # takes about as long for a batch of PNG payloads as the INT8 engine takes for eight batches:
     # docs/worker-measurements.md); more processes than cores would only queue for them.
     prefetch_batches: int = 8
+    # Computed batches the writer thread may fall behind by before the main loop waits for it: enough to ride
+    # out a Redis stall of several fast batches (a producer's burst stalled mask writes for 80-100 ms while
+    # INT8 batches took 5 ms: docs/int8-gpu.md); each holds a batch's pixels and masks (about 4 MB at 512 px).
+    writer_depth: int = 16
     decode_processes: int = field(default_factory=lambda: default_decode_processes("cpu"))
     burst: bool = False
     metrics_port: int | None = None  # serve /metrics, /readyz, /livez here (worker/metrics.py)

@@ -197,6 +197,27 @@ def test_jobs_are_claimed_ahead_on_the_claim_thread_and_held_open_at_once(
     assert held and all(held)
 
 
+def test_the_main_loop_computes_on_while_the_writer_is_stuck_up_to_its_depth(
+        tmp_path, client, redis_url, queue_name, engine):
+    ids = store_images(client, queue_name, 48)
+    source = FakeJobSource([ids[start:start + 8] for start in range(0, 48, 8)])
+    source.complete_gate = threading.Event()  # the first write hangs (a Redis stall) until the gate opens
+    pipeline = make_pipeline(tmp_path, redis_url, queue_name, engine, source)  # the default writer depth
+    done: list[int] = []
+    runner = threading.Thread(target=lambda: done.append(pipeline.run()))
+    runner.start()
+    try:
+        assert source.completing.wait(30)
+        deadline = time.monotonic() + 60
+        while pipeline.writer._queue.qsize() < 5 and time.monotonic() < deadline:  # the other 5 batches
+            time.sleep(0.01)
+        assert pipeline.writer._queue.qsize() >= 5  # more than the old depth of 4: the loop did not wait
+    finally:
+        source.complete_gate.set()
+        runner.join(60)
+    assert done == [48] and len(source.completed) == 6
+
+
 def test_each_batch_line_says_where_the_main_thread_waited(tmp_path, client, redis_url, queue_name, engine):
     ids = store_images(client, queue_name, 8)
     # claiming the job takes at least 0.2 s: the main thread's claim time goes on the batch it submits next
