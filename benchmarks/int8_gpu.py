@@ -14,8 +14,8 @@ Files to masks (--e2e IMAGES): benchmarks/scale_out.py with the INT8 engine as u
 (`engines build ... --target cuda`: plans for every batch size), real commands, Redis AOF on, jobs of
 8, the Triton kernels compiled afresh by the worker; its worker start-to-ready time, img/s against the
 engine alone in that run, the worker's CPU per image and Redis's main-thread share. --e2e-args adds
-scale_out.py options (e.g. "--stream 2000 --engine-slots 3"). The Python modules are compiled to
-bytecode first, as `pip install` leaves them (the GPU machine's packages come without it).
+scale_out.py options (e.g. "--stream 2000 --engine-slots 3"). What the producer imports is compiled
+to bytecode first, as `pip install` leaves it (the GPU machine's packages come without it).
 
 Quality (the trained width-16 demo checkpoint, 512x512, held-out synthetic images, the study's
 criterion): Dice of FP32 torch, FP16 torch, INT8 cuDNN (MinMax calibration on real-looking images)
@@ -218,17 +218,18 @@ def quality(work: Path, calib: Path, calib_n: int, n: int, uncalibrated: bool = 
 
 
 def bytecode_env() -> dict[str, str]:
-    """This environment with every imported package compiled to bytecode (into PYTHONPYCACHEPREFIX), as a
-    `pip install` leaves them: without it each command of the run recompiles what it imports at start-up."""
+    """This environment with the producer's imports compiled to bytecode (into PYTHONPYCACHEPREFIX), as a
+    `pip install` leaves them: without it, each `producer enqueue` of the timed run recompiles what it imports
+    before its first job. The PYTHONPATH folders (this tree, the carried wheels) are compiled whole; the
+    packages the producer imports from elsewhere are compiled by importing them once. torch is left as the
+    machine has it: only the workers import it, and they are ready before the timed run starts."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
     env.setdefault("PYTHONPYCACHEPREFIX", "/tmp/pycache")
-    import numpy
-    import torch
-
-    roots = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    roots += [str(Path(torch.__file__).parent), str(Path(numpy.__file__).parent)]
+    roots = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p] or [str(ROOT)]
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", *roots], env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    subprocess.run([sys.executable, "-c", "import producer.cli, producer.reference_cli"], cwd=ROOT, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
     log(f"compiled bytecode in {time.perf_counter() - started:.0f} s")
     return env
