@@ -299,3 +299,5 @@ def test_cli_bench_prints_the_study_table(built, tmp_path: Path) -> None:
     assert {r["batch"] for r in record["rows"]} == {1, 2} and all(r["fps"] > 0 for r in record["rows"])
     bad = _cli("bench", str(built["fp32"]), "--batch", "one")
     _one_line_error(bad, "one")
+    cpu_slots = _cli("bench", str(built["fp32"]), "--slots", "3")  # batches in flight: CUDA engines only
+    _one_line_error(cpu_slots, "batches in flight can be set for CUDA engines only")
