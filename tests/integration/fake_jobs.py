@@ -33,7 +33,8 @@ class FakeJobSource:
         self.fail_completions_with: Exception | None = None
         self.completion_sizes: list[int] = []  # jobs of each complete call
         self.completing = threading.Event()  # set when a complete call begins
-        self.complete_gate: threading.Event | None = None  # if set, complete calls wait for it (up to 10 s)
+        self.complete_gate: threading.Event | None = None  # if set, complete calls wait for it (up to gate_timeout_s)
+        self.gate_timeout_s = 10.0
 
     def claim(self, max_jobs: int, timeout_s: float) -> list[Claim]:
         with self._lock:
@@ -58,7 +59,7 @@ class FakeJobSource:
     def complete(self, claims: Sequence[Claim], results: ResultWrites | None = None) -> None:
         self.completing.set()
         if self.complete_gate is not None:
-            self.complete_gate.wait(10)
+            self.complete_gate.wait(self.gate_timeout_s)
         if self.fail_completions_with is not None:
             raise self.fail_completions_with
         if results is not None:  # no pipeline here: the results go on their own

@@ -8,6 +8,7 @@ failures, whole-batch failures, stop requests, heartbeats, and one completion pe
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -199,29 +200,48 @@ def test_jobs_are_claimed_ahead_on_the_claim_thread_and_held_open_at_once(
 
 def test_the_main_loop_computes_on_while_the_writer_is_stuck_up_to_its_depth(
         tmp_path, client, redis_url, queue_name, engine):
-    ids = store_images(client, queue_name, 48)
-    source = FakeJobSource([ids[start:start + 8] for start in range(0, 48, 8)])
+    ids = store_images(client, queue_name, 80)
+    source = FakeJobSource([ids[start:start + 8] for start in range(0, 80, 8)])
     source.complete_gate = threading.Event()  # the first write hangs (a Redis stall) until the gate opens
+    source.gate_timeout_s = 120.0
     pipeline = make_pipeline(tmp_path, redis_url, queue_name, engine, source)  # the default writer depth
     done: list[int] = []
     runner = threading.Thread(target=lambda: done.append(pipeline.run()))
     runner.start()
+    handed_over = pipeline.writer._queue.queue  # the writer's queue; None closes it when the loop is done
     try:
         assert source.completing.wait(30)
         deadline = time.monotonic() + 60
-        while pipeline.writer._queue.qsize() < 5 and time.monotonic() < deadline:  # the other 5 batches
+        while not (handed_over and handed_over[-1] is None) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert pipeline.writer._queue.qsize() >= 5  # more than the old depth of 4: the loop did not wait
+        # all 10 batches computed and handed over while the first write hung: with the old depth of 4 the
+        # loop waits for the writer instead
+        assert handed_over and handed_over[-1] is None
     finally:
         source.complete_gate.set()
         runner.join(60)
-    assert done == [48] and len(source.completed) == 6
+    assert done == [80] and len(source.completed) == 10
+
+
+def wait_until_main_thread_in(*functions: str, timeout_s: float = 30.0) -> None:
+    """Return once the main thread's stack holds every one of these functions (or after timeout_s)."""
+    main, deadline = threading.main_thread().ident, time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        frame, names = sys._current_frames().get(main or 0), set()
+        while frame is not None:
+            names.add(frame.f_code.co_name)
+            frame = frame.f_back
+        if set(functions) <= names:
+            return
+        time.sleep(0.001)
 
 
 def test_each_batch_line_says_where_the_main_thread_waited(tmp_path, client, redis_url, queue_name, engine):
     ids = store_images(client, queue_name, 8)
-    # claiming the job takes at least 0.2 s: the main thread's claim time goes on the batch it submits next
-    source = FakeJobSource([ids], on_claim=lambda claims: time.sleep(0.2))
+    # the claim (on the claim thread) lasts 0.2 s more once the main thread waits for it, with nothing else to
+    # do: that wait goes on the batch it submits next
+    source = FakeJobSource([ids], on_claim=lambda claims: (wait_until_main_thread_in("_take_claims", "result"),
+                                                          time.sleep(0.2)))
 
     assert make_pipeline(tmp_path, redis_url, queue_name, engine, source).run() == 8
 
