@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engines.base import EngineError, EngineSpec, Normalization
+from engines.base import DEFAULT_SLOTS, EngineError, EngineSpec, Normalization
 from engines.checkpoint import Checkpoint, load_weights_only, require_format
 from engines.cuda_slots import CudaSlot, CudaSlots, SlotEngine, cuda_device
 from engines.torch_engine import normalize_tensor
@@ -174,7 +174,8 @@ class CompiledTorchEngine(SlotEngine):
     ("compile_warm_s"). slots: batches in flight (engines.cuda_slots; 2 by default), one CUDA graph each.
     """
 
-    def __init__(self, path: Path | str, device: str = "cuda", cuda_graphs: bool = True, slots: int = 2) -> None:
+    def __init__(self, path: Path | str, device: str = "cuda", cuda_graphs: bool = True,
+                 slots: int = DEFAULT_SLOTS) -> None:
         self.path = Path(path)
         if not device.startswith("cuda"):
             raise EngineError(

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.base import EngineError
+from engines.base import DEFAULT_SLOTS, EngineError
 from engines.cuda_slots import CudaSlot, CudaSlots, SlotEngine, cuda_device
 from engines.int8_glue import Glue, copy_requantized, select_glue
 from engines.int8_plan import Int8Plan, Layer, load_plan
@@ -454,7 +454,7 @@ class CudnnInt8Engine(SlotEngine):
     buffers and CUDA graphs.
     """
 
-    def __init__(self, path: Path | str, device: str = "cuda", glue: str = "auto", slots: int = 2) -> None:
+    def __init__(self, path: Path | str, device: str = "cuda", glue: str = "auto", slots: int = DEFAULT_SLOTS) -> None:
         self.path = Path(path)
         if not device.startswith("cuda"):
             raise EngineError(f"{self.path}: a cuDNN INT8 engine runs on CUDA only, not on {device!r}; on CPU run "

@@ -145,7 +145,7 @@ def _torch2trt_spec(path: Path) -> tuple[EngineSpec, bool]:
     return spec, False
 
 
-def _load_torch2trt(path: Path, device: str, slots: int = 2) -> Engine:
+def _load_torch2trt(path: Path, device: str, slots: int = DEFAULT_SLOTS) -> Engine:
     from engines.tensorrt_engine import TensorRTEngine, import_tensorrt
     from engines.torch2trt_file import parse_torch2trt
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from engines.base import EngineError, EngineSpec
+from engines.base import DEFAULT_SLOTS, EngineError, EngineSpec
 from engines.cuda_slots import CudaSlot, CudaSlots, SlotEngine, cuda_device
 from engines.torch_engine import normalize_tensor
 from engines.versions import check_compatible, gpu_identity
@@ -143,7 +143,7 @@ class TensorRTEngine(SlotEngine):
         output_names: Sequence[str] | None = None,
         rebuild: str | None = None,
         infer_shapes: bool = False,
-        slots: int = 2,
+        slots: int = DEFAULT_SLOTS,
     ) -> None:
         self.path = Path(path)
         self.slots = slots

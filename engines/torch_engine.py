@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.base import EngineBase, EngineError, EngineSpec, Normalization
+from engines.base import DEFAULT_SLOTS, EngineBase, EngineError, EngineSpec, Normalization
 from engines.checkpoint import load_model
 from engines.cuda_slots import CudaSlot, CudaSlots, cuda_device
 from engines.runner import BackgroundRunner
@@ -48,7 +48,7 @@ class TorchEngine(EngineBase):
     """
 
     def __init__(self, checkpoint_path: Path | str, device: str = "cpu", precision: str = "fp32",
-                 slots: int = 2) -> None:
+                 slots: int = DEFAULT_SLOTS) -> None:
         self.path = Path(checkpoint_path)
         if precision not in PRECISIONS:
             raise EngineError(f"{self.path}: precision must be one of {PRECISIONS}, got {precision!r}")
