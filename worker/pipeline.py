@@ -207,10 +207,11 @@ class BatchPipeline:
         if self._claiming is None and missing > 0 and self.clock() >= self._dry_until:
             self._claiming = self.claimer.submit(self._claim_held, max(1, missing // self._images_per_job))
 
-    def _claim_held(self, max_jobs: int) -> list[Claim]:
-        """On the claim thread: claim up to `max_jobs` queued jobs without waiting, and hold them open at once
-        (the lease thread heartbeats them even before the main loop batches them)."""
-        claims = self.source.claim(max_jobs, timeout_s=0)
+    def _claim_held(self, max_jobs: int, timeout_s: float = 0.0) -> list[Claim]:
+        """Claim up to `max_jobs` queued jobs, waiting at most `timeout_s` for the first, and hold them open at
+        once (the lease thread heartbeats them even before the main loop batches them). Claims ahead run it on
+        the claim thread; the main loop, when it waits for work."""
+        claims = self.source.claim(max_jobs, timeout_s=timeout_s)
         for claim in claims:
             self.claims.add(claim)
         return claims
@@ -236,21 +237,16 @@ class BatchPipeline:
     def _wait_for_work(self) -> bool:
         """Nothing to compute: wait (bounded) for the next job. False means: stop (burst, queue empty)."""
         if len(self.batcher):
-            claims = self.source.claim(1, timeout_s=min(self.batcher.time_left(), self.settings.idle_poll_s))
-        elif self.settings.burst:
-            claims = self.source.claim(1, timeout_s=0)
+            timeout_s = min(self.batcher.time_left(), self.settings.idle_poll_s)
         else:
-            claims = self.source.claim(1, timeout_s=self.settings.idle_poll_s)
+            timeout_s = 0.0 if self.settings.burst else self.settings.idle_poll_s
+        claims = self._claim_held(1, timeout_s)
         for claim in claims:
-            self._accept(claim)
+            self._batch(claim)
         if claims or len(self.batcher):
             return True
         self.source.maintain()
         return not self.settings.burst
-
-    def _accept(self, claim: Claim) -> None:
-        self.claims.add(claim)
-        self._batch(claim)
 
     def _batch(self, claim: Claim) -> None:
         """Put an open claim's images into the batcher."""

@@ -186,8 +186,8 @@ def test_jobs_are_claimed_ahead_on_the_claim_thread_and_held_open_at_once(
     pipeline = make_pipeline(tmp_path, redis_url, queue_name, engine, source, max_batch=8, prefetch_batches=2)
     claim_held = pipeline._claim_held
 
-    def spy(max_jobs: int):  # what the claim thread returns is already among the open (heartbeated) claims
-        claims = claim_held(max_jobs)
+    def spy(max_jobs: int, timeout_s: float = 0.0):  # what a claim returns is already open (heartbeated)
+        claims = claim_held(max_jobs, timeout_s)
         open_ids = {claim.job_id for claim in pipeline.claims.snapshot()}
         held.extend(claim.job_id in open_ids for claim in claims)
         return claims
